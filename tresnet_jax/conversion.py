@@ -1,0 +1,246 @@
+"""PyTorch TResNet state_dicts (official or timm layout) <-> Flax variables, validated tensor by
+tensor against the architecture."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from tresnet_jax.errors import InputError
+from tresnet_jax.model import ArchSpec, Head, variable_shapes
+from tresnet_jax.registry import ARCHITECTURES, PRETRAINED, PretrainedConfig, default_config, get_arch
+from tresnet_jax.torch_layout import (
+    OFFICIAL,
+    LayoutError,
+    detect_layout,
+    infer_architecture,
+    official_to_timm,
+    same_topology,
+    to_flax_array,
+    to_torch_array,
+    torch_key,
+)
+
+Variables = dict[str, Any]
+
+# Buffers that carry no learned state.
+_IGNORED_SUFFIXES = (".num_batches_tracked", ".filt")
+_HEAD_PREFIX = "head."
+_LISTED = 3  # how many offending keys an error message names
+
+
+@dataclasses.dataclass
+class Converted:
+    """The outcome of a conversion: what was found, and the Flax variables (numpy)."""
+
+    model_name: str
+    layout: str
+    checkpoint_classes: int
+    num_classes: int
+    variables: Variables
+    notes: list[str]
+
+    @property
+    def head_replaced(self) -> bool:
+        return self.num_classes != self.checkpoint_classes
+
+
+def identify(state_dict: Mapping[str, np.ndarray], layout: str) -> tuple[str, int, str]:
+    """(model name, classes, note) for a timm-layout state_dict; LayoutError if not TResNet."""
+    found, classes = infer_architecture(state_dict)
+    names = [name for name, arch in ARCHITECTURES.items() if same_topology(arch, found)]
+    if not names:
+        raise LayoutError(
+            f"not a known TResNet variant: stem width {found.planes}, blocks per stage "
+            f"{list(found.layers)}, {'bottlenecks only' if found.v2 else 'basic+bottleneck blocks'}"
+        )
+    if len(names) == 1:
+        return names[0], classes, ""
+    # The v2 topology: the official TResNet-L-V2 (slopes 1e-6; its only published weights are a
+    # 196-class Stanford-Cars model) and the ImageNet-21K TResNet-L (v1 slopes) share tensors.
+    name = "tresnet_l_v2" if layout == OFFICIAL and classes == 196 else "tresnet_v2_l"
+    other = "tresnet_v2_l" if name == "tresnet_l_v2" else "tresnet_l_v2"
+    return name, classes, (
+        f"the tensors fit both {name} and {other} (only their LeakyReLU slopes differ): "
+        f"chose {name}; pass --model {other} for the other"
+    )
+
+
+def convert_state_dict(
+    raw: Mapping[str, np.ndarray],
+    model_name: str | None = None,
+    num_classes: int | None = None,
+    head_seed: int = 0,
+) -> Converted:
+    """Flax variables from a PyTorch state_dict of either layout.
+
+    ``model_name`` None infers the variant; ``num_classes`` None keeps the checkpoint's head, a
+    different count replaces it by a freshly initialised one (0: no head).
+    """
+    layout = detect_layout(raw)
+    state_dict = official_to_timm(raw) if layout == OFFICIAL else dict(raw)
+    inferred, classes, note = identify(state_dict, layout)
+    notes = [note] if note else []
+    if model_name is None:
+        model_name = inferred
+    else:
+        arch = get_arch(model_name)
+        if not same_topology(arch, ARCHITECTURES[inferred]):
+            _to_variables(state_dict, arch, classes, model_name, inferred, True)  # names the mismatch
+            raise LayoutError(f"--model {model_name} contradicts the checkpoint, which holds {inferred}")
+    num_classes = classes if num_classes is None else num_classes
+    arch = get_arch(model_name)
+    variables = _to_variables(state_dict, arch, classes, model_name, inferred, keep_head=num_classes == classes)
+    if num_classes != classes:
+        notes.append(_replace_head(variables, arch, num_classes, classes, head_seed))
+    return Converted(model_name, layout, classes, num_classes, variables, notes)
+
+
+def _fit(value: np.ndarray, shape: tuple[int, ...]) -> np.ndarray | None:
+    """The tensor in the Flax layout if it has the shape the model needs, else None."""
+    ndim = np.ndim(value)
+    if len(shape) == 2 and not (ndim == 2 or (ndim == 4 and value.shape[2:] == (1, 1))):
+        return None
+    if len(shape) != 2 and ndim != len(shape):
+        return None
+    out = to_flax_array(value, len(shape))
+    return np.asarray(out, np.float32) if out.shape == shape else None
+
+
+def _to_variables(
+    state_dict: Mapping[str, np.ndarray], arch: ArchSpec, classes: int, model_name: str, inferred: str, keep_head: bool
+) -> Variables:
+    """Every Flax variable from its torch tensor, or a LayoutError naming the first missing,
+    unexpected and mis-shaped tensors."""
+    shapes = variable_shapes(arch, classes)
+    keys = {path: torch_key(path) for path in shapes}
+    expected = set(keys.values())
+    flat, missing, mismatched = {}, [], []
+    for path, key in keys.items():
+        if key not in state_dict:
+            missing.append(key)
+            continue
+        value = _fit(state_dict[key], shapes[path])
+        if value is None:
+            want = to_torch_array(path, np.zeros(shapes[path], np.float32)).shape
+            mismatched.append(f"{key} is {tuple(np.shape(state_dict[key]))}, expected {want}")
+        elif keep_head or not key.startswith(_HEAD_PREFIX):
+            flat[path] = value
+    unexpected = [k for k in state_dict if k not in expected and not k.endswith(_IGNORED_SUFFIXES)]
+    problems = [
+        f"{label} {_listing(items)}"
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch:", mismatched))
+        if items
+    ]
+    if problems:
+        looks = f" (it looks like {inferred})" if inferred != model_name else ""
+        raise LayoutError(f"checkpoint does not match {model_name}{looks}: " + "; ".join(problems))
+    return traverse_util.unflatten_dict(flat)
+
+
+def _listing(items: list[str]) -> str:
+    more = f" and {len(items) - _LISTED} more" if len(items) > _LISTED else ""
+    return ", ".join(items[:_LISTED]) + more
+
+
+def _replace_head(variables: Variables, arch: ArchSpec, num_classes: int, classes: int, seed: int) -> str:
+    if num_classes == 0:
+        return f"dropped the checkpoint's {classes}-class head: the model outputs pooled features"
+    head = Head(num_classes, arch.num_features)
+    params = head.init(jax.random.key(seed), jnp.zeros((1, arch.num_features), jnp.float32))["params"]
+    variables["params"]["head"] = jax.tree_util.tree_map(np.asarray, params)
+    return f"replaced the checkpoint's {classes}-class head by a new {num_classes}-class one (random init, seed {seed})"
+
+
+def variables_to_state_dict(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """A timm-layout state_dict (``num_batches_tracked`` included) from Flax variables, which
+    ``timm.create_model(name).load_state_dict(sd, strict=True)`` accepts."""
+    out = {}
+    for path, value in traverse_util.flatten_dict(dict(variables)).items():
+        value = np.asarray(value, np.float32)
+        key = torch_key(path)
+        out[key] = np.ascontiguousarray(to_torch_array(path, value))
+        if path[-1] == "mean" and path[0] == "batch_stats":
+            out[key.replace("running_mean", "num_batches_tracked")] = np.zeros((), np.int64)
+    return out
+
+
+def choose_config(
+    model_name: str, num_classes: int, source: str, layout: str, tag: str | None = None
+) -> tuple[PretrainedConfig, bool]:
+    """(pretrained configuration, whether it was guessed) of converted weights.
+
+    ``tag`` when given; else a tag named in the file path; else the candidates of the model and
+    class count, narrowed by the file name (``448``, ``21k``) and the layout (official
+    checkpoints without ``21k`` in their name are the ImageNet-1k ones), in timm's order.
+    """
+    if tag is not None:
+        if tag not in PRETRAINED:
+            raise InputError(f"unknown tag {tag!r}; known: {', '.join(PRETRAINED)}")
+        cfg = PRETRAINED[tag]
+        if cfg.architecture != model_name or cfg.num_classes != num_classes:
+            raise InputError(
+                f"--tag {tag} is a {cfg.num_classes}-class {cfg.architecture}, the weights are a "
+                f"{num_classes}-class {model_name}"
+            )
+        return cfg, False
+    candidates = [c for c in PRETRAINED.values() if c.architecture == model_name and c.num_classes == num_classes]
+    named = [c for c in candidates if c.tag in source]
+    if named:
+        return max(named, key=lambda c: len(c.tag)), False
+    filename = Path(source).name.lower()
+    preferences = (
+        lambda c: (c.input_size == 448) == ("448" in filename),
+        lambda c: ("in21k" in c.tag) == ("21k" in filename or layout != OFFICIAL),
+    )
+    for keep in preferences:
+        candidates = [c for c in candidates if keep(c)] or candidates
+    return (candidates[0] if candidates else default_config(model_name, num_classes)), True
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def weights_metadata(converted: Converted, cfg: PretrainedConfig, source: Path) -> dict[str, Any]:
+    """What ``metadata.json`` records about converted weights."""
+    return {
+        "model": converted.model_name,
+        "num_classes": converted.num_classes,
+        "tag": None if converted.head_replaced else cfg.tag,
+        "preprocessing": preprocessing_of(cfg),
+        "reported": None if converted.head_replaced else {
+            "top1": cfg.top1, "top5": cfg.top5, "imagenet_v2_top1": cfg.imagenet_v2_top1
+        },
+        "source": {
+            "file": source.name,
+            "sha256": file_sha256(source),
+            "layout": converted.layout,
+            "num_classes": converted.checkpoint_classes,
+        },
+        "notes": converted.notes,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def preprocessing_of(cfg: PretrainedConfig) -> dict[str, Any]:
+    return {
+        "input_size": cfg.input_size,
+        "crop_pct": cfg.crop_pct,
+        "interpolation": cfg.interpolation,
+        "mean": [0.0, 0.0, 0.0],
+        "std": [1.0, 1.0, 1.0],
+    }

@@ -1,0 +1,83 @@
+"""Variants by name and the pretrained configurations published for them, as data."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from tresnet_jax.errors import InputError
+from tresnet_jax.model import ArchSpec
+
+ARCHITECTURES: dict[str, ArchSpec] = {
+    "tresnet_m": ArchSpec(layers=(3, 4, 11, 3), width_factor=1.0),
+    "tresnet_l": ArchSpec(layers=(4, 5, 18, 3), width_factor=1.2),
+    "tresnet_xl": ArchSpec(layers=(4, 5, 24, 3), width_factor=1.3),
+    # The ImageNet-21K repository's TResNet-L (timm's name): v2 topology, v1 slopes.
+    "tresnet_v2_l": ArchSpec(layers=(3, 4, 23, 3), width_factor=1.0, v2=True),
+    # The official repository's TResNet-L-V2: the same tensors, LeakyReLU slope 1e-6 everywhere.
+    "tresnet_l_v2": ArchSpec(layers=(3, 4, 23, 3), width_factor=1.0, v2=True, stem_slope=1e-6, block_slope=1e-6),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainedConfig:
+    """How a set of published weights was trained and evaluated, and what it scored."""
+
+    tag: str
+    input_size: int = 224
+    crop_pct: float = 0.875
+    interpolation: str = "bilinear"
+    num_classes: int = 1000
+    top1: float | None = None  # ImageNet-1k validation, as reported by timm
+    top5: float | None = None
+    imagenet_v2_top1: float | None = None
+    source: str = "timm"
+
+    @property
+    def architecture(self) -> str:
+        return self.tag.split(".")[0]
+
+
+# Tags in timm's order: the first tag of an architecture is its default weights.
+PRETRAINED: dict[str, PretrainedConfig] = {
+    cfg.tag: cfg
+    for cfg in (
+        PretrainedConfig("tresnet_m.miil_in21k_ft_in1k", top1=83.090, top5=96.112, imagenet_v2_top1=72.15),
+        PretrainedConfig("tresnet_m.miil_in21k", num_classes=11221),
+        PretrainedConfig("tresnet_m.miil_in1k", top1=80.816, top5=94.862, imagenet_v2_top1=69.68),
+        PretrainedConfig("tresnet_l.miil_in1k", top1=81.498, top5=95.652, imagenet_v2_top1=70.67),
+        PretrainedConfig("tresnet_xl.miil_in1k", top1=82.060, top5=95.932, imagenet_v2_top1=71.46),
+        PretrainedConfig("tresnet_m.miil_in1k_448", input_size=448, top1=81.710, top5=95.562, imagenet_v2_top1=70.78),
+        PretrainedConfig("tresnet_l.miil_in1k_448", input_size=448, top1=82.278, top5=95.988, imagenet_v2_top1=71.48),
+        PretrainedConfig("tresnet_xl.miil_in1k_448", input_size=448, top1=83.066, top5=96.180, imagenet_v2_top1=72.20),
+        PretrainedConfig("tresnet_v2_l.miil_in21k_ft_in1k", top1=83.910, top5=96.492, imagenet_v2_top1=73.45),
+        PretrainedConfig("tresnet_v2_l.miil_in21k", num_classes=11221),
+        # The official repository's only published TResNet-L-V2 weights: Stanford Cars.
+        PretrainedConfig("tresnet_l_v2.stanford_cars", input_size=368, num_classes=196, source="official"),
+    )
+}
+
+
+def list_models() -> list[str]:
+    """Names of the architectures."""
+    return list(ARCHITECTURES)
+
+
+def get_arch(name: str) -> ArchSpec:
+    """The architecture of a model name or pretrained tag (``tresnet_m.miil_in1k`` works too)."""
+    arch = name.split(".")[0]
+    if arch not in ARCHITECTURES:
+        raise InputError(f"unknown model {name!r}; known: {', '.join(ARCHITECTURES)}")
+    return ARCHITECTURES[arch]
+
+
+def default_config(name: str, num_classes: int | None = None) -> PretrainedConfig:
+    """The pretrained configuration of a tag, or of an architecture's first tag with
+    ``num_classes`` classes; a generic 224/0.875/bilinear one when none is published."""
+    if name in PRETRAINED:
+        return PRETRAINED[name]
+    get_arch(name)
+    for cfg in PRETRAINED.values():
+        if cfg.architecture == name and num_classes in (None, cfg.num_classes):
+            return cfg
+    classes = 1000 if num_classes is None else num_classes
+    return PretrainedConfig(f"{name}.untrained", num_classes=classes, source="none")

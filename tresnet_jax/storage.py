@@ -1,0 +1,125 @@
+"""Where converted (or trained) weights live and how they are written and read.
+
+A weights directory holds ``variables/`` (an Orbax checkpoint of ``{params, batch_stats}``)
+and ``metadata.json`` (model, classes, preprocessing, source). Converted weights go to
+``$TRESNET_JAX_WEIGHTS/<name>`` (default ``~/.cache/tresnet_jax/weights/<name>``, following
+``$XDG_CACHE_HOME``), so they can be found by name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flax import traverse_util
+
+from tresnet_jax.errors import InputError
+
+WEIGHTS_ENV = "TRESNET_JAX_WEIGHTS"
+VARIABLES_DIR = "variables"
+METADATA_FILE = "metadata.json"
+FORMAT_VERSION = 1
+
+
+def weights_root() -> Path:
+    """The directory that holds converted weights by name."""
+    if os.environ.get(WEIGHTS_ENV):
+        return Path(os.environ[WEIGHTS_ENV]).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache).expanduser() / "tresnet_jax" / "weights"
+
+
+def resolve(name_or_path: str | os.PathLike) -> Path:
+    """A weights directory from a path or a name under ``weights_root()``."""
+    path = Path(name_or_path).expanduser()
+    if (path / METADATA_FILE).is_file():
+        return path
+    named = weights_root() / str(name_or_path)
+    if os.sep not in str(name_or_path) and (named / METADATA_FILE).is_file():
+        return named
+    available = [p.parent.name for p in weights_root().glob(f"*/{METADATA_FILE}")]
+    hint = f"converted weights here: {', '.join(sorted(available))}" if available else "none converted yet"
+    raise InputError(
+        f"no weights {str(name_or_path)!r}: not a weights directory, nor a name under {weights_root()} "
+        f"({hint}); convert a checkpoint with: python convert/torch_to_flax.py CHECKPOINT"
+    )
+
+
+def save_weights(
+    directory: str | os.PathLike, variables: dict[str, Any], metadata: dict[str, Any], force: bool = False
+) -> Path:
+    """Write variables and metadata to ``directory`` atomically.
+
+    Everything is written into a temporary sibling directory that is renamed into place at the
+    end: an interrupted or failed write leaves nothing behind, and an existing directory is
+    replaced (only with ``force``) in one rename.
+    """
+    import orbax.checkpoint as ocp
+
+    target = Path(directory).expanduser().absolute()
+    check_writable(target, force)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    old = None
+    try:
+        tree = jax_tree_to_numpy(variables)
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(tmp / VARIABLES_DIR, tree)
+        metadata = {"format_version": FORMAT_VERSION, **metadata}
+        (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{tmp.name.rsplit('-', 1)[-1]}"
+            target.rename(old)
+        tmp.rename(target)
+    except BaseException:
+        if old is not None and not target.exists():
+            old.rename(target)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def check_writable(target: Path, force: bool) -> None:
+    """Fail early, before any work, when ``target`` would be clobbered or cannot be made."""
+    if target.exists() and not force:
+        raise InputError(f"{target}: exists; pass --force to replace it")
+    if target.exists() and not (target / METADATA_FILE).is_file():
+        raise InputError(f"{target}: exists and is not a weights directory; refusing to replace it")
+    parent = next((p for p in [target.parent, *target.parent.parents] if p.exists()), None)
+    if parent is None or not os.access(parent, os.W_OK):
+        raise InputError(f"{target.parent}: cannot create or write to this directory")
+
+
+def jax_tree_to_numpy(variables: dict[str, Any]) -> dict[str, Any]:
+    """Host float32 numpy copies of ``{params, batch_stats}``."""
+    flat = traverse_util.flatten_dict(dict(variables))
+    return traverse_util.unflatten_dict({k: np.asarray(v, np.float32) for k, v in flat.items()})
+
+
+def read_metadata(directory: Path) -> dict[str, Any]:
+    try:
+        metadata = json.loads((directory / METADATA_FILE).read_text())
+    except (OSError, ValueError) as err:
+        raise InputError(f"{directory / METADATA_FILE}: unreadable metadata ({err})") from None
+    for field in ("model", "num_classes"):
+        if field not in metadata:
+            raise InputError(f"{directory / METADATA_FILE}: no {field!r} entry")
+    return metadata
+
+
+def read_variables(directory: Path) -> dict[str, Any]:
+    """The ``{params, batch_stats}`` numpy tree stored in a weights directory."""
+    import orbax.checkpoint as ocp
+
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            return checkpointer.restore((directory / VARIABLES_DIR).absolute())
+    except Exception as err:  # noqa: BLE001 - orbax raises many types for damaged checkpoints
+        raise InputError(f"{directory / VARIABLES_DIR}: unreadable checkpoint ({type(err).__name__}: {err})") from None

@@ -1,0 +1,115 @@
+"""Reading and writing PyTorch checkpoint files (``.pth``/``.pt``/``.bin`` pickles and
+``.safetensors``) as ``{key: numpy array}`` dicts.
+
+A checkpoint is untrusted: pickles are read with ``torch.load(weights_only=True)``, which
+refuses any object that would import code, so a malicious file is rejected, never executed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from tresnet_jax.errors import InputError
+from tresnet_jax.torch_layout import unwrap_state_dict
+
+SAFETENSORS_SUFFIX = ".safetensors"
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The state_dict of a checkpoint file as float32 numpy arrays (integer buffers such as
+    ``num_batches_tracked`` keep their type). Raises InputError on anything unusable."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory, not a checkpoint file")
+    if not os.access(path, os.R_OK):
+        raise InputError(f"{path}: not readable (permission denied)")
+    if path.stat().st_size == 0:
+        raise InputError(f"{path}: empty file")
+    loaded = _read_safetensors(path) if path.suffix == SAFETENSORS_SUFFIX else _read_pickle(path)
+    try:
+        state_dict = unwrap_state_dict(loaded)
+    except InputError as err:
+        raise InputError(f"{path}: {err}") from None
+    return {key: _to_numpy(key, value, path) for key, value in state_dict.items()}
+
+
+def _read_pickle(path: Path) -> object:
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL (\S+)", str(err))
+        if found:
+            raise InputError(
+                f"{path}: refused: the pickle would import {found.group(1)} (possible code execution); "
+                "only tensors and plain containers are loaded"
+            ) from None
+        raise InputError(f"{path}: not a PyTorch checkpoint ({_first_line(err)})") from None
+    except RuntimeError as err:
+        raise InputError(f"{path}: truncated or corrupt checkpoint ({_first_line(err)})") from None
+    except Exception as err:  # noqa: BLE001 - any failure to parse untrusted bytes is bad input
+        raise InputError(f"{path}: not a PyTorch checkpoint ({type(err).__name__}: {_first_line(err)})") from None
+
+
+def _read_safetensors(path: Path) -> dict[str, object]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+        raise InputError(f"{path}: truncated or corrupt safetensors file ({_first_line(err)})") from None
+
+
+def _to_numpy(key: str, value: object, path: Path) -> np.ndarray:
+    import torch
+
+    if not isinstance(value, torch.Tensor):
+        raise InputError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
+    value = value.detach().cpu()
+    if value.is_floating_point():
+        value = value.to(torch.float32)
+    return value.numpy()
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def write_state_dict(path: str | os.PathLike, state_dict: dict[str, np.ndarray], force: bool = False) -> None:
+    """Save a state_dict as ``.safetensors`` or, for any other suffix, ``torch.save`` format.
+
+    Written to a temporary file beside the target and renamed into place, so a failure never
+    leaves a half-written file; an existing file is replaced only with ``force``.
+    """
+    import torch
+
+    path = Path(path)
+    if path.exists() and not force:
+        raise InputError(f"{path}: exists; pass --force to replace it")
+    if not path.parent.is_dir():
+        raise InputError(f"{path.parent}: no such directory")
+    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict.items()}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        if path.suffix == SAFETENSORS_SUFFIX:
+            from safetensors.torch import save_file
+
+            save_file(tensors, tmp)
+        else:
+            torch.save(tensors, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

@@ -1,0 +1,151 @@
+"""PyTorch state_dict layouts of TResNet (official InPlaceABN and timm) and their mapping to
+the Flax variable tree.
+
+Everything here works on plain ``{key: numpy array}`` dicts, so it needs no PyTorch.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+import numpy as np
+
+from tresnet_jax.errors import InputError
+from tresnet_jax.model import ArchSpec
+
+INPLACE_ABN_EPS = 1e-5
+
+OFFICIAL, TIMM = "official", "timm"
+
+# Official conv units are Sequential(conv, InPlaceABN); a stride-2 unit wraps that in
+# Sequential(unit, blur), hence the extra ``.0``. timm names the two ``conv`` and ``bn``.
+_OFFICIAL_TO_TIMM = (
+    (re.compile(r"\.(conv\d+)\.0\.0\."), r".\1.conv."),
+    (re.compile(r"\.(conv\d+)\.0\.1\."), r".\1.bn."),
+    (re.compile(r"\.(conv\d+)\.0\."), r".\1.conv."),
+    (re.compile(r"\.(conv\d+)\.1\."), r".\1.bn."),
+    (re.compile(r"\.downsample\.(\d+)\.0\."), r".downsample.\1.conv."),
+    (re.compile(r"\.downsample\.(\d+)\.1\."), r".downsample.\1.bn."),
+)
+
+# Flax leaf name -> PyTorch tensor name, per collection.
+_LEAF_TO_TORCH = {
+    ("params", "kernel"): "weight",
+    ("params", "scale"): "weight",
+    ("params", "bias"): "bias",
+    ("batch_stats", "mean"): "running_mean",
+    ("batch_stats", "var"): "running_var",
+}
+
+
+class LayoutError(InputError):
+    """A state_dict that is not a TResNet checkpoint we can read, or not the expected one."""
+
+
+def unwrap_state_dict(obj: object) -> dict[str, object]:
+    """The state_dict inside a loaded checkpoint: under ``model`` or ``state_dict`` or bare,
+    with any DataParallel ``module.`` prefix removed."""
+    for _ in range(2):
+        if isinstance(obj, Mapping) and not _looks_like_state_dict(obj):
+            for wrapper in ("model", "state_dict", "model_state_dict"):
+                if isinstance(obj.get(wrapper), Mapping):
+                    obj = obj[wrapper]
+                    break
+    if not isinstance(obj, Mapping) or not _looks_like_state_dict(obj):
+        raise LayoutError("no state_dict found (expected a dict of tensors, or one under 'model' or 'state_dict')")
+    return {_strip_prefix(str(k)): v for k, v in obj.items()}
+
+
+def _looks_like_state_dict(obj: Mapping) -> bool:
+    return any(isinstance(k, str) and (k.endswith(".weight") or k.endswith(".bias")) for k in obj)
+
+
+def _strip_prefix(key: str) -> str:
+    return key[len("module.") :] if key.startswith("module.") else key
+
+
+def detect_layout(state_dict: Mapping[str, object]) -> str:
+    """``official`` (InPlaceABN, Sequential indices) or ``timm``; LayoutError otherwise."""
+    if "body.conv1.conv.weight" in state_dict:
+        return TIMM
+    if "body.conv1.0.weight" in state_dict:
+        return OFFICIAL
+    first = ", ".join(list(state_dict)[:3])
+    raise LayoutError(
+        f"not a TResNet checkpoint: no stem weight 'body.conv1.conv.weight' (timm) or "
+        f"'body.conv1.0.weight' (official); first keys: {first}"
+    )
+
+
+def official_to_timm(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Rename official keys to timm's and turn InPlaceABN weights into BatchNorm scales.
+
+    InPlaceABN normalises with |weight| + eps, so that is the equivalent BatchNorm weight;
+    trained official weights can be negative, which makes this step matter. The fixed blur
+    filters (``filt`` buffers of models built with ``remove_aa_jit``) are not learned: dropped.
+    """
+    out = {}
+    for key, value in state_dict.items():
+        if key.endswith(".filt"):
+            continue
+        new = key
+        for pattern, repl in _OFFICIAL_TO_TIMM:
+            new = pattern.sub(repl, new)
+        if new.endswith(".bn.weight"):
+            value = np.abs(value) + np.asarray(INPLACE_ABN_EPS, value.dtype)
+        out[new] = value
+    return out
+
+
+def torch_key(path: tuple[str, ...]) -> str:
+    """timm key of a Flax variable, given as (collection, module, ..., leaf)."""
+    collection, *modules, leaf = path
+    return ".".join([*modules, _LEAF_TO_TORCH[(collection, leaf)]])
+
+
+def to_flax_array(value: np.ndarray, flax_ndim: int) -> np.ndarray:
+    """Transpose a PyTorch tensor into the Flax layout: OIHW conv -> HWIO, (out, in[, 1, 1])
+    linear or 1x1 conv -> (in, out)."""
+    if flax_ndim == 4:
+        return np.transpose(value, (2, 3, 1, 0))
+    if flax_ndim == 2:
+        return value.reshape(value.shape[0], value.shape[1]).T
+    return value
+
+
+def to_torch_array(path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
+    """Inverse of ``to_flax_array``; the squeeze-excite fcs are 1x1 convs in PyTorch."""
+    if value.ndim == 4:
+        return np.transpose(value, (3, 2, 0, 1))
+    if value.ndim == 2:
+        out = value.T
+        return out[:, :, None, None] if path[-2] in ("fc1", "fc2") else out
+    return value
+
+
+def infer_architecture(state_dict: Mapping[str, np.ndarray]) -> tuple[ArchSpec, int]:
+    """(architecture numbers, number of classes) read off a timm-layout state_dict.
+
+    Raises LayoutError when the tensors do not describe a TResNet.
+    """
+    stem = state_dict.get("body.conv1.conv.weight")
+    if stem is None or np.ndim(stem) != 4:
+        raise LayoutError("not a TResNet checkpoint: no 4-D stem weight body.conv1.conv.weight")
+    layers = []
+    for stage in range(1, 5):
+        pattern = re.compile(rf"^body\.layer{stage}\.(\d+)\.")
+        blocks = {int(m.group(1)) for k in state_dict if (m := pattern.match(k))}
+        if not blocks:
+            raise LayoutError(f"not a TResNet checkpoint: no blocks in stage body.layer{stage}")
+        layers.append(max(blocks) + 1)
+    planes = int(np.shape(stem)[0])
+    v2 = "body.layer1.0.conv3.conv.weight" in state_dict
+    head = state_dict.get("head.fc.weight")
+    num_classes = 0 if head is None else int(np.shape(head)[0])
+    return ArchSpec(layers=tuple(layers), v2=v2, width_factor=planes / 64), num_classes
+
+
+def same_topology(a: ArchSpec, b: ArchSpec) -> bool:
+    """Whether two specs have the same tensors (slopes do not show in a checkpoint)."""
+    return a.layers == b.layers and a.v2 == b.v2 and a.planes == b.planes
