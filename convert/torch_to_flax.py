@@ -17,6 +17,7 @@ from pathlib import Path
 
 from tresnet_jax.cli import command
 from tresnet_jax.conversion import choose_config, convert_state_dict, weights_metadata
+from tresnet_jax.errors import InputError
 from tresnet_jax.registry import ARCHITECTURES, PRETRAINED
 from tresnet_jax.storage import check_writable, save_weights, weights_root
 from tresnet_jax.torch_io import read_state_dict
@@ -45,7 +46,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.output is not None:
         check_writable(args.output.absolute(), args.force)
     state_dict = read_state_dict(args.checkpoint)
-    converted = convert_state_dict(state_dict, args.model, args.num_classes)
+    try:
+        converted = convert_state_dict(state_dict, args.model, args.num_classes)
+    except InputError as err:
+        raise InputError(f"{args.checkpoint}: {err}") from None
     cfg, guessed = choose_config(
         converted.model_name, converted.num_classes, str(args.checkpoint), converted.layout, args.tag
     )

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import timm
 import torch
-from timm.layers import ConvNormAct
+from timm.layers import BlurPool2d, ConvNormAct
 
 INPLACE_ABN_EPS = 1e-5
 
@@ -52,7 +52,7 @@ def official_state_dict(model: torch.nn.Module, seed: int = 0) -> dict[str, torc
     generator = torch.Generator().manual_seed(seed)
     blurred = {
         name for name, module in model.named_modules()
-        if isinstance(module, ConvNormAct) and not isinstance(module.aa, torch.nn.Identity)
+        if isinstance(module, ConvNormAct) and isinstance(module.aa, BlurPool2d)
     }
     out = {}
     for key, value in model.state_dict().items():

@@ -13,14 +13,15 @@ EXIT_INTERRUPTED = 130
 
 
 def command(main: Callable[[Sequence[str] | None], int]) -> Callable[[Sequence[str] | None], int]:
-    """Wrap a CLI's ``main(argv) -> exit code``: bad input prints ``error: <reason>`` on one
-    line and returns 1, Ctrl-C returns 130; other exceptions are bugs and keep their traceback."""
+    """Wrap a CLI's ``main(argv) -> exit code``: bad input and operating-system failures (disk
+    full, permissions) print ``error: <reason>`` on one line and return 1, Ctrl-C returns 130;
+    other exceptions are bugs and keep their traceback."""
 
     @functools.wraps(main)
     def wrapped(argv: Sequence[str] | None = None) -> int:
         try:
             return main(argv)
-        except InputError as err:
+        except (InputError, OSError) as err:
             print(f"error: {err}", file=sys.stderr)
             return EXIT_INPUT_ERROR
         except KeyboardInterrupt:

@@ -23,6 +23,7 @@ from tresnet_jax.torch_layout import (
     LayoutError,
     detect_layout,
     infer_architecture,
+    listing,
     official_to_timm,
     same_topology,
     to_flax_array,
@@ -35,7 +36,6 @@ Variables = dict[str, Any]
 # Buffers that carry no learned state.
 _IGNORED_SUFFIXES = (".num_batches_tracked", ".filt")
 _HEAD_PREFIX = "head."
-_LISTED = 3  # how many offending keys an error message names
 
 
 @dataclasses.dataclass
@@ -135,9 +135,11 @@ def _to_variables(
             mismatched.append(f"{key} is {tuple(np.shape(state_dict[key]))}, expected {want}")
         elif keep_head or not key.startswith(_HEAD_PREFIX):
             flat[path] = value
+    position = {key: i for i, key in enumerate(state_dict)}  # report in the checkpoint's order
+    mismatched.sort(key=lambda text: position[text.split(" ", 1)[0]])
     unexpected = [k for k in state_dict if k not in expected and not k.endswith(_IGNORED_SUFFIXES)]
     problems = [
-        f"{label} {_listing(items)}"
+        f"{label} {listing(items)}"
         for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch:", mismatched))
         if items
     ]
@@ -145,11 +147,6 @@ def _to_variables(
         looks = f" (it looks like {inferred})" if inferred != model_name else ""
         raise LayoutError(f"checkpoint does not match {model_name}{looks}: " + "; ".join(problems))
     return traverse_util.unflatten_dict(flat)
-
-
-def _listing(items: list[str]) -> str:
-    more = f" and {len(items) - _LISTED} more" if len(items) > _LISTED else ""
-    return ", ".join(items[:_LISTED]) + more
 
 
 def _replace_head(variables: Variables, arch: ArchSpec, num_classes: int, classes: int, seed: int) -> str:

@@ -42,18 +42,26 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 def _read_pickle(path: Path) -> object:
     import pickle
+    import warnings
 
     import torch
 
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. about the pickle protocol: the error says enough
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        found = re.search(r"GLOBAL (\S+)", str(err))
+        text = str(err)
+        found = re.search(r"GLOBAL (\S+)", text)
         if found:
             raise InputError(
                 f"{path}: refused: the pickle would import {found.group(1)} (possible code execution); "
                 "only tensors and plain containers are loaded"
             ) from None
+        if "Weights only load failed" in text:
+            detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+            reason = detail.group(1).strip() if detail else "it holds more than tensors and plain containers"
+            raise InputError(f"{path}: refused by the safe (weights-only) loader: {reason}") from None
         raise InputError(f"{path}: not a PyTorch checkpoint ({_first_line(err)})") from None
     except RuntimeError as err:
         raise InputError(f"{path}: truncated or corrupt checkpoint ({_first_line(err)})") from None

@@ -71,11 +71,16 @@ def detect_layout(state_dict: Mapping[str, object]) -> str:
         return TIMM
     if "body.conv1.0.weight" in state_dict:
         return OFFICIAL
-    first = ", ".join(list(state_dict)[:3])
     raise LayoutError(
-        f"not a TResNet checkpoint: no stem weight 'body.conv1.conv.weight' (timm) or "
-        f"'body.conv1.0.weight' (official); first keys: {first}"
+        "not a TResNet checkpoint: missing body.conv1.conv.weight (timm layout) or body.conv1.0.weight "
+        f"(official layout); unexpected {listing(list(state_dict))}"
     )
+
+
+def listing(items: list[str], shown: int = 3) -> str:
+    """The first few items of a list, and how many more there are."""
+    more = f" and {len(items) - shown} more" if len(items) > shown else ""
+    return ", ".join(items[:shown]) + more
 
 
 def official_to_timm(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
