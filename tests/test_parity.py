@@ -5,6 +5,8 @@ by the command-line tool -> loaded by name or path -> Flax outputs vs timm outpu
 Bound: max |diff| <= 1e-4 * max(1, max |reference|), on logits and every stage's features.
 """
 
+import copy
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -137,19 +139,15 @@ def test_training_mode_forward_and_batch_statistics_equal_timm(tresnet_m_timm):
     """BatchNorm in training mode: batch statistics for the output, and PyTorch's running
     statistics update (momentum 0.1, unbiased variance)."""
     reference, _, model, variables = tresnet_m_timm
+    reference = copy.deepcopy(reference).train()  # the fixture is shared: train a copy
     images = random_images(4, 64, 64, seed=11)
     logits, updates = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(variables, images)
-    reference.train()
-    try:
-        with torch.no_grad():
-            expected = reference(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
-        expected_stats = variables_to_state_dict({"batch_stats": updates["batch_stats"]})
-        for key, value in expected_stats.items():
-            if not key.endswith("num_batches_tracked"):
-                theirs = reference.state_dict()[key].numpy()
-                np.testing.assert_allclose(value, theirs, rtol=1e-4, atol=1e-5, err_msg=key)
-    finally:
-        reference.eval()
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
+    for key, value in variables_to_state_dict({"batch_stats": updates["batch_stats"]}).items():
+        if not key.endswith("num_batches_tracked"):
+            np.testing.assert_allclose(value, reference.state_dict()[key].numpy(), rtol=1e-4, atol=1e-5, err_msg=key)
+    # Batch statistics of 4 small images amplify float32 rounding: measured 3.7e-5.
     assert parity_error(logits, expected) <= PARITY_BOUND
 
 

@@ -113,7 +113,8 @@ def _fit(value: np.ndarray, shape: tuple[int, ...]) -> np.ndarray | None:
     if len(shape) != 2 and ndim != len(shape):
         return None
     out = to_flax_array(value, len(shape))
-    return np.asarray(out, np.float32) if out.shape == shape else None
+    # A copy: variables must not alias the caller's tensors (a live PyTorch model may change them).
+    return np.array(out, np.float32) if out.shape == shape else None
 
 
 def _to_variables(
