@@ -215,12 +215,13 @@ def file_sha256(path: str | Path) -> str:
 
 def weights_metadata(converted: Converted, cfg: PretrainedConfig, source: Path) -> dict[str, Any]:
     """What ``metadata.json`` records about converted weights."""
+    published = cfg.source != "none" and not converted.head_replaced
     return {
         "model": converted.model_name,
         "num_classes": converted.num_classes,
-        "tag": None if converted.head_replaced else cfg.tag,
+        "tag": cfg.tag if published else None,
         "preprocessing": preprocessing_of(cfg),
-        "reported": None if converted.head_replaced else {
+        "reported": None if not published else {
             "top1": cfg.top1, "top5": cfg.top5, "imagenet_v2_top1": cfg.imagenet_v2_top1
         },
         "source": {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -59,3 +60,45 @@ def load(
 def load_metadata(name_or_path: str | os.PathLike) -> dict[str, Any]:
     """The metadata stored beside the weights: model, classes, preprocessing, source."""
     return read_metadata(resolve(name_or_path))
+
+
+TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
+
+
+def load_any(
+    weights: str | os.PathLike, model_name: str | None = None, dtype: Any = jnp.float32, axis_name: str | None = None
+) -> tuple[TResNet, Variables, dict[str, Any]]:
+    """(model, variables, metadata) from converted weights (a name or directory) or, converted
+    in memory, a PyTorch checkpoint file (``.pth``/``.pt``/``.bin``/``.safetensors``)."""
+    path = Path(weights).expanduser()
+    if path.suffix in TORCH_SUFFIXES:
+        from tresnet_jax.conversion import choose_config, convert_state_dict, weights_metadata
+        from tresnet_jax.torch_io import read_state_dict
+
+        try:
+            converted = convert_state_dict(read_state_dict(path), model_name)
+        except InputError as err:
+            message = str(err)
+            raise InputError(message if message.startswith(str(path)) else f"{path}: {message}") from None
+        cfg, _ = choose_config(converted.model_name, converted.num_classes, str(path), converted.layout)
+        metadata = weights_metadata(converted, cfg, path)
+        model = TResNet(get_arch(converted.model_name), converted.num_classes, dtype=dtype, axis_name=axis_name)
+        return model, converted.variables, metadata
+    metadata = load_metadata(weights)
+    if model_name is not None and get_arch(model_name) != get_arch(metadata["model"]):
+        raise InputError(f"{weights}: holds {metadata['model']} weights, not {model_name}")
+    model, variables = load(weights, dtype=dtype, axis_name=axis_name)
+    return model, variables, metadata
+
+
+def fingerprint(variables: Variables) -> str:
+    """sha256 of every array of the variables, in path order: which weights were evaluated."""
+    import hashlib
+
+    import numpy as np
+
+    digest = hashlib.sha256()
+    for path, value in sorted(traverse_util.flatten_dict(dict(variables)).items()):
+        digest.update("/".join(path).encode())
+        digest.update(np.ascontiguousarray(np.asarray(value, np.float32)).tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,199 @@
+"""ImageNet (or any labelled image set) top-1/top-5 of TResNet weights, on every local device.
+
+    python eval.py --model tresnet_m                          # TFDS imagenet2012 validation
+    python eval.py --model tresnet_m --val_dir /data/imagenet/val
+    python eval.py --weights tresnet_m_448.pth --squish --dataset imagenet_v2
+    python eval.py --model tresnet_m --output results.json --save-logits logits.npz
+
+Weights: converted ones by name (--model, see convert/torch_to_flax.py), a weights directory or
+a PyTorch checkpoint (--weights). Preprocessing comes from the weights' pretrained
+configuration; --image-size/--crop-pct/--interpolation/--squish override it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tresnet_jax.cli import command, enable_compilation_cache
+from tresnet_jax.datasets import FolderSource, TfdsSource, model_labels
+from tresnet_jax.errors import InputError
+from tresnet_jax.evaluation import EvalResult, evaluate
+from tresnet_jax.factory import fingerprint, load_any
+from tresnet_jax.parallel import data_mesh, initialize_distributed
+from tresnet_jax.preprocess import INTERPOLATIONS, Preprocessing
+from tresnet_jax.progress import ProgressBar
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+DEFAULT_PER_DEVICE_BATCH = 64
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    weights = parser.add_argument_group("weights")
+    weights.add_argument("--model", help="converted weights by name (default: tresnet_m)")
+    weights.add_argument("--weights", help="weights directory, or a .pth/.pt/.bin/.safetensors file")
+    data = parser.add_argument_group("data (default: --dataset imagenet2012)")
+    source = data.add_mutually_exclusive_group()
+    source.add_argument("--val_dir", "--val-dir", type=Path, help="folder per class (sorted WordNet ids)")
+    source.add_argument("--dataset", help="prepared TFDS dataset NAME[:SPLIT], e.g. imagenet_v2, imagenette")
+    data.add_argument("--data_dir", "--data-dir", help="TFDS data directory (default: TFDS's)")
+    prep = parser.add_argument_group("preprocessing (default: the weights' pretrained configuration)")
+    prep.add_argument("--image-size", type=int)
+    prep.add_argument("--crop-pct", type=float)
+    prep.add_argument("--interpolation", choices=INTERPOLATIONS)
+    prep.add_argument("--squish", action="store_true", help="resize to size x size, no crop (official 448 eval)")
+    run = parser.add_argument_group("run")
+    run.add_argument(
+        "--dtype", choices=[*DTYPES, "auto"], default="auto", help="auto: bfloat16 on GPU/TPU, else float32"
+    )
+    run.add_argument("--batch-size", type=int, help=f"global batch (default: {DEFAULT_PER_DEVICE_BATCH} per device)")
+    run.add_argument("--num-devices", type=int, help="use the first N devices (default: all)")
+    run.add_argument("--output", type=Path, help="write metrics and settings as JSON")
+    run.add_argument("--save-logits", type=Path, help="write logits, labels (and files) as .npz, dataset order")
+    run.add_argument("--no-progress", action="store_true")
+    run.add_argument("--no-compilation-cache", action="store_true")
+    hosts = parser.add_argument_group("multi-host (one process per host)")
+    hosts.add_argument("--coordinator", help="host:port of process 0")
+    hosts.add_argument("--num-processes", type=int)
+    hosts.add_argument("--process-id", type=int)
+    args = parser.parse_args(argv)
+    for path in (args.output, args.save_logits):
+        if path is not None and not path.absolute().parent.is_dir():
+            parser.error(f"{path.parent}: no such directory")
+    return args
+
+
+def preprocessing(args: argparse.Namespace, metadata: dict) -> Preprocessing:
+    base = metadata.get("preprocessing") or {"input_size": 224, "crop_pct": 0.875, "interpolation": "bilinear"}
+    return Preprocessing(
+        input_size=args.image_size or int(base["input_size"]),
+        crop_pct=args.crop_pct or float(base["crop_pct"]),
+        interpolation=args.interpolation or str(base["interpolation"]),
+        squish=args.squish,
+    )
+
+
+def open_source(args: argparse.Namespace) -> FolderSource | TfdsSource:
+    if args.val_dir is not None:
+        return FolderSource.scan(args.val_dir)
+    return TfdsSource.open(args.dataset or "imagenet2012", args.data_dir)
+
+
+def compute_dtype(name: str):
+    if name == "auto":
+        return jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32
+    return DTYPES[name]
+
+
+def report(args, result: EvalResult, metadata: dict, weights_hash: str, prep, source, dtype, batch, mesh) -> dict:
+    """Everything a results file records, for comparing runs later."""
+    device = mesh.devices.flat[0]
+    return {
+        **result.metrics(),
+        "model": metadata["model"],
+        "num_classes": metadata["num_classes"],
+        "weights": str(args.weights or args.model or "tresnet_m"),
+        "weights_sha256": weights_hash,
+        "source": metadata.get("source"),
+        "tag": metadata.get("tag"),
+        "reported_top1": (metadata.get("reported") or {}).get("top1"),
+        "dataset": source.name,
+        "preprocessing": prep.to_dict(),
+        "dtype": jnp.dtype(dtype).name,
+        "batch_size": batch,
+        "devices": mesh.devices.size,
+        "device_kind": device.device_kind,
+        "platform": device.platform,
+        "processes": jax.process_count(),
+        "jax_version": jax.__version__,
+        "skipped_images": [{"image": name, "reason": reason} for name, reason in result.skipped],
+    }
+
+
+def write_atomically(path: Path, write) -> None:
+    """Write through a temporary file in the same directory, renamed into place at the end."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.absolute().parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_logits(path: Path, result: EvalResult, source) -> None:
+    arrays = {"logits": result.logits, "labels": result.labels}
+    if isinstance(source, FolderSource):
+        arrays["files"] = np.asarray(source.files)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+    write_atomically(path, write)
+
+
+@command
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    if not args.no_compilation_cache:
+        enable_compilation_cache()
+    lead = jax.process_index() == 0
+    dtype = compute_dtype(args.dtype)
+    model, variables, metadata = load_any(args.weights or args.model or "tresnet_m", args.model, dtype=dtype)
+    prep = preprocessing(args, metadata)
+    source = open_source(args)
+    label_map = model_labels(source.class_names, model.num_classes, source.name)
+    devices = jax.devices()
+    if args.num_devices is not None:
+        if not 0 < args.num_devices <= len(devices):
+            raise InputError(f"--num-devices must be in [1, {len(devices)}], got {args.num_devices}")
+        devices = devices[: args.num_devices]
+    mesh = data_mesh(devices)
+    batch = args.batch_size or DEFAULT_PER_DEVICE_BATCH * mesh.devices.size
+    weights_hash = fingerprint(variables)
+    if lead:
+        print(f"weights: {metadata['model']}, {model.num_classes} classes, tag {metadata.get('tag')}, "
+              f"sha256 {weights_hash[:16]}")
+        print(f"data: {source.name}, {len(source)} images; preprocessing {prep.input_size}px, crop {prep.crop_pct}, "
+              f"{prep.interpolation}{', squish' if prep.squish else ''}")
+        print(f"devices: {mesh.devices.size} x {devices[0].device_kind} in {jax.process_count()} process(es); "
+              f"batch {batch}; {jnp.dtype(dtype).name}")
+    bar = ProgressBar(len(source), "eval", enabled=lead and not args.no_progress)
+    result = evaluate(model, variables, source, prep, label_map, batch, mesh, args.save_logits is not None, bar.update)
+    bar.close()
+    if lead:
+        print(f"compiled in {result.compile_seconds:.1f} s")
+        print(f"images {result.num_images} | top-1 {result.top1:.3f} | top-5 {result.top5:.3f} | "
+              f"loss {result.loss:.4f} | {result.images_per_second:.1f} images/s | skipped {len(result.skipped)}")
+        for name, reason in result.skipped[:20]:
+            print(f"skipped {name}: {reason}")
+        if len(result.skipped) > 20:
+            print(f"... and {len(result.skipped) - 20} more skipped (all listed in --output)")
+        reported = (metadata.get("reported") or {}).get("top1")
+        if reported is not None and metadata.get("tag"):
+            print(f"reported top-1 of {metadata['tag']} (timm, ImageNet-1k val): {reported:.3f}")
+        if args.output is not None:
+            summary = report(args, result, metadata, weights_hash, prep, source, dtype, batch, mesh)
+            write_atomically(args.output, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2) + "\n"))
+            print(f"wrote {args.output}")
+        if args.save_logits is not None:
+            save_logits(args.save_logits, result, source)
+            print(f"wrote {args.save_logits}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
