@@ -26,10 +26,9 @@ import numpy as np
 
 from tresnet_jax.cli import command, enable_compilation_cache
 from tresnet_jax.datasets import FolderSource, TfdsSource, model_labels
-from tresnet_jax.errors import InputError
 from tresnet_jax.evaluation import EvalResult, evaluate
 from tresnet_jax.factory import fingerprint, load_any
-from tresnet_jax.parallel import data_mesh, initialize_distributed
+from tresnet_jax.parallel import data_mesh, initialize_distributed, select_devices
 from tresnet_jax.preprocess import INTERPOLATIONS, Preprocessing
 from tresnet_jax.progress import ProgressBar
 
@@ -57,7 +56,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--dtype", choices=[*DTYPES, "auto"], default="auto", help="auto: bfloat16 on GPU/TPU, else float32"
     )
     run.add_argument("--batch-size", type=int, help=f"global batch (default: {DEFAULT_PER_DEVICE_BATCH} per device)")
-    run.add_argument("--num-devices", type=int, help="use the first N devices (default: all)")
+    run.add_argument("--num-devices", type=int, help="use the first N devices of each process (default: all)")
     run.add_argument("--output", type=Path, help="write metrics and settings as JSON")
     run.add_argument("--save-logits", type=Path, help="write logits, labels (and files) as .npz, dataset order")
     run.add_argument("--no-progress", action="store_true")
@@ -156,11 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     prep = preprocessing(args, metadata)
     source = open_source(args)
     label_map = model_labels(source.class_names, model.num_classes, source.name)
-    devices = jax.devices()
-    if args.num_devices is not None:
-        if not 0 < args.num_devices <= len(devices):
-            raise InputError(f"--num-devices must be in [1, {len(devices)}], got {args.num_devices}")
-        devices = devices[: args.num_devices]
+    devices = select_devices(args.num_devices)
     mesh = data_mesh(devices)
     batch = args.batch_size or DEFAULT_PER_DEVICE_BATCH * mesh.devices.size
     weights_hash = fingerprint(variables)

@@ -13,8 +13,8 @@ from PIL import Image
 
 import eval as eval_cli
 import predict as predict_cli
+from tests.classifier import fitted_classifier, pil_preprocess
 from tests.images import image_folder, photo_files
-from tests.reference import random_timm_model, torch_logits
 from tresnet_jax.datasets import FolderSource
 from tresnet_jax.preprocess import Preprocessing, load_image
 
@@ -22,22 +22,6 @@ SIZE = 64  # small inputs keep the model cheap on CPU; the preprocessing test al
 # Measured on these images: logits of eval.py vs timm on PIL-preprocessed images differ by
 # 3.2e-4 relative (the two preprocessings differ by 0.11/255 mean absolute at 64 px).
 LOGIT_BOUND = 2e-3
-
-
-def pil_preprocess(path, size: int, crop_pct: float = 0.875, squish: bool = False, resample=Image.BILINEAR):
-    """The official evaluation transform, written with PIL and numpy as the reference."""
-    image = Image.open(path).convert("RGB")
-    if squish:
-        return np.asarray(image.resize((size, size), resample), np.float32) / 255
-    short = int(size / crop_pct)
-    width, height = image.size
-    if width <= height:
-        new_w, new_h = short, int(short * height / width)
-    else:
-        new_w, new_h = int(short * width / height), short
-    pixels = np.asarray(image.resize((new_w, new_h), resample), np.float32)
-    top, left = round((new_h - size) / 2.0), round((new_w - size) / 2.0)
-    return pixels[top : top + size, left : left + size] / 255
 
 
 def test_preprocessing_matches_pil_on_real_photographs(tmp_path):
@@ -77,28 +61,10 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def classifier(folder, tmp_path_factory):
-    """A timm TResNet-M for the 8 classes of the folder: random backbone, and a head fitted
-    (ridge regression on its pooled features) so its predictions differ from image to image.
-    Returns (timm model, checkpoint path, reference logits and labels of the readable images)."""
-    source = FolderSource.scan(folder)
-    readable = [i for i, f in enumerate(source.files) if "corrupt" not in f]
-    images = np.stack([pil_preprocess(source.files[i], SIZE) for i in readable])
-    labels = source.labels[readable]
-    model = random_timm_model("tresnet_m", num_classes=len(source.class_names), seed=8)
-    with torch.no_grad():
-        features = model.forward_head(model.forward_features(torch.from_numpy(images).permute(0, 3, 1, 2)), True)
-    features = features.numpy().astype(np.float64)
-    mean = features.mean(0)
-    targets = 10 * np.eye(len(source.class_names))[labels]
-    centred = features - mean
-    weight = np.linalg.solve(centred.T @ centred + np.eye(centred.shape[1]), centred.T @ targets)
-    with torch.no_grad():
-        model.head.fc.weight.copy_(torch.from_numpy(weight.T.astype(np.float32)))
-        model.head.fc.bias.copy_(torch.from_numpy((targets.mean(0) - mean @ weight).astype(np.float32)))
-    path = tmp_path_factory.mktemp("weights") / "tresnet_m_8cls.pth"
-    torch.save(model.state_dict(), path)
-    logits = torch_logits(model, images)
-    return model, path, logits, labels, [source.files[i] for i in readable]
+    """A timm TResNet-M for the 8 classes of the folder, its head fitted to them (see
+    tests/classifier.py): (timm model, checkpoint path, reference logits and labels of the
+    readable images, their files)."""
+    return fitted_classifier(folder, tmp_path_factory.mktemp("weights") / "tresnet_m_8cls.pth", SIZE)
 
 
 def top_k_accuracy(logits, labels, k):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from tresnet_jax.errors import InputError
-from tresnet_jax.model import TResNet, variable_shapes
+from tresnet_jax.model import ArchSpec, TResNet, variable_shapes
 from tresnet_jax.registry import get_arch
 from tresnet_jax.storage import read_metadata, read_variables, resolve
 
@@ -33,9 +34,15 @@ def create_model(
     """
     model = TResNet(get_arch(name), num_classes, dtype=dtype, axis_name=axis_name)
     key = jax.random.key(seed) if isinstance(seed, int) else seed
-    # The shapes do not depend on the image size: initialise on the smallest valid input.
-    variables = jax.jit(model.init)(key, jnp.zeros((1, 32, 32, 3), jnp.float32))
+    variables = _initializer(model.arch, num_classes)(key, jnp.zeros((1, 32, 32, 3), jnp.float32))
     return model, dict(variables)
+
+
+@functools.lru_cache(maxsize=16)
+def _initializer(arch: ArchSpec, num_classes: int):
+    """The compiled init of an architecture, kept: compiling its random draws takes seconds.
+    The variables do not depend on dtype or image size (hence the smallest valid input)."""
+    return jax.jit(TResNet(arch, num_classes).init)
 
 
 def load(

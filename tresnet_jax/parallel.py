@@ -32,6 +32,23 @@ def initialize_distributed(coordinator: str | None, num_processes: int | None, p
     jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
 
 
+def select_devices(per_process: int | None) -> list[jax.Device]:
+    """All devices, or the first ``per_process`` devices of every process."""
+    devices = jax.devices()
+    if per_process is None:
+        return devices
+    local = len(jax.local_devices())
+    if not 0 < per_process <= local:
+        raise InputError(f"--num-devices must be in [1, {local}] (devices per process), got {per_process}")
+    taken: dict[int, int] = {}
+    chosen = []
+    for device in devices:
+        if taken.get(device.process_index, 0) < per_process:
+            taken[device.process_index] = taken.get(device.process_index, 0) + 1
+            chosen.append(device)
+    return chosen
+
+
 def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A mesh with one ``batch`` axis over ``devices`` (default: all devices of all processes)."""
     return Mesh(np.asarray(jax.devices() if devices is None else devices), (BATCH_AXIS,))
@@ -48,9 +65,21 @@ def local_batch_size(global_batch: int, mesh: Mesh) -> int:
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
-    """The same value on every device of the mesh (each process passes the whole value)."""
+    """The same value on every device of the mesh (each process passes the whole value);
+    arrays already replicated over the mesh are kept as they are."""
     sharding = NamedSharding(mesh, PartitionSpec())
-    return jax.tree_util.tree_map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
+
+    def put(x):
+        if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
+            return x
+        return jax.make_array_from_process_local_data(sharding, host_copy(x))
+
+    return jax.tree_util.tree_map(put, tree)
+
+
+def host_copy(x: Any) -> np.ndarray:
+    """A numpy copy of a value that every process holds whole (a replicated array, or host data)."""
+    return np.asarray(x.addressable_data(0) if isinstance(x, jax.Array) else x)
 
 
 def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

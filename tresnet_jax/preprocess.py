@@ -11,6 +11,7 @@ integer DCT (PIL's decoder), which is what brings the difference from 0.8/255 to
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from pathlib import Path
@@ -23,6 +24,7 @@ from tresnet_jax.errors import InputError
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 
 
+@functools.cache
 def tensorflow():
     """TensorFlow, imported on first use and kept off the accelerators (JAX owns them)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

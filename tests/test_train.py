@@ -1,0 +1,287 @@
+"""train.py: it learns, it is data parallel over devices and hosts without changing the result,
+it resumes exactly, it handles fp16 overflow, fine-tuning and bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.datasets import load_digits
+
+import eval as eval_cli
+import train as train_cli
+import tresnet_jax
+from tests.multihost import describe, run_processes
+from tests.reference import random_timm_model
+from tresnet_jax.errors import InputError
+from tresnet_jax.model import TResNet
+from tresnet_jax.parallel import BATCH_AXIS, data_mesh, replicate, shard_batch
+from tresnet_jax.storage import read_variables
+from tresnet_jax.trainer import TrainConfig, check_memory, initial_variables, suggest_batch_size
+from tresnet_jax.training import OptimConfig, create_state, make_optimizer, make_train_step
+
+REPO = Path(__file__).resolve().parent.parent
+SIZE = 32
+VAL_IMAGES = 400
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    """scikit-learn's 1797 handwritten digits (8x8) as PNG folders, upscaled to 32x32: 1397 to
+    train on, 400 held out."""
+    root = tmp_path_factory.mktemp("digits")
+    data = load_digits()
+    order = np.random.default_rng(0).permutation(len(data.images))
+    for k, i in enumerate(order):
+        folder = root / ("val" if k < VAL_IMAGES else "train") / f"digit{data.target[i]}"
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = (data.images[i] * (255 / 16)).astype(np.uint8)
+        Image.fromarray(pixels).resize((SIZE, SIZE), Image.BILINEAR).convert("RGB").save(folder / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def compilation_cache(tmp_path_factory):
+    """One persistent compilation cache for this module's runs, in and out of process: the
+    same training program compiled once serves the reference and the resumed runs."""
+    return str(tmp_path_factory.mktemp("jax_cache"))
+
+
+def metrics(workdir: Path) -> list[dict]:
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def exported(workdir: Path, name: str = "export") -> dict:
+    return read_variables(workdir / name)
+
+
+def assert_trees_equal(a, b, rtol=0.0, atol=0.0):
+    flat_a, flat_b = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)
+    assert [p for p, _ in flat_a] == [p for p, _ in flat_b]
+    for (path, x), (_, y) in zip(flat_a, flat_b, strict=True):
+        np.testing.assert_allclose(x, y, rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path))
+
+
+# --- learning for real ------------------------------------------------------------------------
+
+
+def test_learns_digits_and_exports_weights_eval_can_read(digits, tmp_path, compilation_cache, monkeypatch, capsys):
+    """From scratch, 3 epochs of 1397 digits at 32x32: held-out top-1 >= 90 % (measured 95 %)."""
+    monkeypatch.setenv("TRESNET_JAX_COMPILATION_CACHE", compilation_cache)
+    workdir = tmp_path / "run"
+    args = ["--model", "tresnet_m", "--train_dir", digits / "train", "--val_dir", digits / "val",
+            "--image-size", SIZE, "--batch-size", 64, "--epochs", 3, "--lr", 0.1, "--randaugment-ops", 0,
+            "--cutout", 0, "--no-flip", "--crop-min-scale", 0.7, "--eval-every", 0, "--workdir", workdir,
+            "--no-progress"]
+    assert train_cli.main([str(a) for a in args]) == 0
+    out = capsys.readouterr().out
+    final = metrics(workdir)[-1]
+    assert final["step"] == 3 * (1397 // 64)
+    assert final["val_top1"] >= 90.0, final
+    assert "compiled the training step in" in out
+    config = json.loads((workdir / "config.json").read_text())
+    assert (config["lr"], config["label_smoothing"], config["schedule"]) == (0.1, 0.1, "onecycle")
+    # The export is a weights directory: tresnet_jax.load and eval.py read it and agree.
+    model, _ = tresnet_jax.load(workdir / "export")
+    assert (model.num_classes, tresnet_jax.load_metadata(workdir / "export")["source"]["step"]) == (10, final["step"])
+    results = tmp_path / "eval.json"
+    code = eval_cli.main([str(a) for a in ["--weights", workdir / "export", "--val_dir", digits / "val",
+                                           "--batch-size", 50, "--output", results, "--no-progress"]])
+    assert code == 0
+    assert json.loads(results.read_text())["top1"] == pytest.approx(final["val_top1"])
+
+
+# --- the same run on 1 device, 2 devices, 2 processes, and stopped and resumed ----------------
+
+TINY = ["--model", "tresnet_m", "--image-size", SIZE, "--batch-size", 8, "--max-steps", 4,
+        "--checkpoint-every", 2, "--log-every", 1, "--lr", 0.05, "--eval-every", 0, "--no-progress"]
+
+
+def tiny_args(digits, workdir, *extra):
+    return [str(a) for a in [*TINY, "--train_dir", digits / "train", "--workdir", workdir, *extra]]
+
+
+@pytest.fixture(scope="module")
+def reference_run(digits, tmp_path_factory, compilation_cache):
+    """4 steps of batch 8 on one device, uninterrupted."""
+    workdir = tmp_path_factory.mktemp("reference")
+    os.environ["TRESNET_JAX_COMPILATION_CACHE"] = compilation_cache
+    try:
+        assert train_cli.main(tiny_args(digits, workdir, "--num-devices", 1)) == 0
+    finally:
+        del os.environ["TRESNET_JAX_COMPILATION_CACHE"]
+    return workdir
+
+
+def test_two_devices_follow_the_same_loss_curve(digits, tmp_path, reference_run):
+    assert train_cli.main(tiny_args(digits, tmp_path, "--num-devices", 2, "--no-compilation-cache")) == 0
+    one, two = metrics(reference_run), metrics(tmp_path)
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3, 4]
+    np.testing.assert_allclose([r["loss"] for r in two], [r["loss"] for r in one], rtol=1e-4)
+    assert_trees_equal(exported(tmp_path), exported(reference_run), rtol=2e-3, atol=2e-5)
+
+
+def train_command(digits, workdir, *extra):
+    return [sys.executable, REPO / "train.py", *tiny_args(digits, workdir, *extra)]
+
+
+def test_two_processes_end_with_the_parameters_of_one(digits, tmp_path, reference_run, compilation_cache):
+    """Multi-host for real: 2 processes on localhost joined by jax.distributed (gloo CPU
+    collectives), one device each, the global batch split between them."""
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "TRESNET_JAX_COMPILATION_CACHE": "off"}
+    results = run_processes(train_command(digits, tmp_path), 2, env=env, timeout=420)
+    assert all(r.returncode == 0 for r in results), describe(results)
+    np.testing.assert_allclose(
+        [r["loss"] for r in metrics(tmp_path)], [r["loss"] for r in metrics(reference_run)], rtol=1e-4
+    )
+    assert_trees_equal(exported(tmp_path), exported(reference_run), rtol=2e-3, atol=2e-5)
+
+
+def test_killed_and_restarted_run_ends_exactly_like_an_uninterrupted_one(digits, tmp_path, reference_run,
+                                                                        compilation_cache):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+           "TRESNET_JAX_COMPILATION_CACHE": compilation_cache}
+    command = [str(a) for a in train_command(digits, tmp_path)]
+    run = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while not (tmp_path / "checkpoints" / "2").exists() and run.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    run.send_signal(signal.SIGKILL)
+    output = run.communicate()[0]
+    assert (tmp_path / "checkpoints" / "2").exists(), output
+    assert not (tmp_path / "export").exists(), "the run finished before it could be killed"
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "resumed from the checkpoint at step 2" in again.stdout
+    for name in ("export", "export_ema"):
+        assert_trees_equal(exported(tmp_path, name), exported(reference_run, name))
+    assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3, 4]
+
+
+def test_resuming_with_other_settings_is_refused(digits, reference_run, capsys):
+    code = train_cli.main(tiny_args(digits, reference_run, "--lr", "0.1"))
+    assert code == 1
+    assert "holds a run with other settings (lr 0.05 -> 0.1); use a new --workdir" in capsys.readouterr().err
+
+
+# --- precision ---------------------------------------------------------------------------------
+
+
+def test_fp16_overflow_skips_the_step_and_halves_the_loss_scale():
+    """On a TResNet of one block per stage (XLA:CPU compiles float16 slowly), the real step."""
+    mesh = data_mesh(jax.devices()[:1])
+    arch = tresnet_jax.ArchSpec(layers=(1, 1, 1, 1), width_factor=0.25)
+    model = TResNet(arch, 10, dtype=jnp.float16, axis_name=BATCH_AXIS)
+    cfg = OptimConfig(total_steps=10, lr=0.1, precision="fp16", loss_scale=2.0**100)
+    tx = make_optimizer(cfg)
+    variables = TResNet(arch, 10).init(jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3)))
+    state = replicate(create_state(variables, tx, cfg, seed=0), mesh)
+    rng = np.random.default_rng(0)
+    batch = shard_batch(
+        {"image": rng.integers(0, 255, (2, SIZE, SIZE, 3), dtype=np.uint8), "label": np.array([1, 2], np.int32)}, mesh
+    )
+    step = make_train_step(model, tx, cfg, mesh)
+    before = jax.device_get(state.params)
+    state, out = step(state, batch)  # 2**100 times the loss overflows float16 in the backward pass
+    assert (float(out["finite"]), float(state.loss_scale), int(state.step)) == (0.0, 2.0**99, 1)
+    assert_trees_equal(jax.device_get(state.params), before)
+    state = state.replace(loss_scale=jnp.asarray(2.0**10, jnp.float32))
+    state, out = step(state, batch)
+    assert float(out["finite"]) == 1.0
+    assert np.isfinite(float(out["loss"]))
+    after = jax.device_get(state.params)
+    shortcut = ("body", "layer4", "0", "downsample", "1", "bn", "scale")  # residual branches start at zero
+    for path in (("head", "fc", "kernel"), ("body", "conv1", "conv", "kernel"), shortcut):
+        old, new = before, after
+        for key in path:
+            old, new = old[key], new[key]
+        assert not np.array_equal(old, new), path
+
+
+def test_diverging_loss_stops_without_writing_a_bad_checkpoint(digits, tmp_path, capsys):
+    args = tiny_args(digits, tmp_path, "--checkpoint-every", "1", "--lr", "1e30", "--num-devices", "1")
+    assert train_cli.main(args) == 1
+    err = capsys.readouterr().err
+    assert "training stopped and no checkpoint was written after it" in err
+    assert err.count("\n") == 1
+    saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved == [] or max(saved) < int(err.split(" at step ")[1].split()[0])
+    assert not (tmp_path / "export").exists()
+
+
+# --- fine-tuning, memory, bad input ---------------------------------------------------------------
+
+
+def test_fine_tuning_keeps_the_backbone_and_replaces_the_head(tmp_path):
+    reference = random_timm_model("tresnet_m", seed=2)
+    checkpoint = tmp_path / "tresnet_m.pth"
+    torch.save(reference.state_dict(), checkpoint)
+    cfg = TrainConfig(workdir=str(tmp_path / "run"), init=str(checkpoint), num_classes=5)
+    variables, how = initial_variables(cfg, 5)
+    assert "backbone loaded, a new 5-class head (it had 1000)" in how
+    np.testing.assert_array_equal(
+        variables["params"]["body"]["layer3"]["2"]["conv2"]["conv"]["kernel"],
+        reference.state_dict()["body.layer3.2.conv2.conv.weight"].numpy().transpose(2, 3, 1, 0),
+    )
+    np.testing.assert_array_equal(
+        variables["batch_stats"]["body"]["conv1"]["bn"]["var"], reference.state_dict()["body.conv1.bn.running_var"]
+    )
+    assert variables["params"]["head"]["fc"]["kernel"].shape == (2048, 5)
+    with pytest.raises(InputError, match="checkpoint does not match tresnet_l"):
+        initial_variables(TrainConfig(workdir="x", model="tresnet_l", init=str(checkpoint)), 5)
+
+
+def test_out_of_memory_names_the_batch_and_the_largest_that_fits():
+    assert suggest_batch_size(temp_bytes=8 << 30, fixed_bytes=1 << 30, limit_bytes=4 << 30,
+                              per_device_batch=64, devices=8) == 8 * 22
+
+    class Analysis:
+        temp_size_in_bytes, argument_size_in_bytes, output_size_in_bytes, alias_size_in_bytes = 8 << 30, 1 << 30, 0, 0
+
+    class Compiled:
+        def memory_analysis(self):
+            return Analysis()
+
+    class Device:
+        def memory_stats(self):
+            return {"bytes_limit": 4 << 30}
+
+    class Mesh:
+        devices = np.array([Device()] * 8)
+
+    with pytest.raises(InputError, match=r"batch size 512 needs 9.0 GiB per device, more than the 4.0 GiB available; "
+                                         r"the largest that fits is about 176"):
+        check_memory(Compiled(), Mesh(), 512)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [(["--dataset", "no_such_dataset"], "dataset 'no_such_dataset': not a TFDS dataset and nothing prepared"),
+     (["--batch-size", "3", "--num-devices", "2"], "batch size 3 does not split over 2 devices"),
+     (["--init", "tresnet_xl"], "no weights 'tresnet_xl'")],
+)
+def test_bad_input_is_one_line_and_exit_1(digits, tmp_path, capsys, extra, message, weights_root):
+    args = [*TINY, "--workdir", str(tmp_path), *extra]
+    if "--dataset" not in extra:
+        args += ["--train_dir", str(digits / "train")]
+    assert train_cli.main([str(a) for a in args]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ")
+    assert message in err
+    assert err.count("\n") == 1
+
+
+def test_unknown_model_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_cli.main(["--model", "resnet50", "--workdir", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'resnet50'" in capsys.readouterr().err

@@ -1,0 +1,416 @@
+"""A whole training run: data, model (fresh or fine-tuned from converted weights), the
+data-parallel step, periodic evaluation, Orbax checkpoints with automatic resume, metrics
+(JSON lines and TensorBoard) and the export of the final weights.
+
+A run lives in its ``workdir``; started again with the same settings it continues from its last
+complete checkpoint and ends with exactly the parameters an uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from tresnet_jax.augment import AugmentConfig
+from tresnet_jax.datasets import FolderSource, TfdsSource, model_labels
+from tresnet_jax.errors import InputError
+from tresnet_jax.evaluation import evaluate
+from tresnet_jax.factory import create_model, load_any
+from tresnet_jax.model import TResNet
+from tresnet_jax.parallel import (
+    BATCH_AXIS,
+    data_mesh,
+    host_copy,
+    local_batch_size,
+    prefetch_to_devices,
+    replicate,
+    select_devices,
+)
+from tresnet_jax.preprocess import Preprocessing, tensorflow
+from tresnet_jax.progress import ProgressBar
+from tresnet_jax.registry import get_arch
+from tresnet_jax.storage import save_weights
+from tresnet_jax.train_data import StreamSpec, steps_per_epoch, train_batches
+from tresnet_jax.training import PRECISIONS, OptimConfig, TrainState, create_state, make_optimizer, make_train_step
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+# Settings that may change when a run is resumed: they do not change what is computed.
+RESUMABLE = {"workdir", "eval_every", "log_every", "checkpoint_every", "keep_checkpoints", "progress",
+             "eval_batch_size", "compilation_cache"}
+
+
+class TrainingDiverged(InputError):
+    """The loss or the gradients became NaN/inf (not an fp16 overflow the loss scale absorbs)."""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything that defines a run; written to ``workdir/config.json``."""
+
+    workdir: str
+    model: str = "tresnet_m"
+    num_classes: int | None = None  # default: the training set's classes
+    init: str | None = None  # converted weights (name, directory or PyTorch file) to fine-tune
+    dataset: str | None = None  # TFDS NAME[:SPLIT] for training
+    val_dataset: str | None = None  # TFDS NAME:SPLIT for validation (default: the dataset's validation split)
+    train_dir: str | None = None
+    val_dir: str | None = None
+    data_dir: str | None = None
+    image_size: int = 224
+    epochs: int = 300
+    max_steps: int | None = None
+    batch_size: int = 256
+    lr: float | None = None  # default: 0.1 * batch / 256 (sgd), 2e-4 * batch / 256 * 4 (adamw)
+    schedule: str = "onecycle"
+    warmup_fraction: float = 0.2
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.1
+    crop_min_scale: float = 0.08  # inception crop: smallest fraction of the image area
+    flip: bool = True
+    randaugment_ops: int = 2
+    randaugment_magnitude: float = 9.0
+    cutout: float = 0.5
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    ema_decay: float = 0.9997
+    precision: str = "fp32"
+    seed: int = 0
+    eval_every: int = 1  # epochs; 0: only at the end
+    checkpoint_every: int | None = None  # steps; default: every epoch
+    keep_checkpoints: int = 3
+    log_every: int = 20
+    num_devices: int | None = None
+    eval_batch_size: int | None = None
+    progress: bool = True
+    compilation_cache: bool = True
+
+    def peak_lr(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        return (8e-4 if self.optimizer == "adamw" else 0.1) * self.batch_size / 256
+
+
+def open_train_sources(cfg: TrainConfig) -> tuple[FolderSource | TfdsSource, FolderSource | TfdsSource | None]:
+    """(training set, validation set or None)."""
+    if cfg.train_dir:
+        train = FolderSource.scan(cfg.train_dir)
+    elif cfg.dataset:
+        name, _, split = cfg.dataset.partition(":")
+        train = TfdsSource.open(f"{name}:{split or 'train'}", cfg.data_dir)
+    else:
+        raise InputError("no training data: pass --train_dir DIR or --dataset NAME")
+    if cfg.val_dir:
+        return train, FolderSource.scan(cfg.val_dir)
+    if cfg.val_dataset:
+        return train, TfdsSource.open(cfg.val_dataset, cfg.data_dir)
+    if cfg.dataset:
+        name = cfg.dataset.partition(":")[0]
+        splits = train.builder.info.splits
+        split = next((s for s in ("validation", "test") if s in splits), None)
+        return train, TfdsSource.open(f"{name}:{split}", cfg.data_dir) if split else None
+    return train, None
+
+
+def initial_variables(cfg: TrainConfig, num_classes: int) -> tuple[dict[str, Any], str]:
+    """Fresh variables, or the backbone of ``cfg.init`` with its head kept when the class count
+    matches and newly initialised otherwise; and a line saying which."""
+    _, fresh = create_model(cfg.model, num_classes, seed=cfg.seed)
+    if cfg.init is None:
+        return fresh, f"{cfg.model} initialised from scratch (seed {cfg.seed})"
+    model, loaded, metadata = load_any(cfg.init, cfg.model)
+    if get_arch(metadata["model"]) != get_arch(cfg.model):
+        raise InputError(f"--init {cfg.init} holds {metadata['model']} weights, not {cfg.model}")
+    params = dict(loaded["params"])
+    kept = model.num_classes == num_classes
+    if not kept:
+        params.pop("head", None)
+        if num_classes:
+            params["head"] = fresh["params"]["head"]
+    variables = {"params": params, "batch_stats": loaded["batch_stats"]}
+    head = "its head kept" if kept else f"a new {num_classes}-class head (it had {model.num_classes})"
+    return variables, f"{cfg.model} fine-tuned from {cfg.init}: backbone loaded, {head}"
+
+
+def check_resumable(workdir: Path, cfg: TrainConfig) -> None:
+    """A workdir holds one run: refuse to continue it with settings that change the result."""
+    path = workdir / CONFIG_FILE
+    current = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE}
+    if path.exists():
+        stored = {k: v for k, v in json.loads(path.read_text()).items() if k not in RESUMABLE}
+        changed = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
+        if changed:
+            details = ", ".join(f"{k} {stored.get(k)!r} -> {current.get(k)!r}" for k in changed[:4])
+            raise InputError(f"{workdir} holds a run with other settings ({details}); use a new --workdir")
+
+
+def suggest_batch_size(temp_bytes: int, fixed_bytes: int, limit_bytes: int, per_device_batch: int, devices: int) -> int:
+    """The largest global batch whose step fits in device memory, assuming the temporaries grow
+    in proportion to the batch (XLA's memory analysis of the compiled step)."""
+    per_example = temp_bytes / max(per_device_batch, 1)
+    fitting = int((0.95 * limit_bytes - fixed_bytes) // max(per_example, 1))
+    return max(fitting, 0) * devices
+
+
+def check_memory(compiled: Any, mesh: Any, global_batch: int) -> None:
+    """Refuse, before the first step, a batch whose step needs more memory than a device has."""
+    stats = mesh.devices.flat[0].memory_stats() or {}
+    analysis = compiled.memory_analysis()
+    if "bytes_limit" not in stats or analysis is None:
+        return
+    fixed = analysis.argument_size_in_bytes + analysis.output_size_in_bytes - analysis.alias_size_in_bytes
+    need = fixed + analysis.temp_size_in_bytes
+    if need > stats["bytes_limit"]:
+        devices = mesh.devices.size
+        best = suggest_batch_size(analysis.temp_size_in_bytes, fixed, stats["bytes_limit"], global_batch // devices,
+                                  devices)
+        raise InputError(
+            f"batch size {global_batch} needs {need / 2**30:.1f} GiB per device, more than the "
+            f"{stats['bytes_limit'] / 2**30:.1f} GiB available; the largest that fits is about {best}"
+        )
+
+
+class Run:
+    """One training run in its workdir."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.workdir = Path(cfg.workdir).expanduser().absolute()
+        self.lead = jax.process_index() == 0
+        self.train_source, self.val_source = open_train_sources(cfg)
+        self.num_classes = cfg.num_classes or len(self.train_source.class_names)
+        self.label_map = model_labels(self.train_source.class_names, self.num_classes, self.train_source.name)
+        devices = select_devices(cfg.num_devices)
+        self.mesh = data_mesh(devices)
+        local_batch_size(cfg.batch_size, self.mesh)
+        self.spec = StreamSpec(cfg.batch_size, jax.process_index(), jax.process_count(), cfg.seed)
+        self.steps_per_epoch = steps_per_epoch(self.train_source, self.spec)
+        self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
+        if cfg.precision not in PRECISIONS:
+            raise InputError(f"--precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
+        dtype = PRECISIONS[cfg.precision]
+        arch = get_arch(cfg.model)
+        self.model = TResNet(arch, self.num_classes, dtype=dtype, axis_name=BATCH_AXIS)
+        self.eval_model = TResNet(arch, self.num_classes, dtype=dtype)
+        self.optim = OptimConfig(
+            total_steps=self.total_steps, lr=cfg.peak_lr(), schedule=cfg.schedule,
+            warmup_fraction=cfg.warmup_fraction, optimizer=cfg.optimizer, momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay, label_smoothing=cfg.label_smoothing, ema_decay=cfg.ema_decay,
+            mixup=cfg.mixup, cutmix=cfg.cutmix, precision=cfg.precision,
+        )
+        self.augment = AugmentConfig(
+            image_size=cfg.image_size, crop_scale=(cfg.crop_min_scale, 1.0), flip=cfg.flip,
+            randaugment_ops=cfg.randaugment_ops,
+            randaugment_magnitude=cfg.randaugment_magnitude, cutout=cfg.cutout,
+        )
+        self.tx = make_optimizer(self.optim)
+
+    # --- state and checkpoints ------------------------------------------------------------------
+
+    def checkpoint_manager(self):
+        import orbax.checkpoint as ocp
+
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=self.cfg.keep_checkpoints, create=True, enable_async_checkpointing=False
+        )
+        return ocp.CheckpointManager(self.workdir / "checkpoints", options=options)
+
+    def initial_state(self, manager) -> tuple[TrainState, str]:
+        """The state to start from: the last checkpoint, else fresh or fine-tuning weights."""
+        import orbax.checkpoint as ocp
+
+        latest = manager.latest_step()
+        sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        if latest is not None:
+            abstract = jax.tree_util.tree_map(
+                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), jax.eval_shape(self.fresh_state)
+            )
+            state = manager.restore(latest, args=ocp.args.StandardRestore(abstract))
+            return state, f"resumed from the checkpoint at step {latest}"
+        variables, how = initial_variables(self.cfg, self.num_classes)
+        state = create_state(variables, self.tx, self.optim, self.cfg.seed)
+        return replicate(state, self.mesh), how
+
+    def fresh_state(self) -> TrainState:
+        """A state of the right structure (used abstractly, to restore a checkpoint into)."""
+        _, variables = create_model(self.cfg.model, self.num_classes, seed=self.cfg.seed)
+        return create_state(variables, self.tx, self.optim, self.cfg.seed)
+
+    def save(self, manager, state: TrainState) -> None:
+        import orbax.checkpoint as ocp
+
+        manager.save(int(host_copy(state.step)), args=ocp.args.StandardSave(state), force=True)
+
+    # --- the loop --------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        check_resumable(self.workdir, cfg)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if self.lead:
+            (self.workdir / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        manager = self.checkpoint_manager()
+        state, how = self.initial_state(manager)
+        start = int(host_copy(state.step))
+        self.log(f"{how}; {self.train_source.name}: {len(self.train_source)} images, {self.num_classes} classes, "
+                 f"{self.steps_per_epoch} steps/epoch, {self.total_steps} steps, batch {cfg.batch_size} on "
+                 f"{self.mesh.devices.size} device(s), {cfg.precision}, peak lr {cfg.peak_lr():g}")
+        metrics_log = MetricsLog(self.workdir, start, self.lead)
+        if start >= self.total_steps:
+            self.log(f"already trained: step {start} of {self.total_steps}")
+            return self.finish(state, manager, metrics_log, {})
+
+        step_fn = make_train_step(self.model, self.tx, self.optim, self.mesh)
+        t0 = time.perf_counter()
+        compiled = step_fn.lower(state, self.batch_shapes()).compile()
+        check_memory(compiled, self.mesh, cfg.batch_size)
+        self.log(f"compiled the training step in {time.perf_counter() - t0:.1f} s")
+
+        checkpoint_every = cfg.checkpoint_every or self.steps_per_epoch
+        batches = train_batches(self.train_source, self.spec, self.augment, start, self.label_map)
+        bar = ProgressBar(self.total_steps * cfg.batch_size, "train", self.lead and cfg.progress,
+                          initial=start * cfg.batch_size)
+        pending: list[tuple[int, dict[str, jax.Array]]] = []
+        window_start, window_images = time.perf_counter(), 0
+        last_eval: dict[str, float] = {}
+        step = start
+        for _, device_batch in prefetch_to_devices(batches, self.mesh):
+            state, metrics = compiled(state, device_batch)
+            step += 1
+            window_images += cfg.batch_size
+            pending.append((step, metrics))
+            epoch_end = step % self.steps_per_epoch == 0
+            done = step >= self.total_steps
+            if step % cfg.log_every == 0 or epoch_end or done or step % checkpoint_every == 0:
+                latest = self.check_and_log(pending, metrics_log, window_start, window_images)
+                pending, window_start, window_images = [], time.perf_counter(), 0
+                bar.update(step * cfg.batch_size, {"loss": latest["loss"], "lr": latest["lr"]})
+            if epoch_end and cfg.eval_every and (step // self.steps_per_epoch) % cfg.eval_every == 0 and not done:
+                last_eval = self.validate(state, step, metrics_log)
+                window_start = time.perf_counter()
+            if step % checkpoint_every == 0 or done:
+                self.save(manager, state)
+                window_start = time.perf_counter()
+            if done:
+                break
+        bar.close()
+        return self.finish(state, manager, metrics_log, last_eval)
+
+    def batch_shapes(self) -> dict[str, jax.ShapeDtypeStruct]:
+        sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(BATCH_AXIS))
+        n, size = self.cfg.batch_size, self.cfg.image_size
+        return {
+            "image": jax.ShapeDtypeStruct((n, size, size, 3), jnp.uint8, sharding=sharding),
+            "label": jax.ShapeDtypeStruct((n,), jnp.int32, sharding=sharding),
+        }
+
+    def check_and_log(self, pending, metrics_log, window_start: float, window_images: int) -> dict[str, float]:
+        """Fetch the metrics of the last steps (waiting for them), stop on a non-finite loss, log
+        the last step with the throughput since the previous log."""
+        values = [(step, {k: float(v) for k, v in jax.device_get(m).items()}) for step, m in pending]
+        rate = window_images / (time.perf_counter() - window_start)
+        for step, row in values:
+            overflow = self.cfg.precision != "fp16" and row["finite"] < 1
+            if not math.isfinite(row["loss"]) or overflow or row["params_finite"] < 1:
+                raise TrainingDiverged(
+                    f"the loss became {row['loss']} at step {step} (lr {row['lr']:.3g}, {self.cfg.precision}); "
+                    f"training stopped and no checkpoint was written after it: lower --lr or try --precision fp32"
+                )
+            if self.cfg.precision == "fp16" and row["loss_scale"] <= 1.0 and row["finite"] < 1:
+                raise TrainingDiverged(f"fp16 gradients overflow even with loss scale 1 at step {step}")
+        step, row = values[-1]
+        metrics_log.write({"step": step, "epoch": step / self.steps_per_epoch, **row, "images_per_second": rate})
+        return row
+
+    def validate(self, state: TrainState, step: int, metrics_log) -> dict[str, float]:
+        if self.val_source is None:
+            return {}
+        prep = Preprocessing(self.cfg.image_size)
+        labels = model_labels(self.val_source.class_names, self.num_classes, self.val_source.name)
+        batch = self.cfg.eval_batch_size or self.cfg.batch_size
+        row: dict[str, float] = {}
+        weights = {"": (state.params, state.batch_stats)}
+        if state.ema_params is not None:
+            weights["ema_"] = (state.ema_params, state.ema_batch_stats)
+        for prefix, (params, batch_stats) in weights.items():
+            result = evaluate(self.eval_model, {"params": params, "batch_stats": batch_stats}, self.val_source, prep,
+                              labels, batch, self.mesh)
+            row |= {f"{prefix}val_{k}": getattr(result, k) for k in ("top1", "top5", "loss")}
+        metrics_log.write({"step": step, "epoch": step / self.steps_per_epoch, **row})
+        ema = f" (EMA {row['ema_val_top1']:.2f})" if "ema_val_top1" in row else ""
+        self.log(f"epoch {step / self.steps_per_epoch:g}: validation top-1 {row['val_top1']:.2f}{ema}")
+        return row
+
+    def finish(self, state: TrainState, manager, metrics_log, last_eval: dict[str, float]) -> dict[str, Any]:
+        """Final validation, the export of the weights (and of their EMA) as weights directories."""
+        step = int(host_copy(state.step))
+        final = self.validate(state, step, metrics_log) if self.val_source is not None else last_eval
+        manager.wait_until_finished()
+        exports = {"export": (state.params, state.batch_stats, "")}
+        if state.ema_params is not None:
+            exports["export_ema"] = (state.ema_params, state.ema_batch_stats, "ema_")
+        if self.lead:
+            for name, (params, batch_stats, prefix) in exports.items():
+                variables = jax.tree_util.tree_map(host_copy, {"params": params, "batch_stats": batch_stats})
+                save_weights(self.workdir / name, variables, self.export_metadata(step, final, prefix), force=True)
+                self.log(f"wrote {self.workdir / name}")
+        metrics_log.close()
+        return {"step": step, **final}
+
+    def export_metadata(self, step: int, final: dict[str, float], prefix: str) -> dict[str, Any]:
+        prep = Preprocessing(self.cfg.image_size)
+        return {
+            "model": self.cfg.model,
+            "num_classes": self.num_classes,
+            "tag": None,
+            "preprocessing": {k: v for k, v in prep.to_dict().items() if k != "resize_size"},
+            "reported": None,
+            "source": {"trained_in": str(self.workdir), "step": step, "ema": bool(prefix),
+                       "val_top1": final.get(f"{prefix}val_top1")},
+            "class_names": list(self.train_source.class_names) if self.cfg.num_classes is None else None,
+        }
+
+    def log(self, line: str) -> None:
+        if self.lead:
+            print(line, flush=True)
+
+
+class MetricsLog:
+    """metrics.jsonl and TensorBoard scalars; rows past the resumed step are dropped, so a
+    resumed run's log reads like an uninterrupted one's."""
+
+    def __init__(self, workdir: Path, start_step: int, enabled: bool):
+        self.enabled = enabled
+        self.path = workdir / METRICS_FILE
+        self.writer = None
+        if not enabled:
+            return
+        if self.path.exists():
+            lines = self.path.read_text().splitlines()
+            kept = [line for line in lines if line and json.loads(line)["step"] <= start_step]
+            self.path.write_text("".join(f"{line}\n" for line in kept))
+        self.writer = tensorflow().summary.create_file_writer(str(workdir / "tensorboard"))
+
+    def write(self, row: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps({"time": time.time(), **row}) + "\n")
+        tf = tensorflow()
+        with self.writer.as_default(step=int(row["step"])):
+            for key, value in row.items():
+                if key not in ("step", "time"):
+                    tf.summary.scalar(key, value)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()

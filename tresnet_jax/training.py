@@ -1,0 +1,210 @@
+"""The training step, data parallel and pmap-style: a per-device program (``jax.shard_map``
+under ``jax.jit``) whose gradients are averaged with ``lax.pmean`` and whose BatchNorm
+statistics are synchronised over the device axis; the state is donated.
+
+Precision: bf16/fp16 compute with float32 parameters, BatchNorm statistics and loss; fp16 adds
+dynamic loss scaling (a step with non-finite gradients is skipped and the scale halved).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+from jax.sharding import Mesh, PartitionSpec
+
+from tresnet_jax.parallel import BATCH_AXIS
+
+PRECISIONS = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """Optimiser, schedule and regularisation (defaults: the TResNet recipe)."""
+
+    total_steps: int
+    lr: float = 0.2  # peak learning rate
+    schedule: str = "onecycle"  # onecycle | cosine | constant
+    warmup_fraction: float = 0.2  # of the steps, rising to the peak
+    optimizer: str = "sgd"  # sgd (Nesterov momentum) | adamw
+    momentum: float = 0.9
+    weight_decay: float = 1e-4  # decoupled, not applied to norms and biases
+    label_smoothing: float = 0.1
+    ema_decay: float = 0.9997  # 0: no EMA
+    mixup: float = 0.0  # Beta(alpha, alpha) mixing; 0: off
+    cutmix: float = 0.0
+    precision: str = "fp32"
+    loss_scale: float = 2.0**15  # fp16 only: initial dynamic loss scale
+    loss_scale_period: int = 2000  # fp16: finite steps before the scale doubles
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    ema_params: Any
+    ema_batch_stats: Any
+    loss_scale: jax.Array  # 1.0 unless fp16
+    finite_steps: jax.Array  # fp16: consecutive finite steps since the scale last changed
+    rng: jax.Array  # mixup/cutmix randomness, folded with the step
+
+
+def learning_rate(cfg: OptimConfig) -> optax.Schedule:
+    warmup = max(1, int(cfg.total_steps * cfg.warmup_fraction))
+    if cfg.schedule == "onecycle":
+        return optax.cosine_onecycle_schedule(
+            cfg.total_steps, cfg.lr, pct_start=warmup / cfg.total_steps, div_factor=25.0, final_div_factor=1e4
+        )
+    if cfg.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup, max(cfg.total_steps, warmup + 1))
+    return optax.constant_schedule(cfg.lr)
+
+
+def decay_mask(params: Any) -> Any:
+    """Weight decay applies to conv and dense kernels only, not to norm scales and biases."""
+    return jax.tree_util.tree_map(lambda p: p.ndim > 1, params)
+
+
+def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+    schedule = learning_rate(cfg)
+    if cfg.optimizer == "adamw":
+        return optax.adamw(schedule, weight_decay=cfg.weight_decay, mask=decay_mask)
+    return optax.chain(
+        optax.trace(cfg.momentum, nesterov=True),
+        optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask),
+        optax.scale_by_learning_rate(schedule),
+    )
+
+
+def create_state(variables: dict[str, Any], tx: optax.GradientTransformation, cfg: OptimConfig, seed: int):
+    params, batch_stats = variables["params"], variables.get("batch_stats", {})
+    ema = cfg.ema_decay > 0
+    # The EMA starts equal to the weights but in buffers of its own: the state is donated.
+    copy = lambda tree: jax.tree_util.tree_map(jnp.array, tree) if ema else None  # noqa: E731
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=batch_stats,
+        opt_state=tx.init(params),
+        ema_params=copy(params),
+        ema_batch_stats=copy(batch_stats),
+        loss_scale=jnp.asarray(cfg.loss_scale if cfg.precision == "fp16" else 1.0, jnp.float32),
+        finite_steps=jnp.zeros((), jnp.int32),
+        rng=jax.random.key_data(jax.random.key(seed)),
+    )
+
+
+def soft_targets(labels: jax.Array, num_classes: int, smoothing: float) -> jax.Array:
+    return optax.smooth_labels(jax.nn.one_hot(labels, num_classes), smoothing)
+
+
+def mix(images: jax.Array, targets: jax.Array, rng: jax.Array, cfg: OptimConfig) -> tuple[jax.Array, jax.Array]:
+    """Mixup or CutMix (chosen at random when both are on) with the reversed batch."""
+    if not (cfg.mixup or cfg.cutmix):
+        return images, targets
+    choose, lam_key, box_key = jax.random.split(rng, 3)
+    use_cutmix = jax.random.bernoulli(choose, 0.5) if cfg.mixup and cfg.cutmix else cfg.cutmix > 0
+    alpha = jnp.where(use_cutmix, cfg.cutmix or 1.0, cfg.mixup or 1.0)
+    lam = jax.random.beta(lam_key, alpha, alpha)
+    flipped, flipped_targets = images[::-1], targets[::-1]
+    _, h, w, _ = images.shape
+    cut = jnp.sqrt(1.0 - lam)
+    cy, cx = jax.random.uniform(box_key, (2,)) * jnp.array([h, w])
+    rows, cols = jnp.arange(h)[:, None], jnp.arange(w)[None, :]
+    box = (jnp.abs(rows - cy) * 2 < cut * h) & (jnp.abs(cols - cx) * 2 < cut * w)
+    box_lam = 1.0 - box.mean()
+    mixed_cut = jnp.where(box[None, :, :, None], flipped, images)
+    mixed_up = lam * images + (1.0 - lam) * flipped
+    images = jnp.where(use_cutmix, mixed_cut, mixed_up)
+    lam = jnp.where(use_cutmix, box_lam, lam)
+    return images, lam * targets + (1.0 - lam) * flipped_targets
+
+
+def all_finite(tree: Any) -> jax.Array:
+    return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
+
+
+def make_train_step(model: Any, tx: optax.GradientTransformation, cfg: OptimConfig, mesh: Mesh) -> Callable:
+    """``step(state, batch) -> (state, metrics)``, jitted with the state donated. ``model`` must
+    be built with ``axis_name=BATCH_AXIS`` so BatchNorm statistics cover the global batch."""
+    schedule = learning_rate(cfg)
+
+    def per_device(state: TrainState, batch: dict[str, jax.Array]):
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        rng = jax.random.fold_in(rng, lax.axis_index(BATCH_AXIS))
+        images = batch["image"].astype(jnp.float32) / 255.0
+        targets = soft_targets(batch["label"], model.num_classes, cfg.label_smoothing)
+        images, targets = mix(images, targets, rng, cfg)
+
+        def loss_fn(params):
+            variables = {"params": params, "batch_stats": state.batch_stats}
+            logits, updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
+            loss = optax.softmax_cross_entropy(logits, targets).mean()
+            return loss * state.loss_scale, (loss, logits, updates["batch_stats"])
+
+        grads, (loss, logits, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
+        grads = jax.tree_util.tree_map(lambda g: g / state.loss_scale, lax.pmean(grads, BATCH_AXIS))
+        finite = all_finite(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        if cfg.precision == "fp16":  # skip the step when the scaled gradients overflowed
+            params, opt_state, batch_stats = jax.tree_util.tree_map(
+                lambda new, old: jnp.where(finite, new, old),
+                (params, opt_state, batch_stats),
+                (state.params, state.opt_state, state.batch_stats),
+            )
+        new = state.replace(
+            step=state.step + 1,
+            params=params,
+            batch_stats=batch_stats,
+            opt_state=opt_state,
+            **_ema(state, params, batch_stats, cfg),
+            **_loss_scale(state, finite, cfg),
+        )
+        accuracy = jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(targets, -1))
+        metrics = {
+            "loss": loss,
+            "accuracy": accuracy,
+            "lr": schedule(state.step),
+            "loss_scale": state.loss_scale,
+            "finite": finite.astype(jnp.float32),  # the gradients
+            "params_finite": all_finite(params).astype(jnp.float32),
+        }
+        return new, lax.pmean(metrics, BATCH_AXIS)
+
+    replicated = PartitionSpec()
+    sharded = jax.shard_map(
+        per_device, mesh=mesh, in_specs=(replicated, PartitionSpec(BATCH_AXIS)), out_specs=(replicated, replicated)
+    )
+    return jax.jit(sharded, donate_argnums=0)
+
+
+def _ema(state: TrainState, params: Any, batch_stats: Any, cfg: OptimConfig) -> dict[str, Any]:
+    """Exponential moving average of the weights, with a decay that warms up over the first
+    steps ((1 + t) / (10 + t)) so short fine-tuning runs get a useful average too."""
+    if state.ema_params is None:
+        return {}
+    t = state.step.astype(jnp.float32)
+    decay = jnp.minimum(cfg.ema_decay, (1.0 + t) / (10.0 + t))
+    ema_params, ema_batch_stats = jax.tree_util.tree_map(
+        lambda e, n: decay * e + (1 - decay) * n, (state.ema_params, state.ema_batch_stats), (params, batch_stats)
+    )
+    return {"ema_params": ema_params, "ema_batch_stats": ema_batch_stats}
+
+
+def _loss_scale(state: TrainState, finite: jax.Array, cfg: OptimConfig) -> dict[str, jax.Array]:
+    """fp16 dynamic loss scaling: halve on overflow, double after a period of finite steps."""
+    if cfg.precision != "fp16":
+        return {}
+    grown = state.finite_steps + 1 >= cfg.loss_scale_period
+    scale = jnp.where(finite, jnp.where(grown, state.loss_scale * 2.0, state.loss_scale), state.loss_scale / 2.0)
+    count = jnp.where(finite & ~grown, state.finite_steps + 1, 0)
+    return {"loss_scale": jnp.maximum(scale, 1.0), "finite_steps": count.astype(jnp.int32)}
