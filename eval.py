@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,6 +29,7 @@ from tresnet_jax.factory import fingerprint, load_any
 from tresnet_jax.parallel import data_mesh, initialize_distributed, select_devices
 from tresnet_jax.preprocess import INTERPOLATIONS, Preprocessing
 from tresnet_jax.progress import ProgressBar
+from tresnet_jax.storage import write_file_atomically
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 DEFAULT_PER_DEVICE_BATCH = 64
@@ -119,18 +118,6 @@ def report(args, result: EvalResult, metadata: dict, weights_hash: str, prep, so
     }
 
 
-def write_atomically(path: Path, write) -> None:
-    """Write through a temporary file in the same directory, renamed into place at the end."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.absolute().parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def save_logits(path: Path, result: EvalResult, source) -> None:
     arrays = {"logits": result.logits, "labels": result.labels}
     if isinstance(source, FolderSource):
@@ -140,7 +127,7 @@ def save_logits(path: Path, result: EvalResult, source) -> None:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
 
-    write_atomically(path, write)
+    write_file_atomically(path, write)
 
 
 @command
@@ -182,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"reported top-1 of {metadata['tag']} (timm, ImageNet-1k val): {reported:.3f}")
         if args.output is not None:
             summary = report(args, result, metadata, weights_hash, prep, source, dtype, batch, mesh)
-            write_atomically(args.output, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2) + "\n"))
+            write_file_atomically(args.output, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2) + "\n"))
             print(f"wrote {args.output}")
         if args.save_logits is not None:
             save_logits(args.save_logits, result, source)

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +60,6 @@ def save_weights(
     end: an interrupted or failed write leaves nothing behind, and an existing directory is
     replaced (only with ``force``) in one rename.
     """
-    import orbax.checkpoint as ocp
 
     target = Path(directory).expanduser().absolute()
     check_writable(target, force)
@@ -68,7 +68,7 @@ def save_weights(
     old = None
     try:
         tree = jax_tree_to_numpy(variables)
-        with ocp.StandardCheckpointer() as checkpointer:
+        with this_process_checkpointer() as checkpointer:
             checkpointer.save(tmp / VARIABLES_DIR, tree)
         metadata = {"format_version": FORMAT_VERSION, **metadata}
         (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
@@ -84,6 +84,32 @@ def save_weights(
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def write_file_atomically(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """``write(tmp)`` a temporary file beside ``path``, then rename it into place: readers see
+    the old file or the new one, never a half-written one; a failure leaves no temporary."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.absolute().parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def this_process_checkpointer():
+    """An Orbax checkpointer for host (numpy) trees that involves no other process: in a
+    multi-host job only one process writes an export, and the others must not be waited for."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    me = jax.process_index()
+    return ocp.StandardCheckpointer(
+        multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+    )
 
 
 def check_writable(target: Path, force: bool) -> None:
@@ -116,10 +142,9 @@ def read_metadata(directory: Path) -> dict[str, Any]:
 
 def read_variables(directory: Path) -> dict[str, Any]:
     """The ``{params, batch_stats}`` numpy tree stored in a weights directory."""
-    import orbax.checkpoint as ocp
 
     try:
-        with ocp.StandardCheckpointer() as checkpointer:
+        with this_process_checkpointer() as checkpointer:
             return checkpointer.restore((directory / VARIABLES_DIR).absolute())
     except Exception as err:  # noqa: BLE001 - orbax raises many types for damaged checkpoints
         raise InputError(f"{directory / VARIABLES_DIR}: unreadable checkpoint ({type(err).__name__}: {err})") from None

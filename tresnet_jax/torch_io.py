@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from tresnet_jax.errors import InputError
+from tresnet_jax.storage import write_file_atomically
 from tresnet_jax.torch_layout import unwrap_state_dict
 
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -108,16 +108,9 @@ def write_state_dict(path: str | os.PathLike, state_dict: dict[str, np.ndarray],
     if not path.parent.is_dir():
         raise InputError(f"{path.parent}: no such directory")
     tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict.items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        if path.suffix == SAFETENSORS_SUFFIX:
-            from safetensors.torch import save_file
+    if path.suffix == SAFETENSORS_SUFFIX:
+        from safetensors.torch import save_file
 
-            save_file(tensors, tmp)
-        else:
-            torch.save(tensors, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        write_file_atomically(path, lambda tmp: save_file(tensors, tmp))
+    else:
+        write_file_atomically(path, lambda tmp: torch.save(tensors, tmp))

@@ -42,9 +42,10 @@ from tresnet_jax.training import PRECISIONS, OptimConfig, TrainState, create_sta
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
-# Settings that may change when a run is resumed: they do not change what is computed.
+# Settings that may change when a run is resumed: they do not change what is computed (the
+# device count only changes the order of float additions).
 RESUMABLE = {"workdir", "eval_every", "log_every", "checkpoint_every", "keep_checkpoints", "progress",
-             "eval_batch_size", "compilation_cache"}
+             "eval_batch_size", "compilation_cache", "num_devices"}
 
 
 class TrainingDiverged(InputError):
@@ -163,7 +164,8 @@ def suggest_batch_size(temp_bytes: int, fixed_bytes: int, limit_bytes: int, per_
 
 def check_memory(compiled: Any, mesh: Any, global_batch: int) -> None:
     """Refuse, before the first step, a batch whose step needs more memory than a device has."""
-    stats = mesh.devices.flat[0].memory_stats() or {}
+    device = next(d for d in mesh.devices.flat if d.process_index == jax.process_index())
+    stats = device.memory_stats() or {}
     analysis = compiled.memory_analysis()
     if "bytes_limit" not in stats or analysis is None:
         return

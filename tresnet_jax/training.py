@@ -150,7 +150,11 @@ def make_train_step(model: Any, tx: optax.GradientTransformation, cfg: OptimConf
             loss = optax.softmax_cross_entropy(logits, targets).mean()
             return loss * state.loss_scale, (loss, logits, updates["batch_stats"])
 
-        grads, (loss, logits, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
+        # Differentiate this device's copy of the parameters (marked as varying over the device
+        # axis) to get this device's gradients, then average them: pmap's semantics. Without the
+        # cast, shard_map's autodiff would already sum the gradients of the replicated parameters.
+        local_params = lax.pcast(state.params, BATCH_AXIS, to="varying")
+        grads, (loss, logits, batch_stats) = jax.grad(loss_fn, has_aux=True)(local_params)
         grads = jax.tree_util.tree_map(lambda g: g / state.loss_scale, lax.pmean(grads, BATCH_AXIS))
         finite = all_finite(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
