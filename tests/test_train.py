@@ -74,22 +74,22 @@ def assert_trees_equal(a, b, rtol=0.0, atol=0.0):
 # --- learning for real ------------------------------------------------------------------------
 
 
-def test_learns_digits_and_exports_weights_eval_can_read(digits, tmp_path, compilation_cache, monkeypatch, capsys):
-    """From scratch, 3 epochs of 1397 digits at 32x32: held-out top-1 >= 90 % (measured 95 %)."""
-    monkeypatch.setenv("TRESNET_JAX_COMPILATION_CACHE", compilation_cache)
+def test_learns_digits_and_exports_weights_eval_can_read(digits, tmp_path, capsys):
+    """From scratch, 2 epochs of 1397 digits at 32x32 with AdamW: held-out top-1 >= 90 %
+    (measured 97.75 %; 94.25 % after one epoch)."""
     workdir = tmp_path / "run"
     args = ["--model", "tresnet_m", "--train_dir", digits / "train", "--val_dir", digits / "val",
-            "--image-size", SIZE, "--batch-size", 64, "--epochs", 3, "--lr", 0.1, "--randaugment-ops", 0,
-            "--cutout", 0, "--no-flip", "--crop-min-scale", 0.7, "--eval-every", 0, "--workdir", workdir,
-            "--no-progress"]
+            "--image-size", SIZE, "--batch-size", 32, "--epochs", 2, "--optimizer", "adamw", "--lr", 2e-3,
+            "--randaugment-ops", 0, "--cutout", 0, "--no-flip", "--crop-min-scale", 0.7, "--ema-decay", 0,
+            "--eval-every", 0, "--workdir", workdir, "--no-progress", "--no-compilation-cache"]
     assert train_cli.main([str(a) for a in args]) == 0
     out = capsys.readouterr().out
     final = metrics(workdir)[-1]
-    assert final["step"] == 3 * (1397 // 64)
+    assert final["step"] == 2 * (1397 // 32)
     assert final["val_top1"] >= 90.0, final
     assert "compiled the training step in" in out
     config = json.loads((workdir / "config.json").read_text())
-    assert (config["lr"], config["label_smoothing"], config["schedule"]) == (0.1, 0.1, "onecycle")
+    assert (config["lr"], config["label_smoothing"], config["schedule"]) == (2e-3, 0.1, "onecycle")
     # The export is a weights directory: tresnet_jax.load and eval.py read it and agree.
     model, _ = tresnet_jax.load(workdir / "export")
     assert (model.num_classes, tresnet_jax.load_metadata(workdir / "export")["source"]["step"]) == (10, final["step"])
@@ -110,15 +110,23 @@ def tiny_args(digits, workdir, *extra):
     return [str(a) for a in [*TINY, "--train_dir", digits / "train", "--workdir", workdir, *extra]]
 
 
+def train_command(digits, workdir, *extra):
+    return [sys.executable, REPO / "train.py", *tiny_args(digits, workdir, *extra)]
+
+
+def one_device_env(compilation_cache):
+    return {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+            "TRESNET_JAX_COMPILATION_CACHE": compilation_cache}
+
+
 @pytest.fixture(scope="module")
 def reference_run(digits, tmp_path_factory, compilation_cache):
-    """4 steps of batch 8 on one device, uninterrupted."""
+    """4 steps of batch 8 in a process with one device, uninterrupted; its compiled program is
+    cached for the killed and restarted runs."""
     workdir = tmp_path_factory.mktemp("reference")
-    os.environ["TRESNET_JAX_COMPILATION_CACHE"] = compilation_cache
-    try:
-        assert train_cli.main(tiny_args(digits, workdir, "--num-devices", 1)) == 0
-    finally:
-        del os.environ["TRESNET_JAX_COMPILATION_CACHE"]
+    done = subprocess.run([str(a) for a in train_command(digits, workdir)], env=one_device_env(compilation_cache),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
     return workdir
 
 
@@ -130,11 +138,7 @@ def test_two_devices_follow_the_same_loss_curve(digits, tmp_path, reference_run)
     assert_trees_equal(exported(tmp_path), exported(reference_run), rtol=2e-3, atol=2e-5)
 
 
-def train_command(digits, workdir, *extra):
-    return [sys.executable, REPO / "train.py", *tiny_args(digits, workdir, *extra)]
-
-
-def test_two_processes_end_with_the_parameters_of_one(digits, tmp_path, reference_run, compilation_cache):
+def test_two_processes_end_with_the_parameters_of_one(digits, tmp_path, reference_run):
     """Multi-host for real: 2 processes on localhost joined by jax.distributed (gloo CPU
     collectives), one device each, the global batch split between them."""
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "TRESNET_JAX_COMPILATION_CACHE": "off"}
@@ -146,36 +150,31 @@ def test_two_processes_end_with_the_parameters_of_one(digits, tmp_path, referenc
     assert_trees_equal(exported(tmp_path), exported(reference_run), rtol=2e-3, atol=2e-5)
 
 
-def test_killed_and_restarted_run_ends_exactly_like_an_uninterrupted_one(digits, tmp_path, compilation_cache):
-    """SIGKILL right after the step-2 checkpoint, the same command again: bit-identical weights
-    to an uninterrupted run in the same conditions (one device per process, same binary)."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
-           "TRESNET_JAX_COMPILATION_CACHE": compilation_cache}
-    uninterrupted = tmp_path / "uninterrupted"
-    done = subprocess.run([str(a) for a in train_command(digits, uninterrupted)], env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
-    workdir = tmp_path / "killed"
-    command = [str(a) for a in train_command(digits, workdir)]
+def test_killed_and_restarted_run_ends_exactly_like_an_uninterrupted_one(digits, tmp_path, reference_run,
+                                                                        compilation_cache):
+    """SIGKILL right after the step-2 checkpoint, then the same command again: bit-identical
+    weights to the uninterrupted run in the same conditions (one device, same program)."""
+    env = one_device_env(compilation_cache)
+    command = [str(a) for a in train_command(digits, tmp_path)]
     run = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
-    while not (workdir / "checkpoints" / "2").exists() and run.poll() is None and time.time() < deadline:
+    while not (tmp_path / "checkpoints" / "2").exists() and run.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     run.send_signal(signal.SIGKILL)
     output = run.communicate()[0]
-    assert (workdir / "checkpoints" / "2").exists(), output
-    assert not (workdir / "export").exists(), "the run finished before it could be killed"
+    assert (tmp_path / "checkpoints" / "2").exists(), output
+    assert not (tmp_path / "export").exists(), "the run finished before it could be killed"
     again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "resumed from the checkpoint at step 2" in again.stdout
     for name in ("export", "export_ema"):
-        assert_trees_equal(exported(workdir, name), exported(uninterrupted, name))
-    assert [r["step"] for r in metrics(workdir)] == [1, 2, 3, 4]
-    assert [r["loss"] for r in metrics(workdir)] == [r["loss"] for r in metrics(uninterrupted)]
+        assert_trees_equal(exported(tmp_path, name), exported(reference_run, name))
+    assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3, 4]
+    assert [r["loss"] for r in metrics(tmp_path)] == [r["loss"] for r in metrics(reference_run)]
 
 
 def test_resuming_with_other_settings_is_refused(digits, reference_run, capsys):
-    code = train_cli.main(tiny_args(digits, reference_run, "--lr", "0.1"))
+    code = train_cli.main(tiny_args(digits, reference_run, "--lr", "0.1", "--no-compilation-cache"))
     assert code == 1
     assert "holds a run with other settings (lr 0.05 -> 0.1); use a new --workdir" in capsys.readouterr().err
 
@@ -215,7 +214,8 @@ def test_fp16_overflow_skips_the_step_and_halves_the_loss_scale():
 
 
 def test_diverging_loss_stops_without_writing_a_bad_checkpoint(digits, tmp_path, capsys):
-    args = tiny_args(digits, tmp_path, "--checkpoint-every", "1", "--lr", "1e30", "--num-devices", "1")
+    args = tiny_args(digits, tmp_path, "--checkpoint-every", "1", "--lr", "1e30", "--num-devices", "1",
+                     "--no-compilation-cache")
     assert train_cli.main(args) == 1
     err = capsys.readouterr().err
     assert "training stopped and no checkpoint was written after it" in err
@@ -232,9 +232,9 @@ def test_fine_tuning_keeps_the_backbone_and_replaces_the_head(tmp_path):
     reference = random_timm_model("tresnet_m", seed=2)
     checkpoint = tmp_path / "tresnet_m.pth"
     torch.save(reference.state_dict(), checkpoint)
-    cfg = TrainConfig(workdir=str(tmp_path / "run"), init=str(checkpoint), num_classes=5)
-    variables, how = initial_variables(cfg, 5)
-    assert "backbone loaded, a new 5-class head (it had 1000)" in how
+    cfg = TrainConfig(workdir=str(tmp_path / "run"), init=str(checkpoint), num_classes=10)
+    variables, how = initial_variables(cfg, 10)
+    assert "backbone loaded, a new 10-class head (it had 1000)" in how
     np.testing.assert_array_equal(
         variables["params"]["body"]["layer3"]["2"]["conv2"]["conv"]["kernel"],
         reference.state_dict()["body.layer3.2.conv2.conv.weight"].numpy().transpose(2, 3, 1, 0),
@@ -242,9 +242,9 @@ def test_fine_tuning_keeps_the_backbone_and_replaces_the_head(tmp_path):
     np.testing.assert_array_equal(
         variables["batch_stats"]["body"]["conv1"]["bn"]["var"], reference.state_dict()["body.conv1.bn.running_var"]
     )
-    assert variables["params"]["head"]["fc"]["kernel"].shape == (2048, 5)
+    assert variables["params"]["head"]["fc"]["kernel"].shape == (2048, 10)
     with pytest.raises(InputError, match="checkpoint does not match tresnet_l"):
-        initial_variables(TrainConfig(workdir="x", model="tresnet_l", init=str(checkpoint)), 5)
+        initial_variables(TrainConfig(workdir="x", model="tresnet_l", init=str(checkpoint)), 10)
 
 
 def test_out_of_memory_names_the_batch_and_the_largest_that_fits():
