@@ -22,11 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tresnet_jax.cli import command, enable_compilation_cache
+from tresnet_jax.cli import add_run_arguments, command, start_run
 from tresnet_jax.datasets import FolderSource, TfdsSource, model_labels
 from tresnet_jax.evaluation import EvalResult, evaluate
 from tresnet_jax.factory import fingerprint, load_any
-from tresnet_jax.parallel import data_mesh, initialize_distributed, select_devices
+from tresnet_jax.parallel import data_mesh, select_devices
 from tresnet_jax.preprocess import INTERPOLATIONS, Preprocessing
 from tresnet_jax.progress import ProgressBar
 from tresnet_jax.storage import write_file_atomically
@@ -55,15 +55,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--dtype", choices=[*DTYPES, "auto"], default="auto", help="auto: bfloat16 on GPU/TPU, else float32"
     )
     run.add_argument("--batch-size", type=int, help=f"global batch (default: {DEFAULT_PER_DEVICE_BATCH} per device)")
-    run.add_argument("--num-devices", type=int, help="use the first N devices of each process (default: all)")
     run.add_argument("--output", type=Path, help="write metrics and settings as JSON")
     run.add_argument("--save-logits", type=Path, help="write logits, labels (and files) as .npz, dataset order")
-    run.add_argument("--no-progress", action="store_true")
-    run.add_argument("--no-compilation-cache", action="store_true")
-    hosts = parser.add_argument_group("multi-host (one process per host)")
-    hosts.add_argument("--coordinator", help="host:port of process 0")
-    hosts.add_argument("--num-processes", type=int)
-    hosts.add_argument("--process-id", type=int)
+    add_run_arguments(parser)
     args = parser.parse_args(argv)
     for path in (args.output, args.save_logits):
         if path is not None and not path.absolute().parent.is_dir():
@@ -133,9 +127,7 @@ def save_logits(path: Path, result: EvalResult, source) -> None:
 @command
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    initialize_distributed(args.coordinator, args.num_processes, args.process_id)
-    if not args.no_compilation_cache:
-        enable_compilation_cache()
+    start_run(args)
     lead = jax.process_index() == 0
     dtype = compute_dtype(args.dtype)
     model, variables, metadata = load_any(args.weights or args.model or "tresnet_m", args.model, dtype=dtype)

@@ -20,8 +20,7 @@ from collections.abc import Sequence
 
 import jax
 
-from tresnet_jax.cli import command, enable_compilation_cache
-from tresnet_jax.parallel import initialize_distributed
+from tresnet_jax.cli import add_run_arguments, command, start_run
 from tresnet_jax.registry import ARCHITECTURES
 from tresnet_jax.trainer import Run, TrainConfig
 from tresnet_jax.training import PRECISIONS
@@ -73,14 +72,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     run.add_argument("--checkpoint-every", type=int, help="steps (default: every epoch)")
     run.add_argument("--keep-checkpoints", type=int, default=DEFAULTS.keep_checkpoints)
     run.add_argument("--log-every", type=int, default=DEFAULTS.log_every, help="steps")
-    run.add_argument("--num-devices", type=int, help="use the first N devices of each process (default: all)")
     run.add_argument("--eval-batch-size", type=int)
-    run.add_argument("--no-progress", action="store_true")
-    run.add_argument("--no-compilation-cache", action="store_true")
-    hosts = parser.add_argument_group("multi-host (one process per host)")
-    hosts.add_argument("--coordinator", help="host:port of process 0")
-    hosts.add_argument("--num-processes", type=int)
-    hosts.add_argument("--process-id", type=int)
+    add_run_arguments(parser)
     args = parser.parse_args(argv)
     if not 0 < args.crop_min_scale <= 1:
         parser.error("--crop-min-scale must be in (0, 1]")
@@ -110,9 +103,7 @@ def config_from(args: argparse.Namespace) -> TrainConfig:
 @command
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    initialize_distributed(args.coordinator, args.num_processes, args.process_id)
-    if not args.no_compilation_cache:
-        enable_compilation_cache()
+    start_run(args)
     result = Run(config_from(args)).run()
     if jax.process_index() == 0:
         summary = ", ".join(f"{k} {v:.4g}" for k, v in result.items() if isinstance(v, float))

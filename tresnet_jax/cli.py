@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import functools
 import sys
 from collections.abc import Callable, Sequence
@@ -10,6 +11,28 @@ from tresnet_jax.errors import InputError
 
 EXIT_INPUT_ERROR = 1
 EXIT_INTERRUPTED = 130
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags every long-running tool shares: devices, progress, compilation cache, and
+    joining a multi-host job (one process per host, ``jax.distributed``)."""
+    run = parser.add_argument_group("devices and output")
+    run.add_argument("--num-devices", type=int, help="use the first N devices of each process (default: all)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--no-compilation-cache", action="store_true", help="do not use JAX's persistent cache")
+    hosts = parser.add_argument_group("multi-host (one process per host)")
+    hosts.add_argument("--coordinator", help="host:port of process 0")
+    hosts.add_argument("--num-processes", type=int)
+    hosts.add_argument("--process-id", type=int)
+
+
+def start_run(args: argparse.Namespace) -> None:
+    """Join the multi-host job if asked, then turn on the compilation cache unless disabled."""
+    from tresnet_jax.parallel import initialize_distributed
+
+    initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    if not args.no_compilation_cache:
+        enable_compilation_cache()
 
 
 def command(main: Callable[[Sequence[str] | None], int]) -> Callable[[Sequence[str] | None], int]:
