@@ -7,7 +7,6 @@ import sys
 
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 import torch
 from PIL import Image
 
@@ -15,7 +14,7 @@ import eval as eval_cli
 import predict as predict_cli
 from tests.classifier import fitted_classifier, pil_preprocess
 from tests.images import image_folder, photo_files
-from tresnet_jax.datasets import FolderSource
+from tests.tfds_folders import prepare_from_folders
 from tresnet_jax.preprocess import Preprocessing, load_image
 
 SIZE = 64  # small inputs keep the model cheap on CPU; the preprocessing test also runs 224
@@ -127,35 +126,11 @@ def test_every_image_counted_once_on_any_device_count(folder, classifier, tmp_pa
     assert np.isfinite(saved["logits"]).all(axis=1).sum() == 20
 
 
-class TinyImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """The test folder as a TFDS dataset, prepared into a temporary data directory."""
-
-    VERSION = tfds.core.Version("1.0.0")
-    FOLDER = None
-
-    def _info(self):
-        source = FolderSource.scan(self.FOLDER)
-        features = tfds.features.FeaturesDict(
-            {"image": tfds.features.Image(), "label": tfds.features.ClassLabel(names=source.class_names)}
-        )
-        return tfds.core.DatasetInfo(builder=self, features=features)
-
-    def _split_generators(self, dl_manager):
-        return {"validation": self._generate_examples()}
-
-    def _generate_examples(self):
-        source = FolderSource.scan(self.FOLDER)
-        for i, (path, label) in enumerate(zip(source.files, source.labels, strict=True)):
-            if "corrupt" not in path:
-                yield i, {"image": np.asarray(Image.open(path).convert("RGB")), "label": int(label)}
-
-
 def test_tfds_dataset_prepared_on_disk(folder, classifier, tmp_path, capsys):
     _, _, expected, labels, _ = classifier
-    TinyImages.FOLDER = folder
     data_dir = tmp_path / "tfds"
-    TinyImages(data_dir=str(data_dir)).download_and_prepare()
-    args = eval_args(classifier, tmp_path, "--dataset", "tiny_images:validation", "--data_dir", data_dir,
+    name = prepare_from_folders("TinyImages", data_dir, {"validation": folder})
+    args = eval_args(classifier, tmp_path, "--dataset", f"{name}:validation", "--data_dir", data_dir,
                      "--batch-size", 8)
     code, out, _ = run_eval(args, capsys)
     assert code == 0, out

@@ -22,6 +22,7 @@ import train as train_cli
 import tresnet_jax
 from tests.multihost import describe, run_processes
 from tests.reference import random_timm_model
+from tests.tfds_folders import prepare_from_folders
 from tresnet_jax.errors import InputError
 from tresnet_jax.model import TResNet
 from tresnet_jax.parallel import BATCH_AXIS, data_mesh, replicate, shard_batch
@@ -171,6 +172,19 @@ def test_killed_and_restarted_run_ends_exactly_like_an_uninterrupted_one(digits,
         assert_trees_equal(exported(tmp_path, name), exported(reference_run, name))
     assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3, 4]
     assert [r["loss"] for r in metrics(tmp_path)] == [r["loss"] for r in metrics(reference_run)]
+
+
+def test_trains_from_a_tfds_dataset_and_validates_on_its_validation_split(digits, tmp_path):
+    data_dir = tmp_path / "tfds"
+    name = prepare_from_folders("DigitsForTest", data_dir, {"train": digits / "train", "validation": digits / "val"})
+    workdir = tmp_path / "run"
+    args = [*TINY, "--dataset", name, "--data_dir", data_dir, "--workdir", workdir, "--no-compilation-cache"]
+    assert train_cli.main([str(a) for a in args]) == 0
+    rows = metrics(workdir)
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+    assert rows[-1]["step"] == 4
+    assert 0 <= rows[-1]["val_top1"] <= 100  # evaluated on all 400 held-out digits
+    assert (workdir / "export_ema" / "metadata.json").exists()
 
 
 def test_resuming_with_other_settings_is_refused(digits, reference_run, capsys):
