@@ -3,11 +3,17 @@ search, and its one-line errors."""
 
 import json
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from bench import benchmark
 from bench.max_batch import largest_fitting
 from bench.report import add_speedups
+from bench.spec import BenchSpec
+from bench.xla_profile import program_ops
+from tresnet_jax.layers import conv2d
 
 TINY = ["--image-size", "64", "--warmup", "1", "--windows", "2", "--steps", "1", "--no-compilation-cache"]
 ROW_FIELDS = {
@@ -59,7 +65,7 @@ def test_training_step_runs_for_both_frameworks(tmp_path):
         (["--image-size", "100"], "error: image size must be a positive multiple of 32, got 100"),
         (["--sweep", "--batch-sizes", "4,x"], "error: --batch-sizes must be comma-separated integers"),
         (["--compare", "timm", "--timm-variants", "eager,jit"], "error: unknown timm variant 'jit'"),
-        (["--windows", "0"], "error: --windows must be >= 1"),
+        (["--windows", "0"], "error: --windows must be >= 1, got 0"),
     ],
 )
 def test_bad_flags_are_one_line_errors(flags, message, tmp_path, capsys):
@@ -95,3 +101,58 @@ def test_speedup_is_jax_over_each_runner_at_the_same_batch():
     ]
     speedups = [r.get("jax_speedup") for r in add_speedups(rows)]
     assert speedups == [1.0, 1.5, None]
+
+
+def test_a_torch_compile_that_fails_becomes_a_failure_row(monkeypatch):
+    def no_compiler(spec, variant, device):
+        raise RuntimeError("no working C++ compiler\nlong details")
+
+    monkeypatch.setattr(benchmark, "timm_runner", no_compiler)
+    row = benchmark.timm_runner_or_failure(BenchSpec(), "compile", None)
+    assert row["runner"] == "timm_compile"
+    assert row["error"] == "RuntimeError: no working C++ compiler"
+    with pytest.raises(RuntimeError):
+        benchmark.timm_runner_or_failure(BenchSpec(), "eager", None)
+
+
+def test_profile_categories_of_convolutions_and_their_gradients():
+    """As in a training step: weights are arguments, the images get no gradient."""
+
+    def loss(w1, w2, x):
+        return jnp.sum(conv2d(conv2d(x, w1), w2) ** 2)
+
+    w1, w2, x = jnp.ones((3, 3, 4, 16)), jnp.ones((3, 3, 16, 24)), jnp.ones((2, 8, 8, 4))
+    ops = program_ops(jax.jit(jax.grad(loss, argnums=(0, 1))).lower(w1, w2, x).compile().as_text())
+    categories = [op.category for op in ops.values() if op.category.startswith("conv")]
+    assert sorted(categories) == ["conv forward"] * 2 + ["conv input-gradient"] + ["conv weight-gradient"] * 2
+
+
+# --- the CPU path of the convolutions (what the benchmark drove) against the plain one -----------
+
+
+@pytest.mark.parametrize("kernel_size", [1, 3])
+def test_pointwise_matmul_path_equals_the_convolution_with_gradients(kernel_size):
+    rng = np.random.default_rng(kernel_size)
+    x = jnp.asarray(rng.normal(size=(2, 7, 5, 6)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(kernel_size, kernel_size, 6, 4)), jnp.float32)
+    dy = jnp.asarray(rng.normal(size=(2, 7, 5, 4)), jnp.float32)
+    plain, plain_vjp = jax.vjp(lambda x, w: conv2d(x, w, pointwise_as_matmul=False), x, w)
+    fast, fast_vjp = jax.vjp(lambda x, w: conv2d(x, w, pointwise_as_matmul=True), x, w)
+    np.testing.assert_allclose(fast, plain, rtol=1e-5, atol=1e-5)
+    for got, want in zip(fast_vjp(dy), plain_vjp(dy), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_steps_compile_convolutions_with_xla_unless_defaults_are_asked_for(monkeypatch):
+    """The library's compiled steps keep XLA:CPU's convolutions off YNNPACK (BENCHMARKS.md)."""
+    from tresnet_jax.xla_options import DEFAULTS_VARIABLE, compiler_options
+
+    x, w = jnp.ones((1, 16, 16, 32)), jnp.ones((3, 3, 32, 32))  # large enough for YNNPACK to take it
+
+    def program(options):
+        return jax.jit(conv2d, compiler_options=options).lower(x, w).compile().as_text().lower()
+
+    assert "ynn" in program({})
+    assert "ynn" not in program(compiler_options())
+    monkeypatch.setenv(DEFAULTS_VARIABLE, "1")
+    assert compiler_options() == {}

@@ -20,6 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tresnet_jax.errors import InputError
 from tresnet_jax.parallel import BATCH_AXIS, local_batch_size, local_rows, prefetch_to_devices, replicate
 from tresnet_jax.preprocess import Preprocessing, decode_image, decode_with_fallback, tensorflow, transform
+from tresnet_jax.xla_options import compiler_options
 
 Batch = dict[str, np.ndarray]
 TOTALS = ("count", "top1", "top5", "loss")
@@ -74,9 +75,10 @@ def make_eval_step(model: Any, mesh: Mesh, keep_logits: bool) -> Callable:
         return lax.psum(sums, BATCH_AXIS), ({"logits": logits} if keep_logits else {})
 
     out_specs = (PartitionSpec(), {"logits": PartitionSpec(BATCH_AXIS)} if keep_logits else {})
-    return jax.jit(
-        jax.shard_map(per_device, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec(BATCH_AXIS)), out_specs=out_specs)
+    sharded = jax.shard_map(
+        per_device, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec(BATCH_AXIS)), out_specs=out_specs
     )
+    return jax.jit(sharded, compiler_options=compiler_options())
 
 
 @functools.lru_cache(maxsize=8)

@@ -37,9 +37,10 @@ def space_to_depth(x: Array, block: int = 4) -> Array:
     n, h, w, c = x.shape
     if h % block or w % block:
         raise ValueError(f"TResNet needs image sides divisible by {block}, got {h}x{w}")
-    x = x.reshape(n, h // block, block, w // block, block, c)
-    x = x.transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(n, h // block, w // block, block * block * c)
+    with jax.named_scope("space_to_depth"):  # names the ops in profiles, computes nothing
+        x = x.reshape(n, h // block, block, w // block, block, c)
+        x = x.transpose(0, 1, 3, 2, 4, 5)
+        return x.reshape(n, h // block, w // block, block * block * c)
 
 
 def _blur_axis(x: Array, axis: int) -> Array:
@@ -63,15 +64,48 @@ def blur_downsample(x: Array) -> Array:
     identical numbers, and XLA compiles it to cheap fused element-wise code, where a
     depthwise convolution (and above all its gradient) is a slow path.
     """
-    return _blur_axis(_blur_axis(x, 1), 2)
+    with jax.named_scope("blur"):
+        return _blur_axis(_blur_axis(x, 1), 2)
 
 
 def avg_pool_shortcut(x: Array) -> Array:
     """AvgPool 2x2, stride 2, ceil mode, padding excluded from the count (PyTorch semantics)."""
     _, h, w, _ = x.shape
-    return nn.avg_pool(
-        x, (2, 2), strides=(2, 2), padding=((0, h % 2), (0, w % 2)), count_include_pad=False
-    )
+    with jax.named_scope("avg_pool_shortcut"):
+        return nn.avg_pool(x, (2, 2), strides=(2, 2), padding=((0, h % 2), (0, w % 2)), count_include_pad=False)
+
+
+def conv2d(x: Array, kernel: Array, pointwise_as_matmul: bool | None = None) -> Array:
+    """Stride-1 convolution with zero 'same' padding: NHWC input, HWIO kernel, odd kernel size.
+
+    With ``pointwise_as_matmul`` (default: when JAX's default backend is the CPU) a 1x1
+    convolution is written as the matrix product it is. On XLA:CPU that makes its weight
+    gradient a matrix product too, where the convolution's weight gradient runs over a
+    transposed copy of the input into which XLA re-fuses, and recomputes, the residual
+    additions of every earlier block. Same numbers up to float rounding; other backends keep
+    the convolution.
+    """
+    if pointwise_as_matmul is None:
+        pointwise_as_matmul = jax.default_backend() == "cpu"
+    if pointwise_as_matmul and kernel.shape[:2] == (1, 1):
+        return jnp.einsum("nhwc,cd->nhwd", x, kernel[0, 0])
+    pad = [(kernel.shape[0] // 2,) * 2, (kernel.shape[1] // 2,) * 2]
+    return lax.conv_general_dilated(x, kernel, (1, 1), pad, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+class Conv(nn.Module):
+    """Bias-free stride-1 'same' convolution (``conv2d``), kernel ``(k, k, in, out)`` stored
+    float32 under the name ``kernel`` as Flax's ``nn.Conv`` stores it."""
+
+    features: int
+    kernel_size: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        k = self.kernel_size
+        kernel = self.param("kernel", conv_kernel_init, (k, k, x.shape[-1], self.features), jnp.float32)
+        return conv2d(x.astype(self.dtype), kernel.astype(self.dtype))
 
 
 class BatchNorm(nn.Module):
@@ -136,17 +170,7 @@ class ConvNormAct(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        k = self.kernel_size
-        x = nn.Conv(
-            self.features,
-            (k, k),
-            padding=[(k // 2, k // 2)] * 2,
-            use_bias=False,
-            dtype=self.dtype,
-            param_dtype=jnp.float32,
-            kernel_init=conv_kernel_init,
-            name="conv",
-        )(x)
+        x = Conv(self.features, self.kernel_size, dtype=self.dtype, name="conv")(x)
         x = BatchNorm(
             use_running_average=not self.train,
             dtype=self.dtype,

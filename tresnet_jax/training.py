@@ -20,6 +20,7 @@ from jax import lax
 from jax.sharding import Mesh, PartitionSpec
 
 from tresnet_jax.parallel import BATCH_AXIS
+from tresnet_jax.xla_options import compiler_options
 
 PRECISIONS = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
 
@@ -188,7 +189,7 @@ def make_train_step(model: Any, tx: optax.GradientTransformation, cfg: OptimConf
     sharded = jax.shard_map(
         per_device, mesh=mesh, in_specs=(replicated, PartitionSpec(BATCH_AXIS)), out_specs=(replicated, replicated)
     )
-    return jax.jit(sharded, donate_argnums=0)
+    return jax.jit(sharded, donate_argnums=0, compiler_options=compiler_options())
 
 
 def _ema(state: TrainState, params: Any, batch_stats: Any, cfg: OptimConfig) -> dict[str, Any]:
