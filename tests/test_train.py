@@ -77,12 +77,13 @@ def assert_trees_equal(a, b, rtol=0.0, atol=0.0):
 
 def test_learns_digits_and_exports_weights_eval_can_read(digits, tmp_path, capsys):
     """From scratch, 2 epochs of 1397 digits at 32x32 with AdamW: held-out top-1 >= 90 %
-    (measured 97.75 %; 94.25 % after one epoch)."""
+    (measured 98.25 %). One device: the multi-device tests below cover sharding, and a single
+    copy of the optimizer update keeps this, the suite's longest test, short."""
     workdir = tmp_path / "run"
     args = ["--model", "tresnet_m", "--train_dir", digits / "train", "--val_dir", digits / "val",
             "--image-size", SIZE, "--batch-size", 32, "--epochs", 2, "--optimizer", "adamw", "--lr", 2e-3,
             "--randaugment-ops", 0, "--cutout", 0, "--no-flip", "--crop-min-scale", 0.7, "--ema-decay", 0,
-            "--eval-every", 0, "--workdir", workdir, "--no-progress", "--no-compilation-cache"]
+            "--eval-every", 0, "--workdir", workdir, "--no-progress", "--no-compilation-cache", "--num-devices", 1]
     assert train_cli.main([str(a) for a in args]) == 0
     out = capsys.readouterr().out
     final = metrics(workdir)[-1]
@@ -96,7 +97,7 @@ def test_learns_digits_and_exports_weights_eval_can_read(digits, tmp_path, capsy
     assert (model.num_classes, tresnet_jax.load_metadata(workdir / "export")["source"]["step"]) == (10, final["step"])
     results = tmp_path / "eval.json"
     code = eval_cli.main([str(a) for a in ["--weights", workdir / "export", "--val_dir", digits / "val",
-                                           "--batch-size", 50, "--output", results, "--no-progress"]])
+                                           "--batch-size", 40, "--output", results, "--no-progress"]])
     assert code == 0
     assert json.loads(results.read_text())["top1"] == pytest.approx(final["val_top1"])
 
