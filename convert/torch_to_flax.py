@@ -66,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"preprocessing: {cfg.input_size}px, crop {cfg.crop_pct}, {cfg.interpolation}"
         + ("" if converted.head_replaced else f" (tag {cfg.tag}{', guessed: --tag sets it' if guessed else ''})")
     )
-    metadata = weights_metadata(converted, cfg, args.checkpoint)
+    metadata = weights_metadata(converted, cfg, args.checkpoint, tag_guessed=guessed)
     written = save_weights(output, converted.variables, metadata, force=args.force)
     print(f"wrote {written}")
     return 0

@@ -134,6 +134,9 @@ def test_existing_output_is_kept_without_force_and_replaced_with_it(tmp_path, we
     assert run([path], capsys)[0] == 0
     stored = weights_root / "tresnet_m"
     before = (stored / "metadata.json").read_text()
+    # Nothing in "m.pth" names its weights: the tag is a guess, and the metadata says so.
+    assert (tresnet_jax.load_metadata("tresnet_m")["tag"], tresnet_jax.load_metadata("tresnet_m")["tag_guessed"]) == (
+        "tresnet_m.miil_in21k_ft_in1k", True)
     assert_fails([path], capsys, "exists; pass --force to replace it")
     assert (stored / "metadata.json").read_text() == before
     assert run([path, "--force", "--num-classes", "10"], capsys)[0] == 0
@@ -185,7 +188,7 @@ def test_fine_tuning_head_and_wrapped_prefixed_checkpoint(tmp_path, weights_root
         m_state_dict["body.conv1.conv.weight"].numpy().transpose(2, 3, 1, 0),
     )
     metadata = tresnet_jax.load_metadata("m_c10")
-    assert metadata["tag"] is None
+    assert (metadata["tag"], metadata["tag_guessed"]) == (None, False)
     assert metadata["source"]["num_classes"] == 1000
 
 

@@ -213,13 +213,17 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def weights_metadata(converted: Converted, cfg: PretrainedConfig, source: Path) -> dict[str, Any]:
-    """What ``metadata.json`` records about converted weights."""
+def weights_metadata(
+    converted: Converted, cfg: PretrainedConfig, source: Path, tag_guessed: bool = False
+) -> dict[str, Any]:
+    """What ``metadata.json`` records about converted weights; ``tag_guessed``: the tag came from
+    the file name and class count, not from the user (``choose_config``)."""
     published = cfg.source != "none" and not converted.head_replaced
     return {
         "model": converted.model_name,
         "num_classes": converted.num_classes,
         "tag": cfg.tag if published else None,
+        "tag_guessed": bool(published and tag_guessed),
         "preprocessing": preprocessing_of(cfg),
         "reported": None if not published else {
             "top1": cfg.top1, "top5": cfg.top5, "imagenet_v2_top1": cfg.imagenet_v2_top1

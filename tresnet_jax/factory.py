@@ -87,8 +87,8 @@ def load_any(
         except InputError as err:
             message = str(err)
             raise InputError(message if message.startswith(str(path)) else f"{path}: {message}") from None
-        cfg, _ = choose_config(converted.model_name, converted.num_classes, str(path), converted.layout)
-        metadata = weights_metadata(converted, cfg, path)
+        cfg, guessed = choose_config(converted.model_name, converted.num_classes, str(path), converted.layout)
+        metadata = weights_metadata(converted, cfg, path, tag_guessed=guessed)
         model = TResNet(get_arch(converted.model_name), converted.num_classes, dtype=dtype, axis_name=axis_name)
         return model, converted.variables, metadata
     metadata = load_metadata(weights)
