@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from tresnet_jax.preprocess import tensorflow
+from tresnet_jax.preprocess import tensorflow, to_uint8
 
 GREY = 128.0
 MAX_MAGNITUDE = 10.0
@@ -58,7 +58,7 @@ def inception_crop(image, seed, cfg: AugmentConfig):
     )
     crop = tf.slice(image, begin, size)
     resized = tf.image.resize(crop, [cfg.image_size, cfg.image_size], method="bilinear", antialias=True)
-    return tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
+    return to_uint8(resized)
 
 
 def cutout(image, seed, fraction: float):
@@ -84,7 +84,7 @@ def cutout(image, seed, fraction: float):
 def _blend(tf, degenerate, image, factor):
     """image + factor * (image - degenerate), as PIL's ImageEnhance does."""
     out = tf.cast(degenerate, tf.float32) + factor * (tf.cast(image, tf.float32) - tf.cast(degenerate, tf.float32))
-    return tf.cast(tf.clip_by_value(tf.round(out), 0.0, 255.0), tf.uint8)
+    return to_uint8(out)
 
 
 def _enhance(degenerate_fn):
@@ -109,7 +109,7 @@ def _smoothed(tf, image):
     kernel = tf.constant([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]) / 13.0
     kernel = tf.tile(kernel[:, :, None, None], [1, 1, 3, 1])
     smooth = tf.nn.depthwise_conv2d(tf.cast(image, tf.float32)[None], kernel, [1, 1, 1, 1], "VALID")[0]
-    smooth = tf.cast(tf.clip_by_value(tf.round(smooth), 0.0, 255.0), tf.uint8)
+    smooth = to_uint8(smooth)
     interior = tf.pad(tf.ones_like(smooth), [[1, 1], [1, 1], [0, 0]]) > 0
     return tf.where(interior, tf.pad(smooth, [[1, 1], [1, 1], [0, 0]]), image)
 
@@ -122,7 +122,7 @@ def _affine(image, transform):
         images=tf.cast(image, tf.float32)[None], transforms=flat, output_shape=tf.shape(image)[:2],
         fill_value=GREY, interpolation="BILINEAR", fill_mode="CONSTANT",
     )[0]
-    return tf.cast(tf.clip_by_value(tf.round(out), 0.0, 255.0), tf.uint8)
+    return to_uint8(out)
 
 
 def _rotate(image, level, sign):
@@ -163,7 +163,7 @@ def _auto_contrast(image, level, sign):
     high = tf.reduce_max(x, axis=[0, 1])
     scale = tf.where(high > low, 255.0 / tf.maximum(high - low, 1.0), 1.0)
     out = tf.where(high > low, (x - low) * scale, x)
-    return tf.cast(tf.clip_by_value(tf.round(out), 0.0, 255.0), tf.uint8)
+    return to_uint8(out)
 
 
 def _equalize(image, level, sign):

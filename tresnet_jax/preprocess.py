@@ -79,6 +79,12 @@ def decode_image(encoded):
     )
 
 
+def to_uint8(pixels):
+    """Float pixel values rounded to the nearest grey level and saturated to uint8 [0, 255]."""
+    tf = tensorflow()
+    return tf.cast(tf.clip_by_value(tf.round(pixels), 0.0, 255.0), tf.uint8)
+
+
 def transform(image, prep: Preprocessing):
     """uint8 (H, W, 3) -> uint8 (size, size, 3): resize and centre crop as the official eval."""
     tf = tensorflow()
@@ -96,7 +102,7 @@ def transform(image, prep: Preprocessing):
             tf.stack([tf.cast(tf.floor(height * scale), tf.int32), prep.resize_size]),
         )
     resized = tf.image.resize(image, target, method=prep.interpolation, antialias=True)
-    resized = tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
+    resized = to_uint8(resized)
     if prep.squish:
         return resized
     # Centre crop with torchvision's offsets: round((side - size) / 2), halves to even.

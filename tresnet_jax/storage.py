@@ -60,7 +60,6 @@ def save_weights(
     end: an interrupted or failed write leaves nothing behind, and an existing directory is
     replaced (only with ``force``) in one rename.
     """
-
     target = Path(directory).expanduser().absolute()
     check_writable(target, force)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -142,7 +141,6 @@ def read_metadata(directory: Path) -> dict[str, Any]:
 
 def read_variables(directory: Path) -> dict[str, Any]:
     """The ``{params, batch_stats}`` numpy tree stored in a weights directory."""
-
     try:
         with this_process_checkpointer() as checkpointer:
             return checkpointer.restore((directory / VARIABLES_DIR).absolute())

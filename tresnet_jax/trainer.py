@@ -125,8 +125,8 @@ def open_train_sources(cfg: TrainConfig) -> tuple[FolderSource | TfdsSource, Fol
 def initial_variables(cfg: TrainConfig, num_classes: int) -> tuple[dict[str, Any], str]:
     """Fresh variables, or the backbone of ``cfg.init`` with its head kept when the class count
     matches and newly initialised otherwise; and a line saying which."""
-    _, fresh = create_model(cfg.model, num_classes, seed=cfg.seed)
     if cfg.init is None:
+        _, fresh = create_model(cfg.model, num_classes, seed=cfg.seed)
         return fresh, f"{cfg.model} initialised from scratch (seed {cfg.seed})"
     model, loaded, metadata = load_any(cfg.init, cfg.model)
     if get_arch(metadata["model"]) != get_arch(cfg.model):
@@ -135,8 +135,8 @@ def initial_variables(cfg: TrainConfig, num_classes: int) -> tuple[dict[str, Any
     kept = model.num_classes == num_classes
     if not kept:
         params.pop("head", None)
-        if num_classes:
-            params["head"] = fresh["params"]["head"]
+        if num_classes:  # the new head drawn as a fresh model's would be (same seed)
+            params["head"] = create_model(cfg.model, num_classes, seed=cfg.seed)[1]["params"]["head"]
     variables = {"params": params, "batch_stats": loaded["batch_stats"]}
     head = "its head kept" if kept else f"a new {num_classes}-class head (it had {model.num_classes})"
     return variables, f"{cfg.model} fine-tuned from {cfg.init}: backbone loaded, {head}"
