@@ -159,8 +159,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         reported = (metadata.get("reported") or {}).get("top1")
         if reported is not None and metadata.get("tag"):
             guessed = metadata.get("tag_guessed")
-            guessed = " (tag guessed from the file name; convert with --tag to set it)" if guessed else ""
-            print(f"reported top-1 of {metadata['tag']} (timm, ImageNet-1k val): {reported:.3f}{guessed}")
+            how = " (tag guessed from the file name; convert with --tag to set it)" if guessed else ""
+            print(f"reported top-1 of {metadata['tag']} (timm, ImageNet-1k val): {reported:.3f}{how}")
         if args.output is not None:
             summary = report(args, result, metadata, weights_hash, prep, source, dtype, batch, mesh)
             write_file_atomically(args.output, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2) + "\n"))

@@ -135,8 +135,8 @@ def test_existing_output_is_kept_without_force_and_replaced_with_it(tmp_path, we
     stored = weights_root / "tresnet_m"
     before = (stored / "metadata.json").read_text()
     # Nothing in "m.pth" names its weights: the tag is a guess, and the metadata says so.
-    assert (tresnet_jax.load_metadata("tresnet_m")["tag"], tresnet_jax.load_metadata("tresnet_m")["tag_guessed"]) == (
-        "tresnet_m.miil_in21k_ft_in1k", True)
+    metadata = tresnet_jax.load_metadata("tresnet_m")
+    assert (metadata["tag"], metadata["tag_guessed"]) == ("tresnet_m.miil_in21k_ft_in1k", True)
     assert_fails([path], capsys, "exists; pass --force to replace it")
     assert (stored / "metadata.json").read_text() == before
     assert run([path, "--force", "--num-classes", "10"], capsys)[0] == 0
