@@ -5,8 +5,10 @@
     python eval.py --weights tresnet_m_448.pth --squish --dataset imagenet_v2
     python eval.py --model tresnet_m --output results.json --save-logits logits.npz
 
-Weights: converted ones by name (--model, see convert/torch_to_flax.py), a weights directory or
-a PyTorch checkpoint (--weights). Preprocessing comes from the weights' pretrained
+Weights (--model): a name given at conversion or training, a pretrained tag
+(tresnet_m.miil_in1k), hf-hub:OWNER/NAME, or an architecture (its default pretrained tag);
+pretrained tags are fetched from the Hugging Face hub the first time. --weights: a weights
+directory or a PyTorch checkpoint file. Preprocessing comes from the weights' pretrained
 configuration; --image-size/--crop-pct/--interpolation/--squish override it.
 """
 
@@ -32,14 +34,20 @@ from tresnet_jax.progress import ProgressBar
 from tresnet_jax.storage import write_file_atomically
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-DEFAULT_PER_DEVICE_BATCH = 64
+# Images per device when --batch-size is not given, by backend: a GPU needs large batches to
+# keep busy, a CPU gains nothing from them.
+DEFAULT_PER_DEVICE_BATCH = {"cpu": 64, "gpu": 256, "tpu": 256}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     weights = parser.add_argument_group("weights")
-    weights.add_argument("--model", help="converted weights by name (default: tresnet_m)")
-    weights.add_argument("--weights", help="weights directory, or a .pth/.pt/.bin/.safetensors file")
+    weights.add_argument(
+        "--model", help="weights name, pretrained tag, hf-hub:OWNER/NAME or architecture (default: tresnet_m)"
+    )
+    weights.add_argument(
+        "--weights", help="weights directory, or a .pth/.pt/.bin/.safetensors file (--model: its architecture)"
+    )
     data = parser.add_argument_group("data (default: --dataset imagenet2012)")
     source = data.add_mutually_exclusive_group()
     source.add_argument("--val_dir", "--val-dir", type=Path, help="folder per class (sorted WordNet ids)")
@@ -54,7 +62,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     run.add_argument(
         "--dtype", choices=[*DTYPES, "auto"], default="auto", help="auto: bfloat16 on GPU/TPU, else float32"
     )
-    run.add_argument("--batch-size", type=int, help=f"global batch (default: {DEFAULT_PER_DEVICE_BATCH} per device)")
+    per_device = ", ".join(f"{n} on {backend}" for backend, n in DEFAULT_PER_DEVICE_BATCH.items())
+    run.add_argument("--batch-size", type=int, help=f"global batch (default per device: {per_device})")
     run.add_argument("--output", type=Path, help="write metrics and settings as JSON")
     run.add_argument("--save-logits", type=Path, help="write logits, labels (and files) as .npz, dataset order")
     add_run_arguments(parser)
@@ -63,6 +72,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         if path is not None and not path.absolute().parent.is_dir():
             parser.error(f"{path.parent}: no such directory")
     return args
+
+
+def weights_argument(args: argparse.Namespace) -> str:
+    return args.weights or args.model or "tresnet_m"
+
+
+def default_batch_size(mesh: jax.sharding.Mesh) -> int:
+    """The global batch when --batch-size is not given: DEFAULT_PER_DEVICE_BATCH per device."""
+    return DEFAULT_PER_DEVICE_BATCH.get(jax.default_backend(), DEFAULT_PER_DEVICE_BATCH["gpu"]) * mesh.devices.size
 
 
 def preprocessing(args: argparse.Namespace, metadata: dict) -> Preprocessing:
@@ -94,7 +112,7 @@ def report(args, result: EvalResult, metadata: dict, weights_hash: str, prep, so
         **result.metrics(),
         "model": metadata["model"],
         "num_classes": metadata["num_classes"],
-        "weights": str(args.weights or args.model or "tresnet_m"),
+        "weights": weights_argument(args),
         "weights_sha256": weights_hash,
         "source": metadata.get("source"),
         "tag": metadata.get("tag"),
@@ -130,16 +148,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     start_run(args)
     lead = jax.process_index() == 0
     dtype = compute_dtype(args.dtype)
-    model, variables, metadata = load_any(args.weights or args.model or "tresnet_m", args.model, dtype=dtype)
+    loaded = load_any(weights_argument(args), args.model if args.weights else None, dtype=dtype)
+    model, variables, metadata = loaded.model, loaded.variables, loaded.metadata
     prep = preprocessing(args, metadata)
     source = open_source(args)
     label_map = model_labels(source.class_names, model.num_classes, source.name)
     devices = select_devices(args.num_devices)
     mesh = data_mesh(devices)
-    batch = args.batch_size or DEFAULT_PER_DEVICE_BATCH * mesh.devices.size
+    batch = args.batch_size or default_batch_size(mesh)
     weights_hash = fingerprint(variables)
     if lead:
-        print(f"weights: {metadata['model']}, {model.num_classes} classes, tag {metadata.get('tag')}, "
+        print(f"weights: {loaded.origin}")
+        print(f"model: {metadata['model']}, {model.num_classes} classes, tag {metadata.get('tag')}, "
               f"sha256 {weights_hash[:16]}")
         print(f"data: {source.name}, {len(source)} images; preprocessing {prep.input_size}px, crop {prep.crop_pct}, "
               f"{prep.interpolation}{', squish' if prep.squish else ''}")
@@ -158,9 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"... and {len(result.skipped) - 20} more skipped (all listed in --output)")
         reported = (metadata.get("reported") or {}).get("top1")
         if reported is not None and metadata.get("tag"):
-            guessed = metadata.get("tag_guessed")
-            how = " (tag guessed from the file name; convert with --tag to set it)" if guessed else ""
-            print(f"reported top-1 of {metadata['tag']} (timm, ImageNet-1k val): {reported:.3f}{how}")
+            print(f"reported top-1 of {metadata['tag']} (timm, ImageNet-1k val): {reported:.3f}")
         if args.output is not None:
             summary = report(args, result, metadata, weights_hash, prep, source, dtype, batch, mesh)
             write_file_atomically(args.output, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2) + "\n"))

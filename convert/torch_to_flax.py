@@ -1,11 +1,13 @@
 """Convert a PyTorch TResNet checkpoint (official or timm layout) into Flax weights.
 
     python convert/torch_to_flax.py tresnet_m.pth
+    python convert/torch_to_flax.py hf-hub:timm/tresnet_m.miil_in1k        # from the Hugging Face hub
     python convert/torch_to_flax.py model.safetensors --model tresnet_m --num-classes 10 --name m_c10
 
 Writes an Orbax checkpoint and metadata.json to $TRESNET_JAX_WEIGHTS/<name> (default
-~/.cache/tresnet_jax/weights/<name>, <name> = the model name), where tresnet_jax.load(name)
-and eval.py --model find it.
+~/.cache/tresnet_jax/weights/<name>; <name> = the model name for a file, the tag for a hub
+repository), where tresnet_jax.load(name) and eval.py --model find it. A pretrained tag is
+recorded only when --tag, the hub repository or a file name holding the whole tag says so.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tresnet_jax.cli import command
-from tresnet_jax.conversion import choose_config, convert_state_dict, weights_metadata
-from tresnet_jax.errors import InputError
+from tresnet_jax.conversion import convert_checkpoint
+from tresnet_jax.hub import HUB_PREFIX, HubRepo, convert_fetched, fetch
 from tresnet_jax.registry import ARCHITECTURES, PRETRAINED
 from tresnet_jax.storage import check_writable, save_weights, weights_root
 from tresnet_jax.torch_io import read_state_dict
@@ -25,12 +27,17 @@ from tresnet_jax.torch_io import read_state_dict
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", type=Path, help=".pth/.pt/.bin (torch.save) or .safetensors file")
+    parser.add_argument(
+        "checkpoint", help=".pth/.pt/.bin (torch.save) or .safetensors file, or hf-hub:OWNER/NAME[@REVISION]"
+    )
     parser.add_argument("--model", choices=list(ARCHITECTURES), help="variant (default: inferred from the tensors)")
     parser.add_argument(
         "--num-classes", type=int, help="classes of the new head (default: the checkpoint's; 0: no head)"
     )
-    parser.add_argument("--tag", choices=list(PRETRAINED), help="pretrained configuration (default: guessed)")
+    parser.add_argument(
+        "--tag", choices=list(PRETRAINED), help="pretrained configuration (default: from the hub repository or the "
+        "file name; else none, and the model's published preprocessing)"
+    )
     parser.add_argument("--name", help="name to store under (default: the model name)")
     parser.add_argument("--output", type=Path, help="output directory (default: <weights root>/<name>)")
     parser.add_argument("--force", action="store_true", help="replace existing output")
@@ -45,28 +52,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.output is not None:
         check_writable(args.output.absolute(), args.force)
-    state_dict = read_state_dict(args.checkpoint)
-    try:
-        converted = convert_state_dict(state_dict, args.model, args.num_classes)
-    except InputError as err:
-        raise InputError(f"{args.checkpoint}: {err}") from None
-    cfg, guessed = choose_config(
-        converted.model_name, converted.num_classes, str(args.checkpoint), converted.layout, args.tag
-    )
-    output = args.output or weights_root() / (args.name or converted.model_name)
+    conversion = (args.model, args.num_classes, args.tag)
+    if args.checkpoint.startswith(HUB_PREFIX):
+        repo = HubRepo.parse(args.checkpoint)
+        print(f"fetching {repo} from the Hugging Face hub")
+        converted, metadata = convert_fetched(repo, fetch(repo), *conversion)
+        default_name = repo.storage_name if args.num_classes is None else None
+    else:
+        source = Path(args.checkpoint)
+        converted, metadata = convert_checkpoint(read_state_dict(source), source, *conversion)
+        default_name = None
+    output = args.output or weights_root() / (args.name or default_name or converted.model_name)
     check_writable(output.absolute(), args.force)
     print(
-        f"read {args.checkpoint}: {converted.layout} layout, {len(state_dict)} tensors, "
-        f"{converted.model_name} with {converted.checkpoint_classes} classes"
-        + ("" if args.model else " (inferred)")
+        f"read {args.checkpoint}: {converted.layout} layout, {converted.model_name} with "
+        f"{converted.checkpoint_classes} classes" + ("" if args.model else " (inferred)")
     )
     for note in converted.notes:
         print(f"note: {note}")
+    prep = metadata["preprocessing"]
     print(
-        f"preprocessing: {cfg.input_size}px, crop {cfg.crop_pct}, {cfg.interpolation}"
-        + ("" if converted.head_replaced else f" (tag {cfg.tag}{', guessed: --tag sets it' if guessed else ''})")
+        f"preprocessing: {prep['input_size']}px, crop {prep['crop_pct']}, {prep['interpolation']} "
+        + (f"(tag {metadata['tag']})" if metadata["tag"] else "(no pretrained tag: --tag sets one)")
     )
-    metadata = weights_metadata(converted, cfg, args.checkpoint, tag_guessed=guessed)
     written = save_weights(output, converted.variables, metadata, force=args.force)
     print(f"wrote {written}")
     return 0

@@ -134,9 +134,9 @@ def test_existing_output_is_kept_without_force_and_replaced_with_it(tmp_path, we
     assert run([path], capsys)[0] == 0
     stored = weights_root / "tresnet_m"
     before = (stored / "metadata.json").read_text()
-    # Nothing in "m.pth" names its weights: the tag is a guess, and the metadata says so.
+    # Nothing in "m.pth" names its weights: no tag, no reported accuracy, the model's preprocessing.
     metadata = tresnet_jax.load_metadata("tresnet_m")
-    assert (metadata["tag"], metadata["tag_guessed"]) == ("tresnet_m.miil_in21k_ft_in1k", True)
+    assert (metadata["tag"], metadata["reported"], metadata["preprocessing"]["input_size"]) == (None, None, 224)
     assert_fails([path], capsys, "exists; pass --force to replace it")
     assert (stored / "metadata.json").read_text() == before
     assert run([path, "--force", "--num-classes", "10"], capsys)[0] == 0
@@ -188,7 +188,7 @@ def test_fine_tuning_head_and_wrapped_prefixed_checkpoint(tmp_path, weights_root
         m_state_dict["body.conv1.conv.weight"].numpy().transpose(2, 3, 1, 0),
     )
     metadata = tresnet_jax.load_metadata("m_c10")
-    assert (metadata["tag"], metadata["tag_guessed"]) == (None, False)
+    assert (metadata["tag"], metadata["reported"]) == (None, None)
     assert metadata["source"]["num_classes"] == 1000
 
 
@@ -203,8 +203,8 @@ def test_no_head(tmp_path, weights_root, m_state_dict, capsys):
     assert model.num_classes == 0
 
 
-def test_load_of_unknown_name_says_how_to_convert(weights_root):
-    with pytest.raises(tresnet_jax.InputError, match=r"python convert/torch_to_flax\.py CHECKPOINT"):
+def test_load_of_a_name_neither_stored_nor_cached_says_how_to_fetch_it(weights_root):
+    with pytest.raises(tresnet_jax.InputError, match=r"timm/tresnet_xl\.miil_in1k: .* `hf download timm/tresnet_xl"):
         tresnet_jax.load("tresnet_xl")
 
 

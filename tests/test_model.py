@@ -98,8 +98,11 @@ def test_training_mode_updates_batch_statistics(fresh_m):
 
 
 def test_unknown_model_name_is_a_clear_error():
-    with pytest.raises(tresnet_jax.InputError, match="unknown model 'tresnet_s'; known: tresnet_m"):
+    with pytest.raises(tresnet_jax.InputError, match="unknown model 'tresnet_s'; closest known: tresnet_m, "):
         tresnet_jax.create_model("tresnet_s")
+    closest = r"closest known: tresnet_m\.miil_in21k, tresnet_m\.miil_in1k, "
+    with pytest.raises(tresnet_jax.InputError, match=rf"unknown model 'tresnet_m\.miil_in2k'; {closest}"):
+        tresnet_jax.create_model("tresnet_m.miil_in2k")
 
 
 def test_registry_holds_the_published_configurations():
@@ -110,3 +113,40 @@ def test_registry_holds_the_published_configurations():
     assert tresnet_jax.default_config("tresnet_m").tag == "tresnet_m.miil_in21k_ft_in1k"
     assert tresnet_jax.default_config("tresnet_m", 11221).tag == "tresnet_m.miil_in21k"
     assert tresnet_jax.list_models() == ["tresnet_m", "tresnet_l", "tresnet_xl", "tresnet_v2_l", "tresnet_l_v2"]
+
+
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_variable_specs_are_the_modules_variables(name):
+    """The shapes create_model draws without tracing are exactly those Flax's init creates."""
+    for classes in (10, 0):
+        model = TResNet(get_arch(name), classes)
+        traced = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))
+        shapes = {path: leaf.shape for path, leaf in traverse_util.flatten_dict(traced).items()}
+        assert shapes == variable_shapes(get_arch(name), classes)
+
+
+def test_fresh_variables_are_seeded_and_on_the_default_device(fresh_m):
+    _, variables = fresh_m
+    _, same = tresnet_jax.create_model("tresnet_m", seed=3)
+    _, other = tresnet_jax.create_model("tresnet_m", seed=4)
+    _, keyed = tresnet_jax.create_model("tresnet_m", seed=jax.random.key(3))
+    path = ("params", "body", "layer2", "1", "conv1", "conv", "kernel")
+    leaf = traverse_util.flatten_dict(variables)[path]
+    assert isinstance(leaf, jax.Array)
+    assert leaf.devices() == {jax.devices()[0]}
+    np.testing.assert_array_equal(leaf, traverse_util.flatten_dict(same)[path])
+    assert not np.allclose(leaf, traverse_util.flatten_dict(other)[path])
+    assert not np.allclose(leaf, traverse_util.flatten_dict(keyed)[path])
+    # A tag's own class count when none is given.
+    assert tresnet_jax.create_model("tresnet_m.miil_in21k")[0].num_classes == 11221
+
+
+def test_flax_init_draws_the_same_distributions():
+    """Module.init (Flax's initializers) and create_model (host draws) share one definition."""
+    from tresnet_jax.layers import Conv, Dense, Init
+
+    kernel = Conv(256, 3).init(jax.random.key(1), jnp.zeros((1, 8, 8, 256)))["params"]["kernel"]
+    assert float(kernel.std()) == pytest.approx(np.sqrt(2 / (256 * 9)), rel=0.02)
+    bias = Dense(4096, Init("normal", 0.01)).init(jax.random.key(2), jnp.zeros((1, 64)))["params"]["bias"]
+    assert float(jnp.abs(bias).max()) <= 1 / 8
+    assert float(jnp.abs(bias).max()) > 0.99 / 8  # U(-1/sqrt(64), 1/sqrt(64)) fills its range

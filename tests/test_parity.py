@@ -128,7 +128,7 @@ def test_imagenet21k_head_from_safetensors(tmp_path, weights_root):
     save_file(reference.state_dict(), str(path))
     convert_cli([path])  # stored by name in the weights root
     metadata = tresnet_jax.load_metadata("tresnet_m")
-    assert (metadata["num_classes"], metadata["tag"], metadata["tag_guessed"]) == (11221, "tresnet_m.miil_in21k", False)
+    assert (metadata["num_classes"], metadata["tag"]) == (11221, "tresnet_m.miil_in21k")
     model, variables = tresnet_jax.load("tresnet_m")
     logits = jax.jit(model.apply)(variables, IMAGES)
     assert logits.shape == (2, 11221)

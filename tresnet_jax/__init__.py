@@ -1,6 +1,7 @@
 """TResNet in JAX/Flax: the model, its variants and published configurations, and weights
 converted from PyTorch."""
 
+from tresnet_jax.compile import jit
 from tresnet_jax.errors import InputError
 from tresnet_jax.factory import create_model, load, load_metadata
 from tresnet_jax.model import ArchSpec, TResNet
@@ -16,6 +17,7 @@ __all__ = [
     "TResNet",
     "create_model",
     "default_config",
+    "jit",
     "list_models",
     "load",
     "load_metadata",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import logging
 import sys
 from collections.abc import Callable, Sequence
 
@@ -42,6 +43,7 @@ def command(main: Callable[[Sequence[str] | None], int]) -> Callable[[Sequence[s
 
     @functools.wraps(main)
     def wrapped(argv: Sequence[str] | None = None) -> int:
+        show_library_messages()
         try:
             return main(argv)
         except (InputError, OSError) as err:
@@ -52,6 +54,16 @@ def command(main: Callable[[Sequence[str] | None], int]) -> Callable[[Sequence[s
             return EXIT_INTERRUPTED
 
     return wrapped
+
+
+def show_library_messages() -> None:
+    """Print the library's informational messages (what is fetched from the hub, where it goes)."""
+    logger = logging.getLogger("tresnet_jax")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
 
 
 COMPILATION_CACHE_ENV = "TRESNET_JAX_COMPILATION_CACHE"

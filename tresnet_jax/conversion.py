@@ -10,13 +10,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
 from tresnet_jax.errors import InputError
-from tresnet_jax.model import ArchSpec, Head, variable_shapes
+from tresnet_jax.initialization import replace_head
+from tresnet_jax.model import ArchSpec, variable_shapes
 from tresnet_jax.registry import ARCHITECTURES, PRETRAINED, PretrainedConfig, default_config, get_arch
 from tresnet_jax.torch_layout import (
     OFFICIAL,
@@ -101,7 +100,12 @@ def convert_state_dict(
     arch = get_arch(model_name)
     variables = _to_variables(state_dict, arch, classes, model_name, inferred, keep_head=num_classes == classes)
     if num_classes != classes:
-        notes.append(_replace_head(variables, arch, num_classes, classes, head_seed))
+        variables = replace_head(variables, arch, num_classes, head_seed)
+        notes.append(
+            f"replaced the checkpoint's {classes}-class head by a new {num_classes}-class one (seed {head_seed})"
+            if num_classes
+            else f"dropped the checkpoint's {classes}-class head: the model outputs pooled features"
+        )
     return Converted(model_name, layout, classes, num_classes, variables, notes)
 
 
@@ -150,15 +154,6 @@ def _to_variables(
     return traverse_util.unflatten_dict(flat)
 
 
-def _replace_head(variables: Variables, arch: ArchSpec, num_classes: int, classes: int, seed: int) -> str:
-    if num_classes == 0:
-        return f"dropped the checkpoint's {classes}-class head: the model outputs pooled features"
-    head = Head(num_classes, arch.num_features)
-    params = head.init(jax.random.key(seed), jnp.zeros((1, arch.num_features), jnp.float32))["params"]
-    variables["params"]["head"] = jax.tree_util.tree_map(np.asarray, params)
-    return f"replaced the checkpoint's {classes}-class head by a new {num_classes}-class one (random init, seed {seed})"
-
-
 def variables_to_state_dict(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """A timm-layout state_dict (``num_batches_tracked`` included) from Flax variables, which
     ``timm.create_model(name).load_state_dict(sd, strict=True)`` accepts."""
@@ -174,12 +169,13 @@ def variables_to_state_dict(variables: Mapping[str, Any]) -> dict[str, np.ndarra
 
 def choose_config(
     model_name: str, num_classes: int, source: str, layout: str, tag: str | None = None
-) -> tuple[PretrainedConfig, bool]:
-    """(pretrained configuration, whether it was guessed) of converted weights.
+) -> PretrainedConfig:
+    """The pretrained configuration of converted weights.
 
-    ``tag`` when given; else a tag named in the file path; else the candidates of the model and
-    class count, narrowed by the file name (``448``, ``21k``) and the layout (official
-    checkpoints without ``21k`` in their name are the ImageNet-1k ones), in timm's order.
+    A published tag only when it is known: ``tag`` when given (``--tag``, a hub repository),
+    else a tag named in full in the file path. Otherwise an untagged configuration (no reported
+    accuracy) whose preprocessing is the model's published one, at 448 when the file name says
+    ``448``.
     """
     if tag is not None:
         if tag not in PRETRAINED:
@@ -187,22 +183,18 @@ def choose_config(
         cfg = PRETRAINED[tag]
         if cfg.architecture != model_name or cfg.num_classes != num_classes:
             raise InputError(
-                f"--tag {tag} is a {cfg.num_classes}-class {cfg.architecture}, the weights are a "
+                f"tag {tag} is a {cfg.num_classes}-class {cfg.architecture}, the weights are a "
                 f"{num_classes}-class {model_name}"
             )
-        return cfg, False
+        return cfg
     candidates = [c for c in PRETRAINED.values() if c.architecture == model_name and c.num_classes == num_classes]
     named = [c for c in candidates if c.tag in source]
     if named:
-        return max(named, key=lambda c: len(c.tag)), False
-    filename = Path(source).name.lower()
-    preferences = (
-        lambda c: (c.input_size == 448) == ("448" in filename),
-        lambda c: ("in21k" in c.tag) == ("21k" in filename or layout != OFFICIAL),
-    )
-    for keep in preferences:
-        candidates = [c for c in candidates if keep(c)] or candidates
-    return (candidates[0] if candidates else default_config(model_name, num_classes)), True
+        return max(named, key=lambda c: len(c.tag))
+    at_448 = "448" in Path(source).name
+    size = next((c.input_size for c in candidates if (c.input_size == 448) == at_448), None)
+    base = default_config(model_name, num_classes)
+    return dataclasses.replace(base, tag=f"{model_name}.untagged", input_size=size or base.input_size, source="none")
 
 
 def file_sha256(path: str | Path) -> str:
@@ -213,17 +205,14 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def weights_metadata(
-    converted: Converted, cfg: PretrainedConfig, source: Path, tag_guessed: bool = False
-) -> dict[str, Any]:
-    """What ``metadata.json`` records about converted weights; ``tag_guessed``: the tag came from
-    the file name and class count, not from the user (``choose_config``)."""
+def weights_metadata(converted: Converted, cfg: PretrainedConfig, source: Path) -> dict[str, Any]:
+    """What ``metadata.json`` records about converted weights: the tag and its reported accuracy
+    only for published weights with their own head."""
     published = cfg.source != "none" and not converted.head_replaced
     return {
         "model": converted.model_name,
         "num_classes": converted.num_classes,
         "tag": cfg.tag if published else None,
-        "tag_guessed": bool(published and tag_guessed),
         "preprocessing": preprocessing_of(cfg),
         "reported": None if not published else {
             "top1": cfg.top1, "top5": cfg.top5, "imagenet_v2_top1": cfg.imagenet_v2_top1
@@ -237,6 +226,24 @@ def weights_metadata(
         "notes": converted.notes,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def convert_checkpoint(
+    state_dict: Mapping[str, np.ndarray],
+    source: Path,
+    model_name: str | None = None,
+    num_classes: int | None = None,
+    tag: str | None = None,
+) -> tuple[Converted, dict[str, Any]]:
+    """(Converted variables, their ``metadata.json``) of a checkpoint read from ``source``;
+    errors name the source."""
+    try:
+        converted = convert_state_dict(state_dict, model_name, num_classes)
+    except InputError as err:
+        message = str(err)
+        raise InputError(message if message.startswith(str(source)) else f"{source}: {message}") from None
+    cfg = choose_config(converted.model_name, converted.num_classes, str(source), converted.layout, tag)
+    return converted, weights_metadata(converted, cfg, source)
 
 
 def preprocessing_of(cfg: PretrainedConfig) -> dict[str, Any]:

@@ -7,29 +7,74 @@ pooling) accumulate in float32.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 Dtype = Any
 Array = jax.Array
 
-# Kaiming-normal, fan_out, gain sqrt(2): what the original initialises every conv with.
-conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+@dataclasses.dataclass(frozen=True)
+class Init:
+    """One initial distribution of the original, drawn two ways: as a Flax initializer
+    (``init(key, shape, dtype)``, for ``Module.init``) and on the host with NumPy (``draw``, for
+    ``create_model``, which compiles nothing). ``kind``: ``kaiming`` (normal, std
+    sqrt(2 / fan_out), fan_out = out features x kernel area), ``normal`` (std ``scale``),
+    ``uniform`` (+-``scale``) or ``constant`` (``scale``)."""
+
+    kind: str
+    scale: float = 0.0
+
+    def std(self, shape: tuple[int, ...]) -> float:
+        if self.kind == "kaiming":
+            return math.sqrt(2.0 / (math.prod(shape[:-2]) * shape[-1]))
+        return self.scale
+
+    def __call__(self, key: Array, shape: tuple[int, ...], dtype: Dtype = jnp.float32) -> Array:
+        if self.kind == "uniform":
+            return jax.random.uniform(key, shape, dtype, -self.scale, self.scale)
+        if self.kind == "constant":
+            return jnp.full(shape, self.scale, dtype)
+        return jax.random.normal(key, shape, dtype) * jnp.asarray(self.std(shape), dtype)
+
+    def draw(self, rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+        if self.kind == "uniform":
+            return rng.uniform(-self.scale, self.scale, shape).astype(np.float32)
+        if self.kind == "constant":
+            return np.full(shape, self.scale, np.float32)
+        return rng.standard_normal(shape, dtype=np.float32) * np.float32(self.std(shape))
 
 
-def torch_default_bias_init(fan_in: int) -> nn.initializers.Initializer:
+KAIMING = Init("kaiming")  # what the original initialises every conv (and the SE's 1x1 convs) with
+ZEROS, ONES = Init("constant", 0.0), Init("constant", 1.0)
+
+
+def torch_default_bias_init(fan_in: int) -> Init:
     """PyTorch's default bias init for conv and linear layers: U(-1/sqrt(fan_in), +)."""
-    bound = 1.0 / math.sqrt(fan_in)
+    return Init("uniform", 1.0 / math.sqrt(fan_in))
 
-    def init(key: Array, shape: tuple[int, ...], dtype: Dtype = jnp.float32) -> Array:
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
 
-    return init
+@dataclasses.dataclass(frozen=True)
+class VariableSpec:
+    """A variable's shape and initial distribution, known without tracing the model."""
+
+    shape: tuple[int, ...]
+    init: Init
+
+
+Specs = dict[tuple[str, ...], VariableSpec]  # (collection, module..., leaf) -> spec
+
+
+def nested(prefix: tuple[str, ...], specs: Specs) -> Specs:
+    """``specs`` of a submodule, placed under the module path ``prefix`` (after the collection)."""
+    return {(path[0], *prefix, *path[1:]): spec for path, spec in specs.items()}
 
 
 def space_to_depth(x: Array, block: int = 4) -> Array:
@@ -96,6 +141,107 @@ def conv2d(x: Array, kernel: Array, pointwise_as_matmul: bool | None = None) -> 
     return lax.conv_general_dilated(x, kernel, (1, 1), pad, dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
+def conv_specs(in_features: int, features: int, kernel_size: int) -> Specs:
+    return {("params", "kernel"): VariableSpec((kernel_size, kernel_size, in_features, features), KAIMING)}
+
+
+def batch_norm_specs(features: int, zero_init: bool = False) -> Specs:
+    return {
+        ("params", "scale"): VariableSpec((features,), ZEROS if zero_init else ONES),
+        ("params", "bias"): VariableSpec((features,), ZEROS),
+        ("batch_stats", "mean"): VariableSpec((features,), ZEROS),
+        ("batch_stats", "var"): VariableSpec((features,), ONES),
+    }
+
+
+def conv_norm_act_specs(in_features: int, features: int, kernel_size: int, zero_init_norm: bool = False) -> Specs:
+    return nested(("conv",), conv_specs(in_features, features, kernel_size)) | nested(
+        ("bn",), batch_norm_specs(features, zero_init_norm)
+    )
+
+
+def dense_specs(in_features: int, features: int, kernel_init: Init) -> Specs:
+    return {
+        ("params", "kernel"): VariableSpec((in_features, features), kernel_init),
+        ("params", "bias"): VariableSpec((features,), torch_default_bias_init(in_features)),
+    }
+
+
+def squeeze_excite_specs(channels: int, reduced: int) -> Specs:
+    """fc1/fc2 are 1x1 convs in PyTorch (kaiming init), dense layers here."""
+    return nested(("fc1",), dense_specs(channels, reduced, KAIMING)) | nested(
+        ("fc2",), dense_specs(reduced, channels, KAIMING)
+    )
+
+
+def declare(module: nn.Module, specs: Specs) -> dict[str, Any]:
+    """Create a Linen module's own (one-level) variables from their specs; returns them by leaf
+    name, ``batch_stats`` entries as ``flax`` Variables (so training can update them)."""
+    out = {}
+    for (collection, name), spec in specs.items():
+        if collection == "params":
+            out[name] = module.param(name, spec.init, spec.shape, jnp.float32)
+        else:
+            out[name] = module.variable(collection, name, spec.init, None, spec.shape, jnp.float32)
+    return out
+
+
+def batch_norm(
+    x: Array,
+    scale: Array,
+    bias: Array,
+    mean: Array,
+    var: Array,
+    train: bool,
+    axis_name: str | None = None,
+    momentum: float = 0.9,
+    epsilon: float = 1e-5,
+) -> tuple[Array, Array, Array]:
+    """BatchNorm over N, H, W with PyTorch's semantics: ``(y, running mean, running var)``.
+
+    In training, normalises with the biased batch variance and keeps the unbiased one in the
+    running statistics, as ``torch.nn.BatchNorm2d`` does; ``momentum`` follows the Flax
+    convention (0.9 here equals PyTorch's 0.1). With ``axis_name`` the batch statistics are
+    averaged over that mapped axis (synchronised BatchNorm across devices). ``y`` has x's dtype.
+    """
+    new_mean, new_var = mean, var
+    if train:
+        xf = x.astype(jnp.float32)
+        axes = tuple(range(x.ndim - 1))
+        batch_mean = jnp.mean(xf, axes)
+        mean_sq = jnp.mean(jnp.square(xf), axes)
+        count = math.prod(x.shape[:-1])
+        if axis_name is not None:
+            batch_mean, mean_sq = lax.pmean((batch_mean, mean_sq), axis_name)
+            count = count * lax.psum(1, axis_name)
+        batch_var = jnp.maximum(mean_sq - jnp.square(batch_mean), 0.0)
+        unbiased = batch_var * (count / jnp.maximum(count - 1, 1))
+        new_mean = momentum * mean + (1 - momentum) * batch_mean
+        new_var = momentum * var + (1 - momentum) * unbiased
+        mean, var = batch_mean, batch_var
+    mul = scale * lax.rsqrt(var + epsilon)
+    add = bias - mean * mul
+    return (x.astype(jnp.float32) * mul + add).astype(x.dtype), new_mean, new_var
+
+
+def dense(x: Array, kernel: Array, bias: Array, dtype: Dtype) -> Array:
+    """``x @ kernel + bias`` computed in ``dtype`` (the parameters are stored float32)."""
+    return x.astype(dtype) @ kernel.astype(dtype) + bias.astype(dtype)
+
+
+def squeeze_excite(x: Array, fc1: Callable[[Array], Array], fc2: Callable[[Array], Array]) -> Array:
+    """Spatial mean (float32) -> fc1 -> ReLU -> fc2 -> sigmoid -> channel scale of ``x``."""
+    s = fc2(jax.nn.relu(fc1(jnp.mean(x.astype(jnp.float32), axis=(1, 2)))))
+    return x * jax.nn.sigmoid(s)[:, None, None, :].astype(x.dtype)
+
+
+def conv_norm_act_tail(x: Array, slope: float | None, downsample: bool) -> Array:
+    """What follows conv + norm: optional LeakyReLU, optional anti-aliased stride-2 downsampling."""
+    if slope is not None:
+        x = jax.nn.leaky_relu(x, slope)
+    return blur_downsample(x) if downsample else x
+
+
 class Conv(nn.Module):
     """Bias-free stride-1 'same' convolution (``conv2d``), kernel ``(k, k, in, out)`` stored
     float32 under the name ``kernel`` as Flax's ``nn.Conv`` stores it."""
@@ -106,56 +252,28 @@ class Conv(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        k = self.kernel_size
-        kernel = self.param("kernel", conv_kernel_init, (k, k, x.shape[-1], self.features), jnp.float32)
+        kernel = declare(self, conv_specs(x.shape[-1], self.features, self.kernel_size))["kernel"]
         return conv2d(x.astype(self.dtype), kernel.astype(self.dtype))
 
 
 class BatchNorm(nn.Module):
-    """BatchNorm over N, H, W with PyTorch's semantics.
-
-    Normalises with the biased batch variance and keeps the unbiased one in the running
-    statistics, as ``torch.nn.BatchNorm2d`` does. ``momentum`` follows the Flax convention
-    (0.9 here equals PyTorch's 0.1). With ``axis_name`` the batch statistics are averaged over
-    that mapped axis (synchronised BatchNorm across devices).
-    """
+    """``batch_norm`` as a Linen module: ``scale``/``bias`` parameters, running ``mean``/``var``
+    in ``batch_stats``, updated when not ``use_running_average``."""
 
     use_running_average: bool = True
-    momentum: float = 0.9
-    epsilon: float = 1e-5
-    dtype: Dtype = jnp.float32
+    zero_init: bool = False
     axis_name: str | None = None
-    scale_init: nn.initializers.Initializer = nn.initializers.ones
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        features = x.shape[-1]
-        scale = self.param("scale", self.scale_init, (features,), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
-        ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
-        ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
-
-        if self.use_running_average:
-            mean, var = ra_mean.value, ra_var.value
-        else:
-            xf = x.astype(jnp.float32)
-            axes = tuple(range(x.ndim - 1))
-            mean = jnp.mean(xf, axes)
-            mean_sq = jnp.mean(jnp.square(xf), axes)
-            count = math.prod(x.shape[:-1])
-            if self.axis_name is not None:
-                mean, mean_sq = lax.pmean((mean, mean_sq), self.axis_name)
-                count = count * lax.psum(1, self.axis_name)
-            var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
-            if not self.is_initializing():
-                unbiased = var * (count / jnp.maximum(count - 1, 1))
-                m = self.momentum
-                ra_mean.value = m * ra_mean.value + (1 - m) * mean
-                ra_var.value = m * ra_var.value + (1 - m) * unbiased
-
-        mul = scale * lax.rsqrt(var + self.epsilon)
-        add = bias - mean * mul
-        return (x.astype(jnp.float32) * mul + add).astype(self.dtype)
+        v = declare(self, batch_norm_specs(x.shape[-1], self.zero_init))
+        train = not self.use_running_average
+        y, mean, var = batch_norm(
+            x, v["scale"], v["bias"], v["mean"].value, v["var"].value, train, self.axis_name
+        )
+        if train and not self.is_initializing():
+            v["mean"].value, v["var"].value = mean, var
+        return y
 
 
 class ConvNormAct(nn.Module):
@@ -174,41 +292,30 @@ class ConvNormAct(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         x = Conv(self.features, self.kernel_size, dtype=self.dtype, name="conv")(x)
-        x = BatchNorm(
-            use_running_average=not self.train,
-            dtype=self.dtype,
-            axis_name=self.axis_name,
-            scale_init=nn.initializers.zeros if self.zero_init_norm else nn.initializers.ones,
-            name="bn",
-        )(x)
-        if self.slope is not None:
-            x = nn.leaky_relu(x, self.slope)
-        if self.downsample:
-            x = blur_downsample(x)
-        return x
+        x = BatchNorm(not self.train, self.zero_init_norm, self.axis_name, name="bn")(x)
+        return conv_norm_act_tail(x, self.slope, self.downsample)
+
+
+class Dense(nn.Module):
+    """``dense`` as a Linen module with the original's initialisation (``dense_specs``)."""
+
+    features: int
+    kernel_init: Init
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        v = declare(self, dense_specs(x.shape[-1], self.features, self.kernel_init))
+        return dense(x, v["kernel"], v["bias"], self.dtype)
 
 
 class SqueezeExcite(nn.Module):
-    """Spatial mean -> fc1 -> ReLU -> fc2 -> sigmoid -> channel scale (fc1/fc2 are 1x1 convs in
-    PyTorch, dense layers here)."""
+    """``squeeze_excite`` with its two dense layers named ``fc1`` and ``fc2``."""
 
     reduced: int
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        channels = x.shape[-1]
-        s = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(self.dtype)
-        s = nn.relu(self._fc(self.reduced, channels, "fc1")(s))
-        s = self._fc(channels, self.reduced, "fc2")(s)
-        return x * nn.sigmoid(s)[:, None, None, :].astype(x.dtype)
-
-    def _fc(self, width: int, fan_in: int, name: str) -> nn.Dense:
-        return nn.Dense(
-            width,
-            dtype=self.dtype,
-            param_dtype=jnp.float32,
-            kernel_init=conv_kernel_init,
-            bias_init=torch_default_bias_init(fan_in),
-            name=name,
-        )
+        fc1 = Dense(self.reduced, KAIMING, self.dtype, name="fc1")
+        return squeeze_excite(x, fc1, Dense(x.shape[-1], KAIMING, self.dtype, name="fc2"))

@@ -7,14 +7,26 @@ The variable tree mirrors timm's module names (``body/layer3/0/conv2/bn/scale`` 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax import traverse_util
 
-from tresnet_jax.layers import ConvNormAct, SqueezeExcite, avg_pool_shortcut, space_to_depth, torch_default_bias_init
+from tresnet_jax.layers import (
+    ConvNormAct,
+    Dense,
+    Init,
+    Specs,
+    SqueezeExcite,
+    avg_pool_shortcut,
+    conv_norm_act_specs,
+    dense_specs,
+    nested,
+    space_to_depth,
+    squeeze_excite_specs,
+)
 
 Array = jax.Array
 Dtype = Any
@@ -55,6 +67,101 @@ class ArchSpec:
 
 STAGE_STRIDES = (1, 2, 2, 2)
 STAGE_HAS_SE = (True, True, True, False)
+STEM_IN_FEATURES = 48  # 3 colours x the 4x4 space-to-depth block
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSpec:
+    """One residual block: BasicBlock or Bottleneck, optional squeeze-excite and projection."""
+
+    kind: str
+    in_features: int
+    planes: int
+    stride: int
+    project: bool  # shortcut through (avg pool +) 1x1 conv + norm
+    se_width: int | None  # squeeze-excite hidden width; None: no SE
+    slope: float
+
+    @property
+    def out_features(self) -> int:
+        return self.planes * EXPANSION[self.kind]
+
+
+def stage_plan(arch: ArchSpec) -> tuple[tuple[BlockSpec, ...], ...]:
+    """Every block of the four stages, from the variant's numbers: the one place they are read."""
+    stages, in_features = [], arch.planes
+    for s, (kind, depth, stride, has_se) in enumerate(
+        zip(arch.block_types, arch.layers, STAGE_STRIDES, STAGE_HAS_SE, strict=True)
+    ):
+        planes = arch.planes * 2**s
+        se_width = (max(planes // 4, 64) if kind == BASIC else max(planes * 4 // 8, 64)) if has_se else None
+        blocks = []
+        for i in range(depth):
+            out_features = planes * EXPANSION[kind]
+            first = i == 0
+            project = first and (stride != 1 or in_features != out_features)
+            spec = BlockSpec(kind, in_features, planes, stride if first else 1, project, se_width, arch.block_slope)
+            blocks.append(spec)
+            in_features = out_features
+        stages.append(tuple(blocks))
+    return tuple(stages)
+
+
+def block_units(block: BlockSpec) -> list[tuple[str, int, int, int, float | None, bool, bool]]:
+    """The residual branch's conv+norm(+act) units in order: (name, in, out, kernel, slope,
+    stride-2 blur after it, zero-initialised norm)."""
+    down = block.stride == 2
+    if block.kind == BASIC:
+        return [
+            ("conv1", block.in_features, block.planes, 3, block.slope, down, False),
+            ("conv2", block.planes, block.planes, 3, None, False, True),
+        ]
+    return [
+        ("conv1", block.in_features, block.planes, 1, block.slope, False, False),
+        ("conv2", block.planes, block.planes, 3, block.slope, down, False),
+        ("conv3", block.planes, block.out_features, 1, None, False, True),
+    ]
+
+
+SE_AFTER = "conv2"  # squeeze-excite follows this unit in both kinds of block
+SHORTCUT_NAME = {1: "0", 2: "1"}  # timm's downsample Sequential: [AvgPool,] conv+norm
+
+
+def block_specs(block: BlockSpec) -> Specs:
+    """The variables of one block (``Block``'s, computed without tracing)."""
+    specs: Specs = {}
+    if block.project:
+        shortcut = conv_norm_act_specs(block.in_features, block.out_features, 1)
+        specs |= nested(("downsample", SHORTCUT_NAME[block.stride]), shortcut)
+    for name, cin, cout, k, _, _, zero_init in block_units(block):
+        specs |= nested((name,), conv_norm_act_specs(cin, cout, k, zero_init))
+        if name == SE_AFTER and block.se_width:
+            specs |= nested(("se",), squeeze_excite_specs(cout, block.se_width))
+    return specs
+
+
+def head_specs(num_features: int, num_classes: int) -> Specs:
+    return nested(("fc",), dense_specs(num_features, num_classes, HEAD_KERNEL_INIT))
+
+
+HEAD_KERNEL_INIT = Init("normal", 0.01)
+
+
+def variable_specs(arch: ArchSpec, num_classes: int) -> Specs:
+    """Flat (collection, module..., leaf) -> shape and initial distribution of every variable of
+    a model, computing and tracing nothing (a test holds it equal to ``TResNet.init``'s)."""
+    specs = nested(("body", "conv1"), conv_norm_act_specs(STEM_IN_FEATURES, arch.planes, 3))
+    for s, blocks in enumerate(stage_plan(arch), start=1):
+        for i, block in enumerate(blocks):
+            specs |= nested(("body", f"layer{s}", str(i)), block_specs(block))
+    if num_classes:
+        specs |= nested(("head",), head_specs(arch.num_features, num_classes))
+    return specs
+
+
+def variable_shapes(arch: ArchSpec, num_classes: int) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """Flat (collection, module..., leaf) -> shape of a model's variables, computing nothing."""
+    return {path: spec.shape for path, spec in variable_specs(arch, num_classes).items()}
 
 
 class Shortcut(nn.Module):
@@ -71,21 +178,16 @@ class Shortcut(nn.Module):
     def __call__(self, x: Array) -> Array:
         if self.stride == 2:
             x = avg_pool_shortcut(x)
-        name = "1" if self.stride == 2 else "0"
         return ConvNormAct(
-            self.features, 1, None, train=self.train, dtype=self.dtype, axis_name=self.axis_name, name=name
+            self.features, 1, None, train=self.train, dtype=self.dtype, axis_name=self.axis_name,
+            name=SHORTCUT_NAME[self.stride],
         )(x)
 
 
 class Block(nn.Module):
-    """BasicBlock or Bottleneck, with optional squeeze-excite and projection shortcut."""
+    """One residual block (``BlockSpec``): branch units, squeeze-excite, shortcut, ReLU."""
 
-    kind: str
-    planes: int
-    stride: int
-    project: bool
-    use_se: bool
-    slope: float
+    spec: BlockSpec
     train: bool = False
     dtype: Dtype = jnp.float32
     axis_name: str | None = None
@@ -93,60 +195,54 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         unit = dict(train=self.train, dtype=self.dtype, axis_name=self.axis_name)
-        out_features = self.planes * EXPANSION[self.kind]
+        block = self.spec
         shortcut = x
-        if self.project:
-            shortcut = Shortcut(out_features, self.stride, name="downsample", **unit)(x)
-        down = self.stride == 2
-        if self.kind == BASIC:
-            y = ConvNormAct(self.planes, 3, self.slope, downsample=down, name="conv1", **unit)(x)
-            y = ConvNormAct(self.planes, 3, None, zero_init_norm=True, name="conv2", **unit)(y)
-            if self.use_se:
-                y = SqueezeExcite(max(self.planes // 4, 64), dtype=self.dtype, name="se")(y)
-        else:
-            y = ConvNormAct(self.planes, 1, self.slope, name="conv1", **unit)(x)
-            y = ConvNormAct(self.planes, 3, self.slope, downsample=down, name="conv2", **unit)(y)
-            if self.use_se:
-                y = SqueezeExcite(max(self.planes * 4 // 8, 64), dtype=self.dtype, name="se")(y)
-            y = ConvNormAct(out_features, 1, None, zero_init_norm=True, name="conv3", **unit)(y)
+        if block.project:
+            shortcut = Shortcut(block.out_features, block.stride, name="downsample", **unit)(x)
+        y = x
+        for name, _, cout, k, slope, down, zero_init in block_units(block):
+            y = ConvNormAct(cout, k, slope, downsample=down, zero_init_norm=zero_init, name=name, **unit)(y)
+            if name == SE_AFTER and block.se_width:
+                y = SqueezeExcite(block.se_width, dtype=self.dtype, name="se")(y)
         return nn.relu(y + shortcut)
 
 
 class Stage(nn.Module):
     """One stage: blocks named ``0``, ``1``, ... as in timm's Sequential."""
 
-    kind: str
-    planes: int
-    depth: int
-    stride: int
-    project: bool
-    use_se: bool
-    slope: float
+    blocks: tuple[BlockSpec, ...]
     train: bool = False
     dtype: Dtype = jnp.float32
     axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        for i in range(self.depth):
-            first = i == 0
-            x = Block(
-                self.kind,
-                self.planes,
-                self.stride if first else 1,
-                self.project and first,
-                self.use_se,
-                self.slope,
-                train=self.train,
-                dtype=self.dtype,
-                axis_name=self.axis_name,
-                name=str(i),
-            )(x)
+        for i, spec in enumerate(self.blocks):
+            x = Block(spec, train=self.train, dtype=self.dtype, axis_name=self.axis_name, name=str(i))(x)
         return x
 
 
+FEATURE_INDICES = (0, 1, 2, 3, 4)  # the stem, stages 1-4: timm's feature_info numbering
+FEATURE_STRIDES = (4, 4, 8, 16, 32)
+LAST_STAGE = FEATURE_INDICES[-1]
+
+
+def feature_indices(out_indices: Sequence[int]) -> tuple[int, ...]:
+    """``out_indices`` checked: a non-empty sequence of 0 (the stem) to 4 (stage 4)."""
+    indices = tuple(out_indices)
+    if not indices or any(not isinstance(i, int) or i not in FEATURE_INDICES for i in indices):
+        raise ValueError(f"out_indices must be 0 (stem) to {LAST_STAGE} (last stage), got {out_indices!r}")
+    return indices
+
+
+def global_pool(x: Array) -> Array:
+    """The head's input: the spatial mean of the last feature map, in float32."""
+    return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+
+
 class Body(nn.Module):
-    """Space-to-depth stem and the four stages; returns the stem's and every stage's output."""
+    """Space-to-depth stem and the four stages; returns the feature maps at ``out_indices``
+    (``FEATURE_INDICES``), running no stage after the last one asked for."""
 
     arch: ArchSpec
     train: bool = False
@@ -154,37 +250,26 @@ class Body(nn.Module):
     axis_name: str | None = None
 
     @nn.compact
-    def __call__(self, x: Array) -> list[Array]:
+    def __call__(self, x: Array, out_indices: Sequence[int] = FEATURE_INDICES) -> list[Array]:
+        out_indices = feature_indices(out_indices)
         unit = dict(train=self.train, dtype=self.dtype, axis_name=self.axis_name)
-        arch = self.arch
         x = space_to_depth(x.astype(self.dtype))
-        x = ConvNormAct(arch.planes, 3, arch.stem_slope, name="conv1", **unit)(x)
-        outputs = [x]
-        in_features = arch.planes
-        stages = zip(arch.block_types, arch.layers, STAGE_STRIDES, STAGE_HAS_SE, strict=True)
-        for s, (kind, depth, stride, use_se) in enumerate(stages, start=1):
-            planes = arch.planes * 2 ** (s - 1)
-            project = stride != 1 or in_features != planes * EXPANSION[kind]
-            x = Stage(kind, planes, depth, stride, project, use_se, arch.block_slope, name=f"layer{s}", **unit)(x)
-            in_features = planes * EXPANSION[kind]
-            outputs.append(x)
-        return outputs
+        x = ConvNormAct(self.arch.planes, 3, self.arch.stem_slope, name="conv1", **unit)(x)
+        maps = [x]
+        for s, blocks in enumerate(stage_plan(self.arch)[: max(out_indices)], start=1):
+            x = Stage(blocks, name=f"layer{s}", **unit)(x)
+            maps.append(x)
+        return [maps[i] for i in out_indices]
 
 
 class Head(nn.Module):
     """Global average pool -> linear, in float32 (the logits feed softmax and the loss)."""
 
     num_classes: int
-    num_features: int
 
     @nn.compact
     def __call__(self, features: Array) -> Array:
-        return nn.Dense(
-            self.num_classes,
-            kernel_init=nn.initializers.normal(0.01),
-            bias_init=torch_default_bias_init(self.num_features),
-            name="fc",
-        )(features)
+        return Dense(self.num_classes, HEAD_KERNEL_INIT, jnp.float32, name="fc")(features)
 
 
 class TResNet(nn.Module):
@@ -192,9 +277,9 @@ class TResNet(nn.Module):
 
     ``model.apply(variables, images)`` returns float32 logits (the pooled features when
     ``num_classes`` is 0); ``method="features"`` the pooled features and
-    ``method="stage_features"`` the stem's and the four stages' feature maps, for use as a
-    backbone. Training mode: ``model.apply(variables, images, train=True,
-    mutable=["batch_stats"])``.
+    ``method="stage_features"`` feature maps for use as a backbone: the stem's and the four
+    stages', or those of ``out_indices=(1, 2, 3, 4)`` (0: stem, 1-4: stages, as in timm).
+    Training mode: ``model.apply(variables, images, train=True, mutable=["batch_stats"])``.
     """
 
     arch: ArchSpec
@@ -203,26 +288,24 @@ class TResNet(nn.Module):
     axis_name: str | None = None
 
     @nn.compact
-    def __call__(self, x: Array, train: bool = False, output: str = "logits") -> Array | list[Array]:
-        stages = Body(self.arch, train=train, dtype=self.dtype, axis_name=self.axis_name, name="body")(x)
+    def __call__(
+        self, x: Array, train: bool = False, output: str = "logits", out_indices: Sequence[int] = FEATURE_INDICES
+    ) -> Array | list[Array]:
+        body = Body(self.arch, train=train, dtype=self.dtype, axis_name=self.axis_name, name="body")
         if output == "stages":
-            return stages
-        features = jnp.mean(stages[-1].astype(jnp.float32), axis=(1, 2))
+            return body(x, out_indices)
+        features = global_pool(body(x, (LAST_STAGE,))[0])
         if output == "features" or self.num_classes == 0:
             return features
-        return Head(self.num_classes, self.arch.num_features, name="head")(features)
+        return Head(self.num_classes, name="head")(features)
 
     def features(self, x: Array, train: bool = False) -> Array:
         """Globally pooled features, (N, num_features), float32."""
         return self(x, train, output="features")
 
-    def stage_features(self, x: Array, train: bool = False) -> list[Array]:
-        """Feature maps of the stem and the four stages (strides 4, 4, 8, 16, 32), NHWC."""
-        return self(x, train, output="stages")
-
-
-def variable_shapes(arch: ArchSpec, num_classes: int) -> dict[tuple[str, ...], tuple[int, ...]]:
-    """Flat (collection, module..., leaf) -> shape of a model's variables, computing nothing."""
-    model = TResNet(arch, num_classes)
-    abstract = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))
-    return {path: leaf.shape for path, leaf in traverse_util.flatten_dict(abstract).items()}
+    def stage_features(
+        self, x: Array, train: bool = False, out_indices: Sequence[int] = FEATURE_INDICES
+    ) -> list[Array]:
+        """Feature maps (NHWC) at ``out_indices``: 0 the stem, 1-4 the stages (strides
+        ``FEATURE_STRIDES``: 4, 4, 8, 16, 32); stages after the last index asked for are not run."""
+        return self(x, train, output="stages", out_indices=out_indices)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 
 from tresnet_jax.errors import InputError
 from tresnet_jax.model import ArchSpec
@@ -62,12 +63,22 @@ def list_models() -> list[str]:
     return list(ARCHITECTURES)
 
 
+def closest(name: str, known: list[str], count: int = 5) -> str:
+    """The known names most like ``name``, most alike first, for "unknown ..." messages."""
+    return ", ".join(difflib.get_close_matches(name, known, n=count, cutoff=0.0))
+
+
 def get_arch(name: str) -> ArchSpec:
     """The architecture of a model name or pretrained tag (``tresnet_m.miil_in1k`` works too)."""
     arch = name.split(".")[0]
-    if arch not in ARCHITECTURES:
-        raise InputError(f"unknown model {name!r}; known: {', '.join(ARCHITECTURES)}")
+    if arch not in ARCHITECTURES or ("." in name and name not in PRETRAINED):
+        raise InputError(f"unknown model {name!r}; closest known: {closest(name, [*ARCHITECTURES, *PRETRAINED])}")
     return ARCHITECTURES[arch]
+
+
+def default_tag(architecture: str) -> str | None:
+    """timm's default weights of an architecture: its first tag on the hub (None: none there)."""
+    return next((c.tag for c in PRETRAINED.values() if c.architecture == architecture and c.source == "timm"), None)
 
 
 def default_config(name: str, num_classes: int | None = None) -> PretrainedConfig:

@@ -35,20 +35,20 @@ def weights_root() -> Path:
     return Path(cache).expanduser() / "tresnet_jax" / "weights"
 
 
-def resolve(name_or_path: str | os.PathLike) -> Path:
-    """A weights directory from a path or a name under ``weights_root()``."""
+def find(name_or_path: str | os.PathLike) -> Path | None:
+    """A weights directory at a path, or stored under ``weights_root()`` by that name; None."""
     path = Path(name_or_path).expanduser()
     if (path / METADATA_FILE).is_file():
         return path
     named = weights_root() / str(name_or_path)
     if os.sep not in str(name_or_path) and (named / METADATA_FILE).is_file():
         return named
-    available = [p.parent.name for p in weights_root().glob(f"*/{METADATA_FILE}")]
-    hint = f"converted weights here: {', '.join(sorted(available))}" if available else "none converted yet"
-    raise InputError(
-        f"no weights {str(name_or_path)!r}: not a weights directory, nor a name under {weights_root()} "
-        f"({hint}); convert a checkpoint with: python convert/torch_to_flax.py CHECKPOINT"
-    )
+    return None
+
+
+def stored_names() -> list[str]:
+    """Names of the weights directories under ``weights_root()``."""
+    return sorted(p.parent.name for p in weights_root().glob(f"*/{METADATA_FILE}"))
 
 
 def save_weights(

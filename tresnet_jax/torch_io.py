@@ -1,8 +1,10 @@
 """Reading and writing PyTorch checkpoint files (``.pth``/``.pt``/``.bin`` pickles and
 ``.safetensors``) as ``{key: numpy array}`` dicts.
 
-A checkpoint is untrusted: pickles are read with ``torch.load(weights_only=True)``, which
-refuses any object that would import code, so a malicious file is rejected, never executed.
+``.safetensors`` files (the Hugging Face hub's) are read with safetensors' NumPy API, so getting
+pretrained weights needs no PyTorch; PyTorch is imported only for pickles. A checkpoint is
+untrusted: pickles are read with ``torch.load(weights_only=True)``, which refuses any object
+that would import code, so a malicious file is rejected, never executed.
 """
 
 from __future__ import annotations
@@ -32,12 +34,15 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise InputError(f"{path}: not readable (permission denied)")
     if path.stat().st_size == 0:
         raise InputError(f"{path}: empty file")
-    loaded = _read_safetensors(path) if path.suffix == SAFETENSORS_SUFFIX else _read_pickle(path)
+    safetensors = path.suffix == SAFETENSORS_SUFFIX
+    loaded = _read_safetensors(path) if safetensors else _read_pickle(path)
     try:
         state_dict = unwrap_state_dict(loaded)
     except InputError as err:
         raise InputError(f"{path}: {err}") from None
-    return {key: _to_numpy(key, value, path) for key, value in state_dict.items()}
+    if safetensors:
+        return {key: _float32(value) for key, value in state_dict.items()}
+    return {key: _torch_to_numpy(key, value, path) for key, value in state_dict.items()}
 
 
 def _read_pickle(path: Path) -> object:
@@ -69,16 +74,22 @@ def _read_pickle(path: Path) -> object:
         raise InputError(f"{path}: not a PyTorch checkpoint ({type(err).__name__}: {_first_line(err)})") from None
 
 
-def _read_safetensors(path: Path) -> dict[str, object]:
-    from safetensors.torch import load_file
+def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
 
     try:
-        return load_file(str(path), device="cpu")
+        return load_file(str(path))
+    except KeyError as err:  # a dtype NumPy has no type for (bfloat16, float8)
+        raise InputError(f"{path}: holds tensors of type {err}, which this reader does not take") from None
     except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
         raise InputError(f"{path}: truncated or corrupt safetensors file ({_first_line(err)})") from None
 
 
-def _to_numpy(key: str, value: object, path: Path) -> np.ndarray:
+def _float32(value: np.ndarray) -> np.ndarray:
+    return value.astype(np.float32) if np.issubdtype(value.dtype, np.floating) else value
+
+
+def _torch_to_numpy(key: str, value: object, path: Path) -> np.ndarray:
     import torch
 
     if not isinstance(value, torch.Tensor):

@@ -19,10 +19,12 @@ import jax
 import jax.numpy as jnp
 
 from tresnet_jax.augment import AugmentConfig
+from tresnet_jax.classes import imagenet_index
 from tresnet_jax.datasets import FolderSource, TfdsSource, model_labels
 from tresnet_jax.errors import InputError
 from tresnet_jax.evaluation import evaluate
 from tresnet_jax.factory import create_model, load_any
+from tresnet_jax.initialization import replace_head
 from tresnet_jax.model import TResNet
 from tresnet_jax.parallel import (
     BATCH_AXIS,
@@ -91,6 +93,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     log_every: int = 20
     num_devices: int | None = None
+    sync_bn: bool = True  # BatchNorm statistics of the global batch; False: of each device's shard
     eval_batch_size: int | None = None
     progress: bool = True
     compilation_cache: bool = True
@@ -128,26 +131,23 @@ def initial_variables(cfg: TrainConfig, num_classes: int) -> tuple[dict[str, Any
     if cfg.init is None:
         _, fresh = create_model(cfg.model, num_classes, seed=cfg.seed)
         return fresh, f"{cfg.model} initialised from scratch (seed {cfg.seed})"
-    model, loaded, metadata = load_any(cfg.init, cfg.model)
-    if get_arch(metadata["model"]) != get_arch(cfg.model):
-        raise InputError(f"--init {cfg.init} holds {metadata['model']} weights, not {cfg.model}")
-    params = dict(loaded["params"])
-    kept = model.num_classes == num_classes
-    if not kept:
-        params.pop("head", None)
-        if num_classes:  # the new head drawn as a fresh model's would be (same seed)
-            params["head"] = create_model(cfg.model, num_classes, seed=cfg.seed)[1]["params"]["head"]
-    variables = {"params": params, "batch_stats": loaded["batch_stats"]}
-    head = "its head kept" if kept else f"a new {num_classes}-class head (it had {model.num_classes})"
-    return variables, f"{cfg.model} fine-tuned from {cfg.init}: backbone loaded, {head}"
+    loaded = load_any(cfg.init, cfg.model)
+    if get_arch(loaded.metadata["model"]) != get_arch(cfg.model):
+        raise InputError(f"--init {cfg.init} holds {loaded.metadata['model']} weights, not {cfg.model}")
+    kept = loaded.model.num_classes == num_classes
+    variables = loaded.variables if kept else replace_head(loaded.variables, loaded.model.arch, num_classes, cfg.seed)
+    head = "its head kept" if kept else f"a new {num_classes}-class head (it had {loaded.model.num_classes})"
+    return variables, f"{cfg.model} fine-tuned from {loaded.origin}: backbone loaded, {head}"
 
 
 def check_resumable(workdir: Path, cfg: TrainConfig) -> None:
-    """A workdir holds one run: refuse to continue it with settings that change the result."""
+    """A workdir holds one run: refuse to continue it with settings that change the result
+    (without synchronised BatchNorm, the device count is one of them)."""
     path = workdir / CONFIG_FILE
-    current = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE}
+    resumable = RESUMABLE if cfg.sync_bn else RESUMABLE - {"num_devices"}
+    current = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in resumable}
     if path.exists():
-        stored = {k: v for k, v in json.loads(path.read_text()).items() if k not in RESUMABLE}
+        stored = {k: v for k, v in json.loads(path.read_text()).items() if k not in resumable}
         changed = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
         if changed:
             details = ", ".join(f"{k} {stored.get(k)!r} -> {current.get(k)!r}" for k in changed[:4])
@@ -192,6 +192,8 @@ class Run:
         self.num_classes = cfg.num_classes or len(self.train_source.class_names)
         self.label_map = model_labels(self.train_source.class_names, self.num_classes, self.train_source.name)
         devices = select_devices(cfg.num_devices)
+        if not cfg.sync_bn:  # the devices' shards decide the statistics: the count is a setting
+            cfg = self.cfg = dataclasses.replace(cfg, num_devices=len(devices) // jax.process_count())
         self.mesh = data_mesh(devices)
         local_batch_size(cfg.batch_size, self.mesh)
         self.spec = StreamSpec(cfg.batch_size, jax.process_index(), jax.process_count(), cfg.seed)
@@ -201,7 +203,7 @@ class Run:
             raise InputError(f"--precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
         dtype = PRECISIONS[cfg.precision]
         arch = get_arch(cfg.model)
-        self.model = TResNet(arch, self.num_classes, dtype=dtype, axis_name=BATCH_AXIS)
+        self.model = TResNet(arch, self.num_classes, dtype=dtype, axis_name=BATCH_AXIS if cfg.sync_bn else None)
         self.eval_model = TResNet(arch, self.num_classes, dtype=dtype)
         self.optim = OptimConfig(
             total_steps=self.total_steps, lr=cfg.peak_lr(), schedule=cfg.schedule,
@@ -281,21 +283,20 @@ class Run:
         batches = train_batches(self.train_source, self.spec, self.augment, start, self.label_map)
         bar = ProgressBar(self.total_steps * cfg.batch_size, "train", self.lead and cfg.progress,
                           initial=start * cfg.batch_size)
-        pending: list[tuple[int, dict[str, jax.Array]]] = []
-        window_start, window_images = time.perf_counter(), 0
+        lagged = LaggedMetrics()
+        window_start = time.perf_counter()
         last_eval: dict[str, float] = {}
         step = start
         for _, device_batch in prefetch_to_devices(batches, self.mesh):
             state, metrics = compiled(state, device_batch)
             step += 1
-            window_images += cfg.batch_size
-            pending.append((step, metrics))
             epoch_end = step % self.steps_per_epoch == 0
             done = step >= self.total_steps
-            if step % cfg.log_every == 0 or epoch_end or done or step % checkpoint_every == 0:
-                latest = self.check_and_log(pending, metrics_log, window_start, window_images)
-                pending, window_start, window_images = [], time.perf_counter(), 0
-                bar.update(step * cfg.batch_size, {"loss": latest["loss"], "lr": latest["lr"]})
+            sync = epoch_end or done or step % checkpoint_every == 0
+            for window in lagged.push(step, metrics, log=step % cfg.log_every == 0, sync=sync):
+                latest = self.check_and_log(window, metrics_log, window_start)
+                window_start = time.perf_counter()
+                bar.update(window[-1][0] * cfg.batch_size, {"loss": latest["loss"], "lr": latest["lr"]})
             if epoch_end and cfg.eval_every and (step // self.steps_per_epoch) % cfg.eval_every == 0 and not done:
                 last_eval = self.validate(state, step, metrics_log)
                 window_start = time.perf_counter()
@@ -315,11 +316,11 @@ class Run:
             "label": jax.ShapeDtypeStruct((n,), jnp.int32, sharding=sharding),
         }
 
-    def check_and_log(self, pending, metrics_log, window_start: float, window_images: int) -> dict[str, float]:
-        """Fetch the metrics of the last steps (waiting for them), stop on a non-finite loss, log
-        the last step with the throughput since the previous log."""
+    def check_and_log(self, pending, metrics_log, window_start: float) -> dict[str, float]:
+        """Fetch the metrics of the steps in ``pending`` (waiting for them), stop on a non-finite
+        loss, log the last step with the throughput since the previous log."""
         values = [(step, {k: float(v) for k, v in jax.device_get(m).items()}) for step, m in pending]
-        rate = window_images / (time.perf_counter() - window_start)
+        rate = len(pending) * self.cfg.batch_size / (time.perf_counter() - window_start)
         for step, row in values:
             overflow = self.cfg.precision != "fp16" and row["finite"] < 1
             if not math.isfinite(row["loss"]) or overflow or row["params_finite"] < 1:
@@ -378,12 +379,44 @@ class Run:
             "reported": None,
             "source": {"trained_in": str(self.workdir), "step": step, "ema": bool(prefix),
                        "val_top1": final.get(f"{prefix}val_top1")},
-            "class_names": list(self.train_source.class_names) if self.cfg.num_classes is None else None,
+            "class_names": self.model_class_names(),
         }
+
+    def model_class_names(self) -> list[str] | None:
+        """The model's class names: the dataset's, unless its labels are ImageNet WordNet ids
+        mapped into a 1000-class model (ImageNet's names apply) or it has other counts."""
+        names = [str(name) for name in self.train_source.class_names]
+        if len(names) != self.num_classes or (self.num_classes == 1000 and set(names) <= set(imagenet_index())):
+            return None
+        return names
 
     def log(self, line: str) -> None:
         if self.lead:
             print(line, flush=True)
+
+
+class LaggedMetrics:
+    """The metrics of dispatched steps, read one step late: a log due at step s is read once
+    step s + 1 is queued behind it, so the device never waits while the host reads and writes
+    them. Checkpoints, validation and the end read everything at once (they wait anyway)."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[int, Any]] = []
+        self.due = False
+
+    def push(self, step: int, metrics: Any, log: bool, sync: bool) -> list[list[tuple[int, Any]]]:
+        """Add the metrics of ``step``, just dispatched; return the windows of (step, metrics) to
+        read now, oldest first. Each window is logged as one row, its last step's."""
+        ready = []
+        if self.due:
+            ready.append(self.pending)
+            self.pending = []
+        self.pending.append((step, metrics))
+        self.due = log and not sync
+        if sync:
+            ready.append(self.pending)
+            self.pending = []
+        return ready
 
 
 class MetricsLog:
