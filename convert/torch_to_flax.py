@@ -35,8 +35,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--num-classes", type=int, help="classes of the new head (default: the checkpoint's; 0: no head)"
     )
     parser.add_argument(
-        "--tag", choices=list(PRETRAINED), help="pretrained configuration (default: from the hub repository or the "
-        "file name; else none, and the model's published preprocessing)"
+        "--tag",
+        choices=list(PRETRAINED),
+        help="pretrained configuration (default: from the hub repository or the "
+        "file name; else none, and the model's published preprocessing)",
     )
     parser.add_argument("--name", help="name to store under (default: the model name)")
     parser.add_argument("--output", type=Path, help="output directory (default: <weights root>/<name>)")

@@ -12,6 +12,7 @@ from PIL import Image
 
 import eval as eval_cli
 import predict as predict_cli
+from tests.blocked_imports import run_without
 from tests.classifier import fitted_classifier, pil_preprocess
 from tests.images import image_folder, photo_files
 from tests.tfds_folders import prepare_from_folders
@@ -44,6 +45,27 @@ def test_squish_and_bicubic_match_pil(tmp_path, prep, resample):
     for path in photo_files(tmp_path)[:6]:
         reference = pil_preprocess(path, prep.input_size, prep.crop_pct, prep.squish, resample)
         assert 255 * np.abs(load_image(path, prep) - reference).mean() <= 1.0
+
+
+def test_load_image_without_tensorflow_stays_within_a_grey_level(tmp_path):
+    """On a machine without TensorFlow, load_image uses PIL: the same sizes and crops, and
+    pixels within the bound the TensorFlow path is held to against PIL (1/255 mean)."""
+    files = photo_files(tmp_path)[:6]
+    preps = [Preprocessing(224), Preprocessing(128, 0.95, "bicubic"), Preprocessing(96, squish=True)]
+    ours = [load_image(path, prep) for prep in preps for path in files]
+    code = f"""
+import numpy as np
+from tresnet_jax.preprocess import Preprocessing, load_image
+preps = [Preprocessing(224), Preprocessing(128, 0.95, "bicubic"), Preprocessing(96, squish=True)]
+files = {[str(f) for f in files]!r}
+np.savez({str(tmp_path / "pil.npz")!r}, *[load_image(f, p) for p in preps for f in files])
+"""
+    done = run_without({"tensorflow"}, code)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with np.load(tmp_path / "pil.npz") as saved:
+        pil = [saved[f"arr_{i}"] for i in range(len(ours))]
+    assert [p.shape for p in pil] == [o.shape for o in ours]
+    assert max(255 * np.abs(p - o).mean() for p, o in zip(pil, ours, strict=True)) <= 1.0
 
 
 def test_bad_preprocessing_settings_are_rejected():

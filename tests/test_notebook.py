@@ -1,5 +1,6 @@
 """notebooks/quickstart.ipynb runs top to bottom in a fresh kernel of this interpreter (the
-venv's), on the random-weights path, and prints what it promises."""
+venv's), from the one-line pretrained call against a hub cache of random timm weights, and
+prints what it promises."""
 
 import math
 import os
@@ -11,6 +12,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+from tests.hub_cache import add_repo, timm_files
+from tests.reference import random_timm_model
 from tresnet_jax.classes import imagenet_index
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,48 +40,71 @@ def stdout(nb, tag: str) -> str:
     return "".join(o.text for o in cells[0].outputs if o.output_type == "stream" and o.name == "stdout")
 
 
-def test_quickstart_runs_on_random_weights(kernel, tmp_path, monkeypatch):
+@pytest.fixture
+def hub_cache(tmp_path):
+    """timm's default tresnet_m weights (random values) in a Hugging Face cache, as the hub
+    would serve them."""
+    model = random_timm_model("tresnet_m", 1000, seed=3)
+    files = timm_files({k: v.numpy() for k, v in model.state_dict().items()}, "tresnet_m", 1000)
+    add_repo(tmp_path / "hub", "timm/tresnet_m.miil_in21k_ft_in1k", files)
+    return tmp_path / "hub"
+
+
+def losses(text: str, name: str) -> list[float]:
+    values = [float(v) for v in re.findall(rf"{name} step \d: loss (\S+)", text)]
+    assert len(values) == 3, text
+    assert all(math.isfinite(v) for v in values)
+    return values
+
+
+def test_quickstart_runs_from_the_one_line_pretrained_call(kernel, hub_cache, tmp_path, monkeypatch):
     nb = nbformat.read(NOTEBOOK, as_version=4)
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert all(not c.outputs and c.execution_count is None for c in code), "store the notebook without outputs"
+    one_line = 'model, variables = tresnet_jax.create_model("tresnet_m", pretrained=True)'
+    assert code[0].source == f"import tresnet_jax\n\n{one_line}"
 
-    monkeypatch.setenv("TRESNET_JAX_WEIGHTS", str(tmp_path / "no_weights"))  # nothing converted: random weights
+    monkeypatch.setenv("TRESNET_JAX_WEIGHTS", str(tmp_path / "weights"))  # nothing converted yet
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub_cache))
     monkeypatch.delenv("XLA_FLAGS", raising=False)  # one CPU device, as in a user's kernel (conftest.py sets 4)
     # This checkout's package, whatever else is installed.
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
     nb.cells.append(nbformat.v4.new_code_cell("import sys\nprint(sys.executable)\nprint(sys.prefix)"))
-    workdir = tmp_path / "cwd"
-    workdir.mkdir()
-    # Raises CellExecutionError, with the cell and its traceback, if any cell fails.
-    NotebookClient(nb, kernel_name=kernel, timeout=300, resources={"metadata": {"path": str(workdir)}}).execute()
+    # Run where Jupyter runs it: in the notebook's folder (it reads images/). Raises
+    # CellExecutionError, with the cell and its traceback, if any cell fails.
+    where = {"metadata": {"path": str(NOTEBOOK.parent)}}
+    NotebookClient(nb, kernel_name=kernel, timeout=300, resources=where).execute()
 
     executable, prefix = nb.cells[-1].outputs[0].text.splitlines()
     assert (executable, prefix) == (sys.executable, sys.prefix)
+    assert (tmp_path / "weights" / "tresnet_m.miil_in21k_ft_in1k" / "metadata.json").is_file()
 
-    model = stdout(nb, "model")
-    assert "note: random weights" in model
-    assert "tresnet_m: 31.4 M parameters, 1000 classes" in model
+    metadata = stdout(nb, "metadata")
+    assert "tresnet_m.miil_in21k_ft_in1k: 31.4 M parameters, 1000 classes, hub revision 0123456789ab" in metadata
+    assert "reported ImageNet top-1: 83.09" in metadata
 
     lines = stdout(nb, "top5").splitlines()
-    assert len(lines) == 5, lines
-    rows = [re.fullmatch(r"\s*(\d+\.\d\d)%  (.+) \((n\d{8})\)", line) for line in lines]
+    assert lines[0] == "(224, 224, 3) float32"
+    rows = [re.fullmatch(r"\s*(\d+\.\d\d)%  (.+) \((n\d{8})\)", line) for line in lines[1:]]
+    assert len(rows) == 5
     assert all(rows), lines
     percents = [float(row[1]) for row in rows]
     assert percents == sorted(percents, reverse=True)
     assert 0 < sum(percents) <= 100
-    wnids = [row[3] for row in rows]
-    assert len(set(wnids)) == 5
-    assert all(wnid in imagenet_index() for wnid in wnids)
+    assert len({row[3] for row in rows}) == 5
+    assert all(row[3] in imagenet_index() for row in rows)
 
     features = stdout(nb, "features").splitlines()
     assert features[0] == "pooled features: (1, 2048) float32"
-    shapes = [re.search(r"\(.*\)", line)[0] for line in features[1:]]
+    shapes = [re.search(r"\(.*\)", line)[0] for line in features[1:6]]
     assert shapes == ["(1, 56, 56, 64)", "(1, 56, 56, 64)", "(1, 28, 28, 128)", "(1, 14, 14, 1024)", "(1, 7, 7, 2048)"]
+    assert features[6] == "out_indices=(2, 3): [(1, 28, 28, 128), (1, 14, 14, 1024)]"
 
-    assert "head: {'fc': {'bias': (10,), 'kernel': (2048, 10)}}" in stdout(nb, "finetune")
-    losses = dict(re.findall(r"loss (before the step|after one step): +(\S+)", stdout(nb, "losses")))
-    before, after = float(losses["before the step"]), float(losses["after one step"])
-    assert math.isfinite(before)
-    assert math.isfinite(after)
-    assert abs(before - math.log(10)) < 0.5  # a fresh head predicts nearly uniformly over the 10 classes
-    assert after < before - 0.1
+    linen = stdout(nb, "linen")
+    assert "head: {'fc': {'bias': (4,), 'kernel': (2048, 4)}}" in linen
+    # A fresh 4-class head starts near uniform (log 4), and the steps lower the loss on their batch.
+    for values in (losses(linen, "linen"), losses(stdout(nb, "nnx"), "nnx")):
+        assert abs(values[0] - math.log(4)) < 0.5
+        assert values[2] < values[0] - 0.05
+    assert "pooled features: (1, 2048)" in stdout(nb, "nnx")

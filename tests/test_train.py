@@ -3,6 +3,7 @@ it resumes exactly, it handles fp16 overflow, fine-tuning and bad input."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 import eval as eval_cli
+import predict as predict_cli
 import train as train_cli
 import tresnet_jax
 from tests.multihost import describe, run_processes
@@ -94,7 +96,14 @@ def test_learns_digits_and_exports_weights_eval_can_read(digits, tmp_path, capsy
     assert (config["lr"], config["label_smoothing"], config["schedule"]) == (2e-3, 0.1, "onecycle")
     # The export is a weights directory: tresnet_jax.load and eval.py read it and agree.
     model, _ = tresnet_jax.load(workdir / "export")
-    assert (model.num_classes, tresnet_jax.load_metadata(workdir / "export")["source"]["step"]) == (10, final["step"])
+    metadata = tresnet_jax.load_metadata(workdir / "export")
+    assert (model.num_classes, metadata["source"]["step"]) == (10, final["step"])
+    assert metadata["class_names"] == [f"digit{d}" for d in range(10)]
+    # predict.py names the dataset's classes.
+    image = next((digits / "val" / "digit3").iterdir())
+    assert predict_cli.main([str(image), "--model", str(workdir / "export")]) == 0
+    top5 = capsys.readouterr().out.splitlines()[-5:]
+    assert all(re.fullmatch(r"\s+\d+\.\d\d%  digit\d", line) for line in top5), top5
     results = tmp_path / "eval.json"
     code = eval_cli.main([str(a) for a in ["--weights", workdir / "export", "--val_dir", digits / "val",
                                            "--batch-size", 40, "--output", results, "--no-progress"]])

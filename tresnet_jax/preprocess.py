@@ -1,5 +1,6 @@
 """The one evaluation preprocessing of TResNet, in TensorFlow ops so tf.data runs it in parallel;
-used by eval.py, predict.py, the notebook and the tests.
+used by eval.py, predict.py, the notebook and the tests (with a PIL twin for ``load_image`` on
+machines without TensorFlow).
 
 Official recipe: shorter side to floor(size / crop_pct) with antialiased bilinear resampling,
 centre crop to size (or, for the official 448 weights, a plain resize to size x size: squish),
@@ -118,23 +119,52 @@ def decode_with_fallback(encoded: bytes, name: str) -> np.ndarray:
     try:
         return decode_image(tf.constant(encoded)).numpy()
     except Exception:  # noqa: BLE001 - try the other decoder; its error is the one reported
-        pass
+        return np.asarray(_pil_image(encoded, name))
+
+
+def pil_transform(image: Any, prep: Preprocessing) -> np.ndarray:
+    """``transform`` with PIL, for machines without TensorFlow: a PIL image -> uint8 (size,
+    size, 3). Same sizes and crop offsets; PIL's antialiased resampling (the official eval's)."""
+    from PIL import Image
+
+    filters = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
+    size, width, height = prep.input_size, *image.size
+    if prep.squish:
+        return np.asarray(image.resize((size, size), filters[prep.interpolation]))
+    scale = prep.resize_size / min(width, height)
+    if height <= width:
+        target = (math.floor(width * scale), prep.resize_size)
+    else:
+        target = (prep.resize_size, math.floor(height * scale))
+    pixels = np.asarray(image.resize(target, filters[prep.interpolation]))
+    top, left = round((target[1] - size) / 2), round((target[0] - size) / 2)  # halves to even, as torchvision
+    return pixels[top : top + size, left : left + size]
+
+
+def load_image(path: str | os.PathLike, prep: Preprocessing = Preprocessing()) -> np.ndarray:
+    """An image file preprocessed for the model: float32 (size, size, 3) in [0, 1]. TensorFlow's
+    ops when TensorFlow is installed (what eval.py runs), else PIL's (within a grey level)."""
+    try:
+        encoded = Path(path).read_bytes()
+    except OSError as err:
+        raise InputError(f"{path}: {err.strerror}") from None
+    try:
+        tf = tensorflow()
+    except ImportError:
+        image = pil_transform(_pil_image(encoded, str(path)), prep)
+    else:
+        image = transform(tf.convert_to_tensor(decode_with_fallback(encoded, str(path))), prep).numpy()
+    return image.astype(np.float32) / 255.0
+
+
+def _pil_image(encoded: bytes, name: str) -> Any:
+    """An RGB PIL image of encoded bytes; InputError when PIL cannot read them."""
     import io
 
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(encoded)) as image:
-            return np.asarray(image.convert("RGB"))
+            return image.convert("RGB")
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
         raise InputError(f"{name}: unreadable image ({err})") from None
-
-
-def load_image(path: str | os.PathLike, prep: Preprocessing = Preprocessing()) -> np.ndarray:
-    """An image file preprocessed for the model: float32 (size, size, 3) in [0, 1]."""
-    try:
-        encoded = Path(path).read_bytes()
-    except OSError as err:
-        raise InputError(f"{path}: {err.strerror}") from None
-    image = transform(tensorflow().convert_to_tensor(decode_with_fallback(encoded, str(path))), prep)
-    return image.numpy().astype(np.float32) / 255.0
