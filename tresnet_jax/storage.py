@@ -93,10 +93,29 @@ def write_file_atomically(path: str | os.PathLike, write: Callable[[str], None])
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # what open() would give: mkstemp's 0600 hides it from other users
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def check_output_file(path: str | os.PathLike, force: bool) -> Path:
+    """Refuse, before any work, an output file that would clobber one or cannot be written."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory")
+    if path.exists() and not force:
+        raise InputError(f"{path}: exists; pass --force to replace it")
+    if not path.absolute().parent.is_dir():
+        raise InputError(f"{path.parent}: no such directory")
+    return path
 
 
 def this_process_checkpointer():

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from tresnet_jax.errors import InputError
-from tresnet_jax.storage import write_file_atomically
+from tresnet_jax.storage import check_output_file, write_file_atomically
 from tresnet_jax.torch_layout import unwrap_state_dict
 
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -113,11 +113,7 @@ def write_state_dict(path: str | os.PathLike, state_dict: dict[str, np.ndarray],
     """
     import torch
 
-    path = Path(path)
-    if path.exists() and not force:
-        raise InputError(f"{path}: exists; pass --force to replace it")
-    if not path.parent.is_dir():
-        raise InputError(f"{path.parent}: no such directory")
+    path = check_output_file(path, force)
     tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict.items()}
     if path.suffix == SAFETENSORS_SUFFIX:
         from safetensors.torch import save_file

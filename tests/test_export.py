@@ -1,0 +1,172 @@
+"""The ONNX and StableHLO exports against the Flax model they were made from, and their
+command lines on bad input.
+
+Weights: a timm TResNet-M with random tensors (BatchNorm gammas of both signs and betas, a head
+that spreads the logits) whose running statistics are those of a batch of images, converted
+and stored as a weights directory for 64x64 inputs. Random running statistics would wash the
+input out of the logits (they differed by 0.009 between images, of 3.6 in all); measured ones
+keep it in (2.4 of 3.4), so an export that lost or scrambled any of it could not pass. Bound,
+as for the conversion parity: max |export - Flax| <= 1e-4 * max(1, max |Flax logit|), float32.
+These weights amplify rounding: float32 implementations differ by 1.5-2.9e-5 on them (Flax
+against timm, Flax compiled with and without the CPU options); the ONNX file measured 2.7e-5,
+the StableHLO 1.1e-5.
+"""
+
+import json
+
+import jax
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+import tresnet_jax
+from convert import export_stablehlo, flax_to_onnx
+from tests.blocked_imports import run_without
+from tests.reference import parity_error, random_images, random_timm_model
+from tresnet_jax.conversion import convert_state_dict
+from tresnet_jax.storage import save_weights
+
+SIZE, CLASSES = 64, 10
+IMAGES = random_images(3, SIZE, SIZE, seed=21)
+PARITY_BOUND = 1e-4
+# The float16 file against the float32 model: twice the Flax model's own float16 error on these
+# weights and images (relative L2 of the logits, measured 3.4e-2: these random weights amplify
+# rounding; the file measured 2.6e-2, as onnxruntime's CPU runs float16 convolutions in float32).
+FLOAT16_BOUND = 7e-2
+
+
+def with_measured_statistics(model: torch.nn.Module, images: np.ndarray) -> torch.nn.Module:
+    """BatchNorm running statistics := those of ``images`` (one pass in training mode)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None  # a plain average over the passes: here, the one batch
+    with torch.no_grad():
+        model.train()(torch.from_numpy(images).permute(0, 3, 1, 2))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """(weights directory, the Flax model's float32 logits of IMAGES)."""
+    directory = tmp_path_factory.mktemp("export") / "tresnet_m_random"
+    reference = with_measured_statistics(random_timm_model("tresnet_m", CLASSES, seed=3), random_images(8, SIZE, SIZE))
+    converted = convert_state_dict({k: v.numpy() for k, v in reference.state_dict().items()}, "tresnet_m")
+    preprocessing = {"input_size": SIZE, "crop_pct": 0.875, "interpolation": "bilinear"}
+    save_weights(
+        directory, converted.variables, {"model": "tresnet_m", "num_classes": CLASSES, "preprocessing": preprocessing}
+    )
+    model, variables = tresnet_jax.load(directory)
+    logits = np.asarray(jax.jit(model.apply)(variables, IMAGES))
+    # The images give logits far apart, so an export that lost the input could not pass.
+    assert np.abs(logits - logits[0]).max() > 1000 * PARITY_BOUND * max(1.0, np.abs(logits).max())
+    return directory, logits
+
+
+def run(main, args, capsys):
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def nchw(images):
+    return np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+
+
+def test_onnx_equals_flax_at_two_batch_sizes(weights, tmp_path, capsys):
+    directory, expected = weights
+    path = tmp_path / "m.onnx"
+    code, out, err = run(flax_to_onnx.main, [directory, path], capsys)  # size: the weights' own
+    assert code == 0, err
+    assert f"images float32 [batch, 3, {SIZE}, {SIZE}]" in out
+    proto = onnx.load(path)
+    assert [d.dim_param or d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim] == [
+        "batch",
+        3,
+        SIZE,
+        SIZE,
+    ]
+    assert [(o.domain, o.version) for o in proto.opset_import] == [("", 17)]
+    # The blur's reflect padding is slices and concatenations: no Pad for TensorRT to refuse.
+    assert "Pad" not in {node.op_type for node in proto.graph.node}
+    assert {p.key: p.value for p in proto.metadata_props}["model"] == "tresnet_m"
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for n in (1, 3):
+        (logits,) = session.run(None, {"images": nchw(IMAGES[:n])})
+        assert logits.shape == (n, CLASSES)
+        assert parity_error(logits, expected[:n]) <= PARITY_BOUND
+
+
+def test_onnx_float16_computes_in_float16_close_to_float32(weights, tmp_path, capsys):
+    directory, expected = weights
+    path = tmp_path / "m16.onnx"
+    code, _, err = run(flax_to_onnx.main, [directory, path, "--dtype", "float16", "--image-size", SIZE], capsys)
+    assert code == 0, err
+    proto = onnx.load(path)
+    kernels = {node.input[1] for node in proto.graph.node if node.op_type == "Conv"}
+    assert {i.data_type for i in proto.graph.initializer if i.name in kernels} == {onnx.TensorProto.FLOAT16}
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, {"images": nchw(IMAGES)})
+    assert logits.dtype == np.float32
+    assert np.linalg.norm(logits - expected) / np.linalg.norm(expected) <= FLOAT16_BOUND
+    np.testing.assert_array_equal(logits.argmax(1), expected.argmax(1))
+
+
+SERVE = """
+import json
+import jax, numpy as np
+with open({path!r}, "rb") as f:
+    forward = jax.export.deserialize(f.read())
+np.save({logits!r}, np.asarray(forward.call(np.load({images!r}))))
+print(json.dumps({{"platforms": list(forward.platforms), "input": str(forward.in_avals[0])}}))
+"""
+
+
+def test_stablehlo_runs_without_this_package_and_equals_flax(weights, tmp_path, capsys):
+    directory, expected = weights
+    path = tmp_path / "m.stablehlo"
+    path.write_bytes(b"an older export")
+    code, _, err = run(export_stablehlo.main, [directory, path, "--image-size", SIZE, "--force"], capsys)
+    assert code == 0, err
+    np.save(tmp_path / "images.npy", IMAGES)
+    files = {name: str(tmp_path / f"{name}.npy") for name in ("images", "logits")}
+    done = run_without({"tresnet_jax", "flax", "torch", "tensorflow"}, SERVE.format(path=str(path), **files))
+    assert done.returncode == 0, done.stderr[-3000:]
+    described = json.loads(done.stdout.strip().splitlines()[-1])
+    assert described == {"platforms": ["cpu", "cuda"], "input": f"float32[batch,{SIZE},{SIZE},3]"}
+    assert parity_error(np.load(files["logits"]), expected) <= PARITY_BOUND
+
+
+@pytest.mark.parametrize("main", [flax_to_onnx.main, export_stablehlo.main], ids=["onnx", "stablehlo"])
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("unknown weights", "error: no weights 'no_such_weights': not a weights directory"),
+        ("size 100", "error: image size must be a positive multiple of 32, got 100"),
+        ("existing output", "exists; pass --force to replace it"),
+        ("no output directory", "missing: no such directory"),
+    ],
+)
+def test_bad_input_fails_in_one_line_and_writes_nothing(main, case, message, weights, tmp_path, weights_root, capsys):
+    directory, _ = weights
+    output = tmp_path / "out.bin"
+    args = [directory, output]
+    if case == "unknown weights":
+        args[0] = "no_such_weights"
+    elif case == "size 100":
+        args += ["--image-size", 100]
+    elif case == "existing output":
+        output.write_bytes(b"keep me")
+    else:
+        args[1] = tmp_path / "missing" / "out.bin"
+    before = sorted(tmp_path.rglob("*"))
+    code, _, err = run(main, args, capsys)
+    assert code == 1
+    assert err.strip().splitlines() == [err.strip()]
+    assert err.startswith("error: ")
+    assert message in err
+    assert sorted(tmp_path.rglob("*")) == before
+    if case == "existing output":
+        assert output.read_bytes() == b"keep me"

@@ -1,0 +1,455 @@
+"""Deployment exports of a TResNet with its weights baked in, for serving without this package.
+
+- ONNX (onnxruntime, TensorRT): translated equation by equation from the jaxpr of the Flax
+  model's inference forward, so the file computes what the model computes; it is not a second
+  implementation of the architecture. The translation stores feature maps NCHW (the layout
+  of ONNX's and TensorRT's convolutions) where the jaxpr is NHWC, turns the 1x1 convolutions
+  that a CPU trace writes as matrix products back into convolutions, and folds every
+  computation on weights alone (BatchNorm scales, casts) into constants. The blur's reflect
+  padding stays what the jaxpr makes of it: slices and concatenations, no ``Pad``.
+- Serialized StableHLO (``jax.export``), lowered for the CPU and CUDA: ``jax.export.deserialize``
+  gives a function of the images alone.
+
+Both take any batch size; the image size is fixed when exporting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend import core as jax_core
+
+from tresnet_jax.errors import InputError
+from tresnet_jax.model import TResNet
+from tresnet_jax.storage import write_file_atomically
+
+BATCH = "batch"  # the symbolic batch dimension of both exports
+INPUT_NAME, OUTPUT_NAME = "images", "logits"
+ONNX_OPSET = 17
+ONNX_IR_VERSION = 8  # the IR version that came with opset 17; newer ones shut out older runtimes
+STABLEHLO_PLATFORMS = ("cpu", "cuda")
+NCHW = (0, 3, 1, 2)  # axis order in which an NHWC feature map is stored in the ONNX graph
+
+
+def check_image_size(size: int) -> int:
+    if size < 32 or size % 32:
+        raise InputError(f"image size must be a positive multiple of 32, got {size}")
+    return size
+
+
+def image_size_of(metadata: dict[str, Any]) -> int:
+    """The input size the weights were made for (224 when their metadata does not say)."""
+    return int((metadata.get("preprocessing") or {}).get("input_size", 224))
+
+
+def add_export_arguments(parser: argparse.ArgumentParser, output_help: str) -> None:
+    """The arguments both export tools take."""
+    parser.add_argument("weights", help="weights directory, stored name, pretrained tag or hf-hub:timm/<tag>")
+    parser.add_argument("output", type=Path, help=output_help)
+    parser.add_argument("--image-size", type=int, help="height and width, a multiple of 32 (default: the weights')")
+    parser.add_argument("--force", action="store_true", help="replace an existing output file")
+
+
+def check_export_arguments(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
+    """(weights metadata, image size), every argument checked before any work is done."""
+    from tresnet_jax.factory import load_metadata
+    from tresnet_jax.storage import check_output_file
+
+    if args.image_size is not None:
+        check_image_size(args.image_size)
+    check_output_file(args.output, args.force)
+    metadata = load_metadata(args.weights)
+    return metadata, check_image_size(args.image_size or image_size_of(metadata))
+
+
+def write_output(path: str | os.PathLike, data: bytes) -> None:
+    """Written beside ``path`` and renamed into place: never half a file."""
+    write_file_atomically(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def _inference(model: TResNet, variables: dict[str, Any]) -> Callable[[jax.Array], jax.Array]:
+    """images (N, H, W, 3) -> logits, with the variables closed over: constants of the export."""
+    return lambda images: model.apply(variables, images)
+
+
+def _input_spec(image_size: int) -> jax.ShapeDtypeStruct:
+    (batch,) = jax.export.symbolic_shape(BATCH)
+    return jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32)
+
+
+def stablehlo_export(model: TResNet, variables: dict[str, Any], image_size: int) -> bytes:
+    """The serialized ``jax.export.Exported`` of the inference forward: float32 NHWC images of
+    any batch size -> float32 logits, for the CPU and CUDA."""
+    forward = jax.jit(_inference(model, variables))
+    exported = jax.export.export(forward, platforms=STABLEHLO_PLATFORMS)(_input_spec(image_size))
+    return bytes(exported.serialize())
+
+
+def onnx_model(model: TResNet, variables: dict[str, Any], image_size: int, properties: dict[str, str]) -> Any:
+    """The inference forward as a checked ``onnx.ModelProto``: input ``images`` float32
+    [batch, 3, H, W] (NCHW), output ``logits`` float32 [batch, classes]; ``properties`` go
+    into the model's metadata."""
+    import onnx
+    from onnx import helper
+
+    closed = jax.make_jaxpr(_inference(model, variables))(_input_spec(image_size))
+    graph = _Graph()
+    images = _Value(INPUT_NAME, NCHW, closed.in_avals[0].shape)
+    (logits,) = _convert(graph, closed.jaxpr, closed.consts, [images])
+    graph.nodes.append(helper.make_node("Identity", [_tensor(graph, logits)], [OUTPUT_NAME]))
+    classes = closed.out_avals[0].shape[1]
+    inputs = [helper.make_tensor_value_info(INPUT_NAME, onnx.TensorProto.FLOAT, [BATCH, 3, image_size, image_size])]
+    outputs = [helper.make_tensor_value_info(OUTPUT_NAME, onnx.TensorProto.FLOAT, [BATCH, classes])]
+    proto = helper.make_model(
+        helper.make_graph(graph.nodes, "tresnet", inputs, outputs, graph.initializers),
+        opset_imports=[helper.make_opsetid("", ONNX_OPSET)],
+        ir_version=ONNX_IR_VERSION,
+        producer_name="tresnet_jax",
+    )
+    helper.set_model_props(proto, properties)
+    onnx.checker.check_model(proto)
+    return proto
+
+
+def onnx_properties(metadata: dict[str, Any], image_size: int, dtype: str) -> dict[str, str]:
+    """What the ONNX file says about itself (``metadata_props``)."""
+    return {
+        "model": str(metadata["model"]),
+        "num_classes": str(metadata["num_classes"]),
+        "tag": str(metadata.get("tag")),
+        "compute_dtype": dtype,
+        "input": f"{INPUT_NAME}: float32 [batch, 3, {image_size}, {image_size}], NCHW, RGB in [0, 1], no mean/std",
+        "preprocessing": json.dumps(metadata.get("preprocessing"), sort_keys=True),
+    }
+
+
+# --- jaxpr -> ONNX -----------------------------------------------------------------------
+# A value of the jaxpr becomes a numpy array (a constant: the weights and whatever is computed
+# from them alone), a _Value (a tensor of the ONNX graph), or a _Rows (a reshape not emitted
+# yet). Every rule below translates one primitive of the inference forward.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Value:
+    """The ONNX tensor ``name`` holds the jaxpr value of ``shape`` with its axes in the order
+    ``perm`` (``NCHW`` for an NHWC feature map, identity elsewhere)."""
+
+    name: str
+    perm: tuple[int, ...]
+    shape: tuple[Any, ...]  # the jaxpr's shape; the batch is symbolic
+
+
+@dataclasses.dataclass(frozen=True)
+class _Rows:
+    """``source.reshape(-1, C)`` of an NHWC feature map, not emitted: a matrix product with it
+    is a 1x1 convolution of ``source`` (how a CPU trace writes 1x1 convolutions)."""
+
+    source: _Value
+
+
+class _Graph:
+    """The nodes and initializers being built, with unique names."""
+
+    def __init__(self) -> None:
+        self.nodes: list[Any] = []
+        self.initializers: list[Any] = []
+        self.scope = ""
+        self._counter = itertools.count()
+        self._small: dict[tuple[str, tuple[int, ...], bytes], str] = {}
+
+    def constant(self, array: np.ndarray) -> str:
+        from onnx import numpy_helper
+
+        array = np.ascontiguousarray(array)
+        key = (array.dtype.str, array.shape, array.tobytes()) if array.size <= 64 else None
+        if key in self._small:
+            return self._small[key]
+        name = f"const_{next(self._counter)}"
+        self.initializers.append(numpy_helper.from_array(array, name))
+        if key is not None:
+            self._small[key] = name
+        return name
+
+    def node(self, op: str, inputs: list[str], **attributes: Any) -> str:
+        from onnx import helper
+
+        out = f"{op.lower()}_{next(self._counter)}"
+        self.nodes.append(helper.make_node(op, inputs, [out], name=f"{self.scope}/{out}", **attributes))
+        return out
+
+
+def _convert(graph: _Graph, jaxpr: Any, consts: list[Any], args: list[Any]) -> list[Any]:
+    env: dict[Any, Any] = dict(zip(jaxpr.constvars, (np.asarray(c) for c in consts), strict=True))
+    env.update(zip(jaxpr.invars, args, strict=True))
+
+    def read(var: Any) -> Any:
+        return np.asarray(var.val, var.aval.dtype) if isinstance(var, jax_core.Literal) else env[var]
+
+    for eqn in jaxpr.eqns:
+        outs = _convert_equation(graph, eqn, [read(v) for v in eqn.invars])
+        env.update(zip(eqn.outvars, outs, strict=True))
+    return [read(v) for v in jaxpr.outvars]
+
+
+def _convert_equation(graph: _Graph, eqn: Any, ins: list[Any]) -> list[Any]:
+    name = eqn.primitive.name
+    if all(isinstance(x, np.ndarray) for x in ins) and all(_static(v.aval.shape) for v in eqn.outvars):
+        outs = eqn.primitive.bind(*ins, **eqn.params)  # computed once, here: a constant of the graph
+        return [np.asarray(o) for o in (outs if eqn.primitive.multiple_results else [outs])]
+    graph.scope = str(eqn.source_info.name_stack)
+    activation = _ACTIVATIONS.get(eqn.params.get("name"))
+    if name in _CALLS and activation is not None:
+        return [activation(graph, eqn, *ins)]
+    if name in _CALLS:
+        inner = eqn.params["jaxpr" if "jaxpr" in eqn.params else "call_jaxpr"]
+        return _convert(graph, inner.jaxpr, inner.consts, ins)
+    if name in _ELEMENTWISE:
+        return [_elementwise(graph, eqn, ins)]
+    if name not in _RULES:
+        raise NotImplementedError(f"no ONNX translation for the jaxpr primitive {name!r}")
+    return [_RULES[name](graph, eqn, *ins)]
+
+
+def _static(shape: tuple[Any, ...]) -> bool:
+    return all(isinstance(d, (int, np.integer)) for d in shape)
+
+
+def _out_shape(eqn: Any) -> tuple[Any, ...]:
+    return tuple(eqn.outvars[0].aval.shape)
+
+
+def _ndim(x: Any) -> int:
+    return 2 if isinstance(x, _Rows) else x.ndim if isinstance(x, np.ndarray) else len(x.shape)
+
+
+def _value(graph: _Graph, x: Any) -> _Value:
+    if isinstance(x, _Value):
+        return x
+    if isinstance(x, np.ndarray):
+        return _Value(graph.constant(x), tuple(range(x.ndim)), x.shape)
+    rows = x.source
+    n, h, w, c = rows.shape
+    name = graph.node("Reshape", [_tensor(graph, rows), graph.constant(np.array([-1, c], np.int64))])
+    return _Value(name, (0, 1), (n * h * w, c))
+
+
+def _tensor(graph: _Graph, x: Any, perm: tuple[int, ...] | None = None) -> str:
+    """The ONNX tensor holding ``x`` with its axes in the order ``perm`` (default: as is)."""
+    perm = tuple(range(_ndim(x))) if perm is None else perm
+    if isinstance(x, np.ndarray):
+        return graph.constant(x.transpose(perm) if x.ndim else x)
+    x = _value(graph, x)
+    if x.perm == perm or not x.shape:
+        return x.name
+    where = np.argsort(x.perm)  # where each axis of the jaxpr value is stored
+    return graph.node("Transpose", [x.name], perm=[int(where[axis]) for axis in perm])
+
+
+def _reshape_to(graph: _Graph, x: Any, shape: tuple[Any, ...]) -> _Value:
+    """Reshape; the symbolic batch is copied (0) where it stays in place, else inferred (-1)."""
+    x = _value(graph, x)
+    spec = [
+        int(d) if isinstance(d, (int, np.integer)) else 0 if i < len(x.shape) and d == x.shape[i] else -1
+        for i, d in enumerate(shape)
+    ]
+    if spec.count(-1) > 1:
+        raise NotImplementedError(f"reshape to {shape}: more than one dimension to infer")
+    name = graph.node("Reshape", [_tensor(graph, x), graph.constant(np.array(spec, np.int64))])
+    return _Value(name, tuple(range(len(shape))), shape)
+
+
+_ELEMENTWISE = {
+    "add": "Add",
+    "sub": "Sub",
+    "mul": "Mul",
+    "div": "Div",
+    "logistic": "Sigmoid",
+    "convert_element_type": "Cast",
+}
+
+
+def _elementwise(graph: _Graph, eqn: Any, ins: list[Any]) -> _Value:
+    """Operands of the output's rank are brought to the layout of the first non-constant one;
+    scalars and size-1 axes broadcast as in the jaxpr."""
+    shape = _out_shape(eqn)
+    perm = next((x.perm for x in ins if isinstance(x, _Value) and len(x.shape) == len(shape)), tuple(range(len(shape))))
+    names = [_tensor(graph, x, perm if _ndim(x) == len(shape) else None) for x in ins]
+    attributes = {}
+    if eqn.primitive.name == "convert_element_type":
+        attributes["to"] = _onnx_dtype(eqn.params["new_dtype"])
+    return _Value(graph.node(_ELEMENTWISE[eqn.primitive.name], names, **attributes), perm, shape)
+
+
+def _onnx_dtype(dtype: Any) -> int:
+    from onnx import helper
+
+    return helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+
+
+def _leaky_relu(graph: _Graph, eqn: Any, x: Any, slope: Any) -> _Value:
+    """``jax.nn.leaky_relu``: where(x >= 0, x, slope * x), which is ONNX's LeakyRelu."""
+    if not isinstance(slope, np.ndarray):
+        raise NotImplementedError("leaky_relu with a slope computed from the input")
+    x = _value(graph, x)
+    return _Value(graph.node("LeakyRelu", [x.name], alpha=float(slope)), x.perm, x.shape)
+
+
+def _relu(graph: _Graph, eqn: Any, x: Any) -> _Value:
+    x = _value(graph, x)
+    return _Value(graph.node("Relu", [x.name]), x.perm, x.shape)
+
+
+# Calls of jitted or custom-derivative functions are inlined, except these, which are one op.
+_CALLS = frozenset({"jit", "pjit", "custom_jvp_call", "custom_vjp_call", "closed_call"})
+_ACTIVATIONS = {"leaky_relu": _leaky_relu, "relu": _relu}
+
+
+def _conv(graph: _Graph, eqn: Any, x: Any, kernel: Any) -> _Value:
+    p = eqn.params
+    dn = p["dimension_numbers"]
+    if not isinstance(kernel, np.ndarray) or set(p["lhs_dilation"]) != {1} or p["batch_group_count"] != 1:
+        raise NotImplementedError("convolution with a computed kernel, input dilation or batch groups")
+    name = graph.node(
+        "Conv",
+        [_tensor(graph, x, tuple(dn.lhs_spec)), graph.constant(kernel.transpose(dn.rhs_spec))],
+        strides=list(p["window_strides"]),
+        pads=[lo for lo, _ in p["padding"]] + [hi for _, hi in p["padding"]],
+        dilations=list(p["rhs_dilation"]),
+        group=p["feature_group_count"],
+    )
+    name = _cast(graph, name, eqn.invars[0].aval.dtype, eqn.outvars[0].aval.dtype)
+    return _Value(name, tuple(dn.out_spec), _out_shape(eqn))
+
+
+def _dot_general(graph: _Graph, eqn: Any, lhs: Any, rhs: Any) -> _Value | _Rows:
+    """A product with a constant matrix: MatMul, or a 1x1 Conv when ``lhs`` is a _Rows."""
+    (lhs_contract, rhs_contract), batch_dims = eqn.params["dimension_numbers"]
+    if not isinstance(rhs, np.ndarray) or rhs.ndim != 2 or any(batch_dims) or tuple(lhs_contract) != (_ndim(lhs) - 1,):
+        raise NotImplementedError("dot_general other than (..., K) x constant (K, M)")
+    kernel = rhs if tuple(rhs_contract) == (0,) else rhs.T
+    in_dtype, out_dtype = eqn.invars[0].aval.dtype, eqn.outvars[0].aval.dtype
+    if isinstance(lhs, _Rows):
+        x = lhs.source
+        conv = graph.node("Conv", [_tensor(graph, x, NCHW), graph.constant(kernel.T[:, :, None, None])])
+        return _Rows(_Value(_cast(graph, conv, in_dtype, out_dtype), NCHW, (*x.shape[:3], kernel.shape[1])))
+    product = graph.node("MatMul", [_tensor(graph, lhs), graph.constant(kernel)])
+    shape = _out_shape(eqn)
+    return _Value(_cast(graph, product, in_dtype, out_dtype), tuple(range(len(shape))), shape)
+
+
+def _cast(graph: _Graph, name: str, dtype: Any, to: Any) -> str:
+    return name if np.dtype(dtype) == np.dtype(to) else graph.node("Cast", [name], to=_onnx_dtype(to))
+
+
+def _reshape(graph: _Graph, eqn: Any, x: Any) -> _Value | _Rows:
+    shape = _out_shape(eqn)
+    if isinstance(x, _Value) and len(x.shape) == 4 and shape == (x.shape[0] * x.shape[1] * x.shape[2], x.shape[3]):
+        return _Rows(x)
+    if isinstance(x, _Rows) and shape == x.source.shape:
+        return x.source
+    return _reshape_to(graph, x, shape)
+
+
+def _broadcast_in_dim(graph: _Graph, eqn: Any, x: Any) -> _Value:
+    """Only adding size-1 axes (the squeeze-excite gate): a reshape; ONNX broadcasts the rest."""
+    shape, dims = _out_shape(eqn), eqn.params["broadcast_dimensions"]
+    kept = [1] * len(shape)
+    for dim, size in zip(dims, _value(graph, x).shape, strict=True):
+        kept[dim] = size
+    if tuple(kept) != shape:
+        raise NotImplementedError("broadcast_in_dim that repeats values")
+    return _reshape_to(graph, x, shape)
+
+
+def _transpose(graph: _Graph, eqn: Any, x: Any) -> _Value:
+    shape = _out_shape(eqn)
+    return _Value(_tensor(graph, x, tuple(eqn.params["permutation"])), tuple(range(len(shape))), shape)
+
+
+def _slice(graph: _Graph, eqn: Any, x: Any) -> _Value:
+    x = _value(graph, x)
+    p = eqn.params
+    strides = p["strides"] or (1,) * len(x.shape)
+    axes, starts, ends, steps = [], [], [], []
+    bounds = zip(p["start_indices"], p["limit_indices"], strides, x.shape, strict=True)
+    for axis, (start, limit, stride, size) in enumerate(bounds):
+        if (start, stride) == (0, 1) and limit == size:
+            continue  # the whole axis (the symbolic batch among them)
+        axes.append(x.perm.index(axis))
+        starts.append(int(start))
+        ends.append(int(limit))
+        steps.append(int(stride))
+    inputs = [graph.constant(np.array(v, np.int64)) for v in (starts, ends, axes, steps)]
+    return _Value(graph.node("Slice", [x.name, *inputs]), x.perm, _out_shape(eqn))
+
+
+def _rev(graph: _Graph, eqn: Any, x: Any) -> _Value:
+    """Reversing size-1 axes (the reflect padding of width 1) changes nothing."""
+    x = _value(graph, x)
+    if any(x.shape[axis] != 1 for axis in eqn.params["dimensions"]):
+        raise NotImplementedError("rev of an axis longer than 1")
+    return x
+
+
+def _concatenate(graph: _Graph, eqn: Any, *xs: Any) -> _Value:
+    perm = next((x.perm for x in xs if isinstance(x, _Value)), tuple(range(_ndim(xs[0]))))
+    name = graph.node("Concat", [_tensor(graph, x, perm) for x in xs], axis=perm.index(eqn.params["dimension"]))
+    return _Value(name, perm, _out_shape(eqn))
+
+
+def _reduce_sum(graph: _Graph, eqn: Any, x: Any) -> _Value:
+    x = _value(graph, x)
+    axes = eqn.params["axes"]
+    stored_axes = np.array([x.perm.index(a) for a in axes], np.int64)
+    name = graph.node("ReduceSum", [x.name, graph.constant(stored_axes)], keepdims=0)
+    kept = [a for a in x.perm if a not in axes]  # the remaining axes, in stored order
+    return _Value(name, tuple(int(r) for r in np.argsort(np.argsort(kept))), _out_shape(eqn))
+
+
+def _reduce_window_sum(graph: _Graph, eqn: Any, x: Any) -> _Value:
+    """A window sum over two axes: AveragePool counting the padding, times the window size
+    (exact for the 2x2 window of the shortcut pool: a power of two)."""
+    p = eqn.params
+    if {*p["base_dilation"], *p["window_dilation"]} != {1}:
+        raise NotImplementedError("reduce_window_sum with dilation")
+    window, strides, padding = p["window_dimensions"], p["window_strides"], p["padding"]
+    pooled = [a for a in range(len(window)) if (window[a], strides[a], tuple(padding[a])) != (1, 1, (0, 0))]
+    other = [a for a in range(len(window)) if a not in pooled]
+    if len(other) != 2:
+        raise NotImplementedError("reduce_window_sum not over all but two axes")
+    perm = (*other, *pooled)
+    average = graph.node(
+        "AveragePool",
+        [_tensor(graph, x, perm)],
+        kernel_shape=[window[a] for a in pooled],
+        strides=[strides[a] for a in pooled],
+        pads=[padding[a][0] for a in pooled] + [padding[a][1] for a in pooled],
+        count_include_pad=1,
+    )
+    size = np.array(math.prod(window[a] for a in pooled), eqn.outvars[0].aval.dtype)
+    return _Value(graph.node("Mul", [average, graph.constant(size)]), perm, _out_shape(eqn))
+
+
+_RULES: dict[str, Callable[..., _Value | _Rows]] = {
+    "conv_general_dilated": _conv,
+    "dot_general": _dot_general,
+    "reshape": _reshape,
+    "broadcast_in_dim": _broadcast_in_dim,
+    "transpose": _transpose,
+    "slice": _slice,
+    "rev": _rev,
+    "concatenate": _concatenate,
+    "reduce_sum": _reduce_sum,
+    "reduce_window_sum": _reduce_window_sum,
+}
