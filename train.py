@@ -24,6 +24,7 @@ from tresnet_jax.cli import add_run_arguments, command, start_run
 from tresnet_jax.registry import ARCHITECTURES
 from tresnet_jax.trainer import Run, TrainConfig
 from tresnet_jax.training import PRECISIONS
+from tresnet_jax.xla_options import request_deterministic_gpu_ops
 
 DEFAULTS = TrainConfig(workdir="")
 
@@ -73,6 +74,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     run.add_argument("--keep-checkpoints", type=int, default=DEFAULTS.keep_checkpoints)
     run.add_argument("--log-every", type=int, default=DEFAULTS.log_every, help="steps")
     run.add_argument("--eval-batch-size", type=int)
+    run.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=DEFAULTS.sync_bn,
+                     help="BatchNorm statistics over the global batch (default; the result does not depend on the "
+                          "device count) or, --no-sync-bn, each device's shard (no per-layer all-reduce)")
+    run.add_argument("--deterministic", action="store_true",
+                     help="GPU: deterministic kernels, the same bits in every process (slower); see the README")
     add_run_arguments(parser)
     args = parser.parse_args(argv)
     if not 0 < args.crop_min_scale <= 1:
@@ -103,6 +109,8 @@ def config_from(args: argparse.Namespace) -> TrainConfig:
 @command
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.deterministic:
+        request_deterministic_gpu_ops()
     start_run(args)
     result = Run(config_from(args)).run()
     if jax.process_index() == 0:

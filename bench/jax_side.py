@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import functools
 import time
 from collections.abc import Callable
@@ -19,6 +20,18 @@ COMPUTE_DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16
 # float16 gradients underflow without scaling; a fixed scale is enough to time the step
 # (a trainer adjusts it dynamically).
 FP16_LOSS_SCALE = 1024.0
+# JAX's persistent compilation cache reports each hit and each entry it writes: whether a
+# compilation was cold or read back, without guessing from its duration.
+CACHE_EVENTS = {"/jax/compilation_cache/cache_hits": "hits", "/jax/compilation_cache/cache_misses": "writes"}
+_cache_counts: collections.Counter[str] = collections.Counter()
+
+
+def _count_cache_event(event: str, **_: object) -> None:
+    if event in CACHE_EVENTS:
+        _cache_counts[CACHE_EVENTS[event]] += 1
+
+
+jax.monitoring.register_event_listener(_count_cache_event)
 
 
 class TrainState(NamedTuple):
@@ -52,7 +65,7 @@ def jax_runner(spec: BenchSpec, options: dict[str, str] | None = None, name: str
     """The JAX model for ``spec``, compiled ahead of time with XLA ``options`` and run once.
     ``first_call_s`` counts tracing, compilation and the first step; initialising the
     variables is not counted."""
-    model, variables = _initialised(spec.model, spec.num_classes)
+    model, variables = initialised(spec.model, spec.num_classes)
     model = model.clone(dtype=COMPUTE_DTYPES[spec.precision])
     images, labels = (jax.device_put(a) for a in synthetic_batch(spec))
     options = options or {}
@@ -63,17 +76,22 @@ def jax_runner(spec: BenchSpec, options: dict[str, str] | None = None, name: str
         step, state = _train_step(model, variables, spec)
         args = (state, images, labels)
     lowered, lower_s = timed(lambda: step.lower(*args))
+    before = _cache_counts.copy()
     compiled, compile_s = timed(lambda: lowered.compile(compiler_options=options))
-    run = _train_loop(compiled, *args) if spec.mode == "train" else _infer_loop(compiled, *args)
+    cache = {name: _cache_counts[name] - before[name] for name in CACHE_EVENTS.values()}
+    run = train_loop(compiled, *args) if spec.mode == "train" else _infer_loop(compiled, *args)
     run(1)
-    notes = {"trace_lower_s": lower_s, "compiler_options": options, **_memory_notes(compiled)}
+    notes = {
+        "trace_lower_s": lower_s, "compiler_options": options, "compilation_cache": cache,
+        **memory_notes(compiled), **_cost_notes(compiled),
+    }  # fmt: skip
     return Runner(name, "jax", run, time.perf_counter() - start, compile_s, _device_peak_memory, notes)
 
 
 @functools.lru_cache(maxsize=1)
-def _initialised(name: str, num_classes: int) -> tuple[tresnet_jax.TResNet, Any]:
-    """A fresh model, initialised once per process (the initialisation compiles a large program,
-    and a sweep needs the same variables at every batch size)."""
+def initialised(name: str, num_classes: int) -> tuple[tresnet_jax.TResNet, Any]:
+    """A fresh model, initialised once per process: a sweep and the side-by-side runners use the
+    same variables at every batch size."""
     return tresnet_jax.create_model(name, num_classes)
 
 
@@ -94,7 +112,7 @@ def _infer_loop(compiled: Any, variables: Any, images: jax.Array) -> Callable[[i
     return run
 
 
-def _train_loop(compiled: Any, state: TrainState, images: jax.Array, labels: jax.Array) -> Callable[[int], None]:
+def train_loop(compiled: Any, state: TrainState, images: jax.Array, labels: jax.Array) -> Callable[[int], None]:
     """Each step's new state feeds the next (the old one's buffers were donated to it)."""
     holder = [state]
 
@@ -113,7 +131,19 @@ def _device_peak_memory() -> int | None:
     return None if not stats else stats.get("peak_bytes_in_use")
 
 
-def _memory_notes(compiled: Any) -> dict[str, int]:
+def _cost_notes(compiled: Any) -> dict[str, float]:
+    """XLA's count of the floating-point operations of one call of the executable."""
+    try:
+        analysis = compiled.cost_analysis()
+    except (NotImplementedError, jax.errors.JaxRuntimeError):
+        return {}
+    if isinstance(analysis, list):  # one entry per program in older JAX versions
+        analysis = analysis[0] if analysis else None
+    flops = (analysis or {}).get("flops")
+    return {} if flops is None else {"xla_flops": float(flops)}
+
+
+def memory_notes(compiled: Any) -> dict[str, int]:
     """XLA's own account of the executable's memory: its temporaries and its arguments."""
     try:
         analysis = compiled.memory_analysis()

@@ -2,7 +2,8 @@
 
 Each candidate batch is tried in a fresh process, one framework at a time, so that neither a
 previous failure nor the other framework's allocator holds memory: the probe runs two full
-training steps and exits 0, or 3 when the device ran out of memory. JAX is told not to
+training steps, prints what it measured as one JSON line (compile time, peak device memory, the
+device's capacity) and exits 0, or 3 when the device ran out of memory. JAX is told not to
 preallocate and may grow to 95 % of the device, as PyTorch's caching allocator may.
 
     python -m bench.max_batch --framework jax --model tresnet_m --precision bf16 --batch-size 256
@@ -11,11 +12,13 @@ preallocate and may grow to 95 % of the device, as PyTorch's caching allocator m
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from bench.spec import MODES, PRECISIONS, BenchSpec
 
@@ -47,8 +50,43 @@ def largest_fitting(fits: Callable[[int], bool], start: int, limit: int, resolut
     return good
 
 
+def bounded_search(
+    fits: Callable[[int], bool | None], start: int, step: int, limit: int, probes: int, resolution: int = 1
+) -> tuple[int | None, int | None]:
+    """(largest batch found to fit, smallest found not to) after at most ``probes`` calls of
+    ``fits``, starting at ``start`` (a good estimate): up by ``step`` while batches fit, down
+    while they do not, then halving the bracket until it is at most ``resolution`` wide.
+    ``fits`` returning None ends the search early (no time left)."""
+    good, bad = None, None
+    batch = max(1, min(start, limit))
+    for _ in range(probes):
+        fitted = fits(batch)
+        if fitted is None:
+            break
+        good, bad = (batch, bad) if fitted else (good, batch)
+        if good is not None and bad is not None:
+            if bad - good <= resolution:
+                break
+            batch = (good + bad) // 2
+        elif good is not None:
+            if good >= limit:
+                break
+            batch = min(good + step, limit)
+        else:
+            if bad <= 1:
+                break
+            batch = max(bad - step, 1)
+    return good, bad
+
+
 def probe_fits(framework: str, spec: BenchSpec, timeout_s: float) -> bool:
     """Run a training step of ``spec`` in a fresh process; True when it fits in memory."""
+    return probe(framework, spec, timeout_s)["fits"]
+
+
+def probe(framework: str, spec: BenchSpec, timeout_s: float, env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Run a training step of ``spec`` in a fresh process (with ``env`` added to its
+    environment): ``{"fits": True, ...what it measured}``, or ``{"fits": False}``."""
     command = [
         sys.executable, "-m", "bench.max_batch", "--framework", framework, "--model", spec.model,
         "--precision", spec.precision, "--batch-size", str(spec.batch_size), "--image-size", str(spec.image_size),
@@ -57,19 +95,24 @@ def probe_fits(framework: str, spec: BenchSpec, timeout_s: float) -> bool:
     env = {
         **os.environ,
         **PROBE_ENV,
+        **(env or {}),
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
     }
     done = subprocess.run(
         command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout_s, check=False
     )
-    if done.returncode in (EXIT_FITS, EXIT_OUT_OF_MEMORY, KILLED):
-        return done.returncode == EXIT_FITS
+    if done.returncode in (EXIT_OUT_OF_MEMORY, KILLED):
+        return {"fits": False}
+    lines = done.stdout.strip().splitlines()
+    if done.returncode == EXIT_FITS and lines:
+        return {"fits": True, **json.loads(lines[-1])}
     last = (done.stderr.strip().splitlines() or ["no output"])[-1]
     raise RuntimeError(f"{framework} probe at batch {spec.batch_size} failed (exit {done.returncode}): {last}")
 
 
 def _probe(framework: str, spec: BenchSpec) -> int:
-    """Build and run two training steps; the exit code says whether memory sufficed."""
+    """Build and run two training steps, print what was measured; the exit code says whether
+    memory sufficed."""
     if framework == "jax":
         import jax
 
@@ -77,20 +120,30 @@ def _probe(framework: str, spec: BenchSpec) -> int:
         from tresnet_jax.xla_options import compiler_options
 
         try:
-            jax_runner(spec, compiler_options()).run(1)
+            runner = jax_runner(spec, compiler_options())
+            runner.run(1)
         except jax.errors.JaxRuntimeError as err:
             if "RESOURCE_EXHAUSTED" in str(err) or "out of memory" in str(err).lower():
                 return EXIT_OUT_OF_MEMORY
             raise
-        return EXIT_FITS
-    import torch
+        capacity = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
+    else:
+        import torch
 
-    from bench.timm_side import timm_runner, torch_device
+        from bench.timm_side import timm_runner, torch_device
 
-    try:
-        timm_runner(spec, framework.removeprefix("timm_"), torch_device()).run(1)
-    except torch.OutOfMemoryError:
-        return EXIT_OUT_OF_MEMORY
+        device = torch_device()
+        try:
+            runner = timm_runner(spec, framework.removeprefix("timm_"), device)
+            runner.run(1)
+        except torch.OutOfMemoryError:
+            return EXIT_OUT_OF_MEMORY
+        capacity = torch.cuda.mem_get_info(device)[1] if device.type == "cuda" else None
+    measured = {
+        "first_call_s": runner.first_call_s, "compile_s": runner.compile_s, "peak_memory_bytes": runner.peak_memory(),
+        "capacity_bytes": capacity, "compilation_cache": runner.notes.get("compilation_cache"),
+    }  # fmt: skip
+    print(json.dumps(measured))
     return EXIT_FITS
 
 

@@ -27,12 +27,18 @@ sys.meta_path[:] = [_Hiding(f) if hasattr(f, "find_spec") else f for f in sys.me
 """
 
 
+def blocker(blocked: set[str]) -> str:
+    """Python code that makes ``blocked`` top-level packages unimportable in the process that
+    runs it (saved as ``sitecustomize.py`` on ``PYTHONPATH``: in every process started with it)."""
+    return _BLOCKER.format(blocked=sorted(blocked))
+
+
 def run_without(
     blocked: set[str], code: str, env: dict[str, str] | None = None, timeout: float = 300
 ) -> subprocess.CompletedProcess:
     """``python -c code`` from the repository root with ``blocked`` top-level packages unimportable."""
     return subprocess.run(
-        [sys.executable, "-c", _BLOCKER.format(blocked=sorted(blocked)) + code],
+        [sys.executable, "-c", blocker(blocked) + code],
         cwd=REPO,
         env={**os.environ, **(env or {})},
         capture_output=True,

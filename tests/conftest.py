@@ -1,11 +1,17 @@
-"""Shared test set-up: fake CPU devices for the multi-device tests, and a private weights root."""
+"""Shared test set-up: everything on the CPU, fake CPU devices for the multi-device tests, and a
+private weights root."""
 
 import os
 
+# The tests are CPU tests, on a machine with GPUs too: JAX (and the processes the tests start,
+# which inherit the environment) must not pick a GPU up. Set before JAX is imported.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Multi-device code is tested on CPU by splitting the host into fake devices; this must be set
 # before JAX initialises its backend.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# No test reaches the network: the hub is read from caches the tests lay out.
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest
 

@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tresnet_jax.errors import InputError
 from tresnet_jax.parallel import BATCH_AXIS, local_batch_size, local_rows, prefetch_to_devices, replicate
 from tresnet_jax.preprocess import Preprocessing, decode_image, decode_with_fallback, tensorflow, transform
-from tresnet_jax.xla_options import compiler_options
+from tresnet_jax.xla_options import compiler_options, precision_scope
 
 Batch = dict[str, np.ndarray]
 TOTALS = ("count", "top1", "top5", "loss")
@@ -61,7 +61,8 @@ def make_eval_step(model: Any, mesh: Mesh, keep_logits: bool) -> Callable:
     """The per-device program: logits of its shard, masked sums reduced over all devices."""
 
     def per_device(variables, batch):
-        logits = model.apply(variables, batch["image"].astype(jnp.float32) / 255.0)
+        with precision_scope(model.dtype):  # a float32 model in true float32 (not TF32) on a GPU
+            logits = model.apply(variables, batch["image"].astype(jnp.float32) / 255.0)
         labels, mask = batch["label"], batch["mask"].astype(jnp.float32)
         k = min(5, logits.shape[-1])
         top = lax.top_k(logits, k)[1]

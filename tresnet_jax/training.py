@@ -1,6 +1,11 @@
 """The training step, data parallel and pmap-style: a per-device program (``jax.shard_map``
-under ``jax.jit``) whose gradients are averaged with ``lax.pmean`` and whose BatchNorm
-statistics are synchronised over the device axis; the state is donated.
+under ``jax.jit``) whose gradients are averaged with ``lax.pmean``; the state is donated.
+
+BatchNorm: a model built with ``axis_name=BATCH_AXIS`` normalises with the statistics of the
+global batch (an all-reduce per layer, forward and backward: the result does not depend on
+the device count); one built without normalises each device's shard with its own statistics
+(no per-layer communication, as PyTorch's DistributedDataParallel without SyncBatchNorm) and
+the running statistics are averaged over the devices once per step.
 
 Precision: bf16/fp16 compute with float32 parameters, BatchNorm statistics and loss; fp16 adds
 dynamic loss scaling (a step with non-finite gradients is skipped and the scale halved).
@@ -20,7 +25,7 @@ from jax import lax
 from jax.sharding import Mesh, PartitionSpec
 
 from tresnet_jax.parallel import BATCH_AXIS
-from tresnet_jax.xla_options import compiler_options
+from tresnet_jax.xla_options import compiler_options, precision_scope
 
 PRECISIONS = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
 
@@ -134,11 +139,16 @@ def all_finite(tree: Any) -> jax.Array:
 
 
 def make_train_step(model: Any, tx: optax.GradientTransformation, cfg: OptimConfig, mesh: Mesh) -> Callable:
-    """``step(state, batch) -> (state, metrics)``, jitted with the state donated. ``model`` must
-    be built with ``axis_name=BATCH_AXIS`` so BatchNorm statistics cover the global batch."""
+    """``step(state, batch) -> (state, metrics)``, jitted with the state donated. BatchNorm
+    statistics cover the global batch when ``model.axis_name`` is ``BATCH_AXIS``, each device's
+    shard when it is None (see the module's docstring)."""
     schedule = learning_rate(cfg)
 
     def per_device(state: TrainState, batch: dict[str, jax.Array]):
+        with precision_scope(model.dtype):  # traced inside: float32 is true float32 on every device
+            return device_step(state, batch)
+
+    def device_step(state: TrainState, batch: dict[str, jax.Array]):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         rng = jax.random.fold_in(rng, lax.axis_index(BATCH_AXIS))
         images = batch["image"].astype(jnp.float32) / 255.0
@@ -157,6 +167,8 @@ def make_train_step(model: Any, tx: optax.GradientTransformation, cfg: OptimConf
         local_params = lax.pcast(state.params, BATCH_AXIS, to="varying")
         grads, (loss, logits, batch_stats) = jax.grad(loss_fn, has_aux=True)(local_params)
         grads = jax.tree_util.tree_map(lambda g: g / state.loss_scale, lax.pmean(grads, BATCH_AXIS))
+        if model.axis_name is None:  # per-device statistics: one all-reduce for all running averages
+            batch_stats = lax.pmean(batch_stats, BATCH_AXIS)
         finite = all_finite(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

@@ -1,0 +1,209 @@
+"""The GPU suite's records as one Markdown page (summary.md): what a person reads first, with
+the targets beside the ratios. Every figure in it is also in the sections' JSON files."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+MIB = 2**20
+
+
+def markdown(documents: dict[str, dict[str, Any]], targets: dict[str, float]) -> str:
+    parts = [_environment(documents.get("environment"))]
+    for name, render in (
+        ("correctness", _correctness),
+        ("inference", lambda doc: _inference(doc, targets)),
+        ("training", lambda doc: _training(doc, targets)),
+        ("max_batch", _max_batch),
+        ("end_to_end", _end_to_end),
+    ):
+        if name in documents:
+            parts.append(render(documents[name]))
+    parts.append(_problems(documents))
+    return "\n\n".join(part for part in parts if part) + "\n"
+
+
+def _environment(doc: dict[str, Any] | None) -> str:
+    results = (doc or {}).get("results", {})
+    env, gpu = results.get("environment", {}), results.get("gpu", {})
+    if not env:
+        return "# GPU suite"
+    versions = env.get("versions", {})
+    smi = gpu.get("nvidia_smi") or []
+    lines = [
+        f"# GPU suite: {gpu.get('name', '?')}, {env.get('date', '')}",
+        "",
+        f"jax {versions.get('jax')} (jaxlib {versions.get('jaxlib')}, backend {env.get('jax_backend')}), "
+        f"torch {versions.get('torch')} (CUDA {gpu.get('torch_cuda')}, cuDNN {gpu.get('cudnn')}), "
+        f"timm {versions.get('timm')}, flax {versions.get('flax')}, Python {env.get('python')}; "
+        f"{env.get('cpu')}, {env.get('cpu_cores')} cores; bf16 peak {_number(gpu.get('bf16_peak_tflops'), '.0f')} "
+        "TFLOP/s (dense).",
+    ]
+    if len(smi) > 1:
+        lines.append(f"nvidia-smi: {smi[1]}")
+    return "\n".join(lines)
+
+
+def _correctness(doc: dict[str, Any]) -> str:
+    results = doc.get("results", {})
+    images = results.get("images", {})
+    lines = [
+        f"## Correctness: {images.get('model', 'tresnet_m')}, {images.get('source', '?')}",
+        "",
+        "| check | dtype | matmul precision | error vs timm float32 | relative L2 vs float32 | top-1 agreement "
+        "| top-5 agreement |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, row in results.items():
+        if name == "images" or not isinstance(row, dict):
+            continue
+        if "error" in row:
+            lines.append(f"| {name} | failed: {row['error']} | | | | | |")
+            continue
+        lines.append(
+            f"| {name} | {row.get('dtype')} | {row.get('matmul_precision')} | {_number(row.get('vs_timm_float32'))} | "
+            f"{_number(row.get('relative_l2_vs_fp32'))} | {_percent(row.get('top1_agreement'))} | "
+            f"{_percent(row.get('top5_agreement'))} |"
+        )
+    return "\n".join(lines)
+
+
+RUNNERS = ("jax", "timm_eager", "timm_channels_last", "timm_compile")
+
+
+def _comparison_rows(results: dict[str, Any], extra: Callable[[dict[str, Any]], list[str]] | None = None) -> list[str]:
+    """One line per configuration: images/s of each runner and JAX's ratios (and ``extra``
+    cells from the configuration's result)."""
+    lines = []
+    for key, result in results.items():
+        if "error" in result:
+            lines.append(f"| {key} | failed: {result['error']} |")
+            continue
+        if not result.get("rows"):
+            continue
+        rows = {row["runner"]: row for row in result["rows"]}
+        first = result["rows"][0]
+        rates = [
+            _number(rows[r].get("images_per_s"), ".0f") if r in rows and "error" not in rows[r] else "–"
+            for r in RUNNERS
+        ]
+        cells = extra(result) if extra else []
+        lines.append(
+            f"| {first['model']} | {first['precision']} | {first['batch_size']} | {' | '.join(rates)} | "
+            f"{_ratio(result.get('jax_over_best_eager'))} | {_ratio(result.get('jax_over_compile'))} |"
+            + "".join(f" {cell} |" for cell in cells)
+        )
+    return lines
+
+
+def _inference(doc: dict[str, Any], targets: dict[str, float]) -> str:
+    header = [
+        f"## Inference (images/s; JAX ÷ timm: targets ≥ {targets['jax_over_best_eager']}× the best AMP eager, "
+        f"≥ {targets['jax_over_compile']}× torch.compile)",
+        "",
+        "| model | precision | batch | JAX | timm eager | timm channels_last | timm torch.compile | JAX ÷ best eager "
+        "| JAX ÷ torch.compile |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    return "\n".join(header + _comparison_rows(doc.get("results", {})))
+
+
+def _training(doc: dict[str, Any], targets: dict[str, float]) -> str:
+    results = doc.get("results", {})
+
+    def jax_cells(result: dict[str, Any]) -> list[str]:
+        jax_row = next((row for row in result["rows"] if row["runner"] == "jax"), {})
+        how = "from the cache" if (jax_row.get("compilation_cache") or {}).get("hits") else "cold"
+        return [_percent(jax_row.get("peak_fraction")), f"{_number(jax_row.get('compile_s'), '.1f')} ({how})"]
+
+    per_image = next((r.get("stated_flops_per_image") for r in results.values() if "rows" in r), None)
+    header = [
+        f"## Training step (images/s; targets as inference, and ≥ {targets['training_peak_fraction']:.0%} of the "
+        f"bf16 peak at {_number(per_image and per_image / 1e9, '.1f')} GFLOP per image)",
+        "",
+        "| model | precision | batch | JAX | timm eager | timm channels_last | timm torch.compile | JAX ÷ best eager "
+        "| JAX ÷ torch.compile | JAX, of bf16 peak | JAX compile (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    return "\n".join(header + _comparison_rows(results, jax_cells))
+
+
+def _max_batch(doc: dict[str, Any]) -> str:
+    results = doc.get("results", {})
+    lines = [
+        "## Largest training batch (fresh process per probe)",
+        "",
+        "| side | largest that fits | smallest that does not | peak memory per image at the training batch (MiB) "
+        "| compile at the training batch (s) |",
+        "|---|---|---|---|---|",
+    ]
+    for side in ("jax", "timm_eager"):
+        first = results.get(f"{side}_at_training_batch") or {}
+        search = results.get(f"{side}_search") or {}
+        if not first and not search:
+            continue
+        peak, batch = first.get("peak_memory_bytes"), first.get("batch")
+        per_image = peak / batch / MIB if peak and batch else None
+        cache = first.get("compilation_cache") or {}
+        compile_s = _number(first.get("compile_s"), ".1f") + (" (from the cache)" if cache.get("hits") else "")
+        lines.append(
+            f"| {side} | {search.get('largest_fitting', search.get('error', '–'))} | "
+            f"{search.get('smallest_failing') or '–'} | {_number(per_image, '.1f')} | {compile_s} |"
+        )
+    return "\n".join(lines)
+
+
+def _end_to_end(doc: dict[str, Any]) -> str:
+    results = doc.get("results", {})
+    data = results.get("data", {})
+    lines = [
+        "## End to end (the library's compiled steps, synthetic batches from the host; TensorFlow "
+        f"{'importable' if data.get('tensorflow_importable') else 'not importable'} here)",
+        "",
+        "| what | images/s | compile (s) | notes |",
+        "|---|---|---|---|",
+    ]
+    for key in ("training_step", "evaluation_step", "host_jpeg_decoding"):
+        row = results.get(key)
+        if row is None:
+            continue
+        if "error" in row:
+            lines.append(f"| {key} | failed: {row['error']} | | |")
+            continue
+        notes = [
+            f"{k} {format(v, '.3g') if isinstance(v, float) else v}"
+            for k, v in row.items()
+            if k not in ("images_per_s", "compile_s")
+        ]
+        lines.append(
+            f"| {key} | {_number(row.get('images_per_s'), '.0f')} | {_number(row.get('compile_s'), '.1f')} | "
+            f"{', '.join(notes)} |"
+        )
+    return "\n".join(lines)
+
+
+def _problems(documents: dict[str, dict[str, Any]]) -> str:
+    lines = []
+    for name, doc in documents.items():
+        if doc.get("error"):
+            lines.append(f"- {name}: failed: {doc['error']}")
+        lines += [f"- {name}: {s['item']} skipped ({s['reason']})" for s in doc.get("skipped", [])]
+        lines += [
+            f"- {name}: {key} failed: {value['error']}"
+            for key, value in doc.get("results", {}).items()
+            if isinstance(value, dict) and "error" in value and "traceback" in value
+        ]
+    return "\n".join(["## Skipped and failed", "", *lines]) if lines else ""
+
+
+def _number(value: float | None, spec: str = ".2g") -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def _percent(value: float | None) -> str:
+    return "–" if value is None else f"{value:.1%}"
+
+
+def _ratio(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}×"
