@@ -12,6 +12,7 @@ from PIL import Image
 
 import eval as eval_cli
 import predict as predict_cli
+from convert import torch_to_flax
 from tests.blocked_imports import run_without
 from tests.classifier import fitted_classifier, pil_preprocess
 from tests.images import image_folder, photo_files
@@ -148,14 +149,20 @@ def test_every_image_counted_once_on_any_device_count(folder, classifier, tmp_pa
     assert np.isfinite(saved["logits"]).all(axis=1).sum() == 20
 
 
-def test_tfds_dataset_prepared_on_disk(folder, classifier, tmp_path, capsys):
-    _, _, expected, labels, _ = classifier
+def test_tfds_dataset_prepared_on_disk_with_weights_by_their_conversion_name(
+    folder, classifier, tmp_path, capsys, weights_root
+):
+    _, checkpoint, expected, labels, _ = classifier
+    assert torch_to_flax.main([str(checkpoint), "--name", "m_8cls"]) == 0  # --model takes this name
+    capsys.readouterr()
     data_dir = tmp_path / "tfds"
     name = prepare_from_folders("TinyImages", data_dir, {"validation": folder})
     args = eval_args(classifier, tmp_path, "--dataset", f"{name}:validation", "--data_dir", data_dir,
                      "--batch-size", 8)
+    args[:2] = ["--model", "m_8cls"]
     code, out, _ = run_eval(args, capsys)
     assert code == 0, out
+    assert f"weights: weights 'm_8cls' from {weights_root / 'm_8cls'}" in out
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["dataset"].startswith("tiny_images/1.0.0:validation")
     assert (results["images"], results["skipped"]) == (20, 0)
@@ -209,11 +216,12 @@ def test_predict_prints_top5_with_probabilities(folder, classifier, capsys):
     out = capsys.readouterr().out
     assert code == 0
     lines = out.splitlines()
-    assert lines[0] == f"{files[0]}:"
-    assert lines[6] == f"{files[1]}:"
+    assert lines[0] == f"weights: {weights}, converted in memory"
+    assert lines[1] == f"{files[0]}:"
+    assert lines[7] == f"{files[1]}:"
     probabilities = torch.softmax(torch.from_numpy(expected[0]), -1).numpy()
     best = int(np.argmax(probabilities))
-    percent, *name = lines[1].split()
+    percent, *name = lines[2].split()
     assert name == ["class", str(best)]
     assert float(percent.rstrip("%")) == pytest.approx(100 * probabilities[best], abs=0.02)
 

@@ -26,6 +26,7 @@ from tests.multihost import describe, run_processes
 from tests.reference import random_timm_model
 from tests.tfds_folders import prepare_from_folders
 from tresnet_jax.errors import InputError
+from tresnet_jax.initialization import random_variables
 from tresnet_jax.model import TResNet
 from tresnet_jax.parallel import BATCH_AXIS, data_mesh, replicate, shard_batch
 from tresnet_jax.storage import read_variables
@@ -213,7 +214,7 @@ def test_fp16_overflow_skips_the_step_and_halves_the_loss_scale():
     model = TResNet(arch, 10, dtype=jnp.float16, axis_name=BATCH_AXIS)
     cfg = OptimConfig(total_steps=10, lr=0.1, precision="fp16", loss_scale=2.0**100)
     tx = make_optimizer(cfg)
-    variables = TResNet(arch, 10).init(jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3)))
+    variables = random_variables(arch, 10)
     state = replicate(create_state(variables, tx, cfg, seed=0), mesh)
     rng = np.random.default_rng(0)
     batch = shard_batch(
