@@ -301,7 +301,8 @@ def test_out_of_memory_names_the_batch_and_the_largest_that_fits():
     ("extra", "message"),
     [(["--dataset", "no_such_dataset"], "dataset 'no_such_dataset': not a TFDS dataset and nothing prepared"),
      (["--batch-size", "3", "--num-devices", "2"], "batch size 3 does not split over 2 devices"),
-     (["--init", "tresnet_xl"], "no weights 'tresnet_xl'")],
+     (["--init", "tresnet_xxl"], "no weights 'tresnet_xxl'"),
+     (["--init", "tresnet_xl"], "timm/tresnet_xl.miil_in1k: model.safetensors is not in the Hugging Face cache")],
 )
 def test_bad_input_is_one_line_and_exit_1(digits, tmp_path, capsys, extra, message, weights_root):
     args = [*TINY, "--workdir", str(tmp_path), *extra]

@@ -56,13 +56,19 @@ def command(main: Callable[[Sequence[str] | None], int]) -> Callable[[Sequence[s
     return wrapped
 
 
+class _PrintHandler(logging.Handler):
+    """Prints records to whatever ``sys.stdout`` is at the time (a stream kept from the start
+    would outlive a redirection, e.g. a notebook cell's or a test's capture)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(self.format(record), flush=True)
+
+
 def show_library_messages() -> None:
     """Print the library's informational messages (what is fetched from the hub, where it goes)."""
     logger = logging.getLogger("tresnet_jax")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
+    if not any(isinstance(h, _PrintHandler) for h in logger.handlers):
+        logger.addHandler(_PrintHandler())
         logger.setLevel(logging.INFO)
 
 
