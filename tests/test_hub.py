@@ -160,3 +160,10 @@ print("imported:", sorted(m for m in ("torch", "tensorflow", "timm") if m in sys
     assert done.returncode == 0, done.stderr[-3000:]
     assert "imported: []" in done.stdout
     assert parity_error(np.load(tmp_path / "logits.npy"), hub["logits"]) <= PARITY_BOUND
+
+
+def test_new_head_from_a_hub_repository_keeps_its_preprocessing_without_the_tag(offline, weights_root, capsys):
+    assert torch_to_flax.main([f"hf-hub:timm/{DEFAULT_TAG}", "--num-classes", "3", "--name", "m3"]) == 0
+    metadata = tresnet_jax.load_metadata("m3")
+    assert (metadata["num_classes"], metadata["tag"], metadata["reported"]) == (3, None, None)
+    assert metadata["preprocessing"]["input_size"] == 224

@@ -242,7 +242,9 @@ def convert_checkpoint(
     except InputError as err:
         message = str(err)
         raise InputError(message if message.startswith(str(source)) else f"{source}: {message}") from None
-    cfg = choose_config(converted.model_name, converted.num_classes, str(source), converted.layout, tag)
+    # The tag describes the checkpoint as published: its preprocessing still applies under a new
+    # head (the metadata then records no tag).
+    cfg = choose_config(converted.model_name, converted.checkpoint_classes, str(source), converted.layout, tag)
     return converted, weights_metadata(converted, cfg, source)
 
 
