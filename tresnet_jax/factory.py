@@ -67,7 +67,7 @@ def choose_weights(name: str | os.PathLike) -> WeightsChoice:
             f"no weights {text!r}: not a weights directory, a name under {weights_root()}, a pretrained tag or an "
             f"architecture; closest known: {closest(text, known)}"
         )
-    stored = weights_root() / repo.storage_name
+    stored = repo.directory
     what = f"pretrained {repo.tag or repo}" + (f" (the default weights of {text})" if text in ARCHITECTURES else "")
     if find(stored) is not None:
         return WeightsChoice(stored, repo, f"{what} from {stored}")

@@ -61,6 +61,13 @@ class HubRepo:
         name = self.tag or self.repo_id.replace("/", "--")
         return name if self.revision is None else f"{name}@{self.revision}"
 
+    @property
+    def directory(self) -> Path:
+        """Where its converted weights are kept: ``weights_root()/<storage_name>``."""
+        from tresnet_jax.storage import weights_root
+
+        return weights_root() / self.storage_name
+
     def __str__(self) -> str:
         return self.repo_id + (f"@{self.revision}" if self.revision else "")
 
@@ -179,9 +186,9 @@ def _config_preprocessing(repo: HubRepo, config: dict[str, Any]) -> dict[str, An
 def pretrained_directory(repo: HubRepo) -> Path:
     """The weights directory of a hub repository: the stored one, or fetched, converted and
     stored now (atomically: a failure leaves nothing)."""
-    from tresnet_jax.storage import METADATA_FILE, save_weights, weights_root
+    from tresnet_jax.storage import METADATA_FILE, save_weights
 
-    directory = weights_root() / repo.storage_name
+    directory = repo.directory
     if (directory / METADATA_FILE).is_file():
         return directory
     log.info("fetching %s from the Hugging Face hub", repo)
