@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,18 +26,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from tresnet_jax.cli import add_run_arguments, command, start_run
-from tresnet_jax.datasets import FolderSource, TfdsSource, model_labels
+from tresnet_jax.datasets import FolderSource, Source, SyntheticSource, model_labels
 from tresnet_jax.evaluation import EvalResult, evaluate
 from tresnet_jax.factory import fingerprint, load_any
 from tresnet_jax.parallel import data_mesh, select_devices
-from tresnet_jax.preprocess import INTERPOLATIONS, Preprocessing
+from tresnet_jax.preprocess import INTERPOLATIONS, Preprocessing, check_image_size
 from tresnet_jax.progress import ProgressBar
 from tresnet_jax.storage import write_file_atomically
+from tresnet_jax.tfds_reader import open_split
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # Images per device when --batch-size is not given, by backend: a GPU needs large batches to
 # keep busy, a CPU gains nothing from them.
 DEFAULT_PER_DEVICE_BATCH = {"cpu": 64, "gpu": 256, "tpu": 256}
+SYNTHETIC_IMAGES = 50_000  # as many as ImageNet's validation set
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -52,6 +55,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     source = data.add_mutually_exclusive_group()
     source.add_argument("--val_dir", "--val-dir", type=Path, help="folder per class (sorted WordNet ids)")
     source.add_argument("--dataset", help="prepared TFDS dataset NAME[:SPLIT], e.g. imagenet_v2, imagenette")
+    source.add_argument("--synthetic-data", type=int, nargs="?", const=SYNTHETIC_IMAGES, metavar="IMAGES",
+                        help=f"random images (default {SYNTHETIC_IMAGES}), nothing read or decoded: the speed of the "
+                             "compiled evaluation alone")
     data.add_argument("--data_dir", "--data-dir", help="TFDS data directory (default: TFDS's)")
     prep = parser.add_argument_group("preprocessing (default: the weights' pretrained configuration)")
     prep.add_argument("--image-size", type=int)
@@ -68,6 +74,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     run.add_argument("--save-logits", type=Path, help="write logits, labels (and files) as .npz, dataset order")
     add_run_arguments(parser)
     args = parser.parse_args(argv)
+    if args.image_size is not None:
+        check_image_size(args.image_size)
+    if args.synthetic_data is not None and args.synthetic_data <= 0:
+        parser.error("--synthetic-data must be positive")
     for path in (args.output, args.save_logits):
         if path is not None and not path.absolute().parent.is_dir():
             parser.error(f"{path.parent}: no such directory")
@@ -93,10 +103,10 @@ def preprocessing(args: argparse.Namespace, metadata: dict) -> Preprocessing:
     )
 
 
-def open_source(args: argparse.Namespace) -> FolderSource | TfdsSource:
+def open_source(args: argparse.Namespace) -> Source:
     if args.val_dir is not None:
         return FolderSource.scan(args.val_dir)
-    return TfdsSource.open(args.dataset or "imagenet2012", args.data_dir)
+    return open_split(args.dataset or "imagenet2012", args.data_dir)
 
 
 def compute_dtype(name: str):
@@ -144,14 +154,17 @@ def save_logits(path: Path, result: EvalResult, source) -> None:
 
 @command
 def main(argv: Sequence[str] | None = None) -> int:
+    started = time.perf_counter()
     args = parse_args(argv)
     start_run(args)
     lead = jax.process_index() == 0
     dtype = compute_dtype(args.dtype)
+    # The data before the weights: a missing dataset is reported at once.
+    source = None if args.synthetic_data else open_source(args)
     loaded = load_any(weights_argument(args), args.model if args.weights else None, dtype=dtype)
     model, variables, metadata = loaded.model, loaded.variables, loaded.metadata
+    source = source or SyntheticSource(args.synthetic_data, model.num_classes)
     prep = preprocessing(args, metadata)
-    source = open_source(args)
     label_map = model_labels(source.class_names, model.num_classes, source.name)
     devices = select_devices(args.num_devices)
     mesh = data_mesh(devices)
@@ -166,12 +179,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"devices: {mesh.devices.size} x {devices[0].device_kind} in {jax.process_count()} process(es); "
               f"batch {batch}; {jnp.dtype(dtype).name}")
     bar = ProgressBar(len(source), "eval", enabled=lead and not args.no_progress)
+    setup_seconds = time.perf_counter() - started
     result = evaluate(model, variables, source, prep, label_map, batch, mesh, args.save_logits is not None, bar.update)
     bar.close()
     if lead:
-        print(f"compiled in {result.compile_seconds:.1f} s")
         print(f"images {result.num_images} | top-1 {result.top1:.3f} | top-5 {result.top5:.3f} | "
               f"loss {result.loss:.4f} | {result.images_per_second:.1f} images/s | skipped {len(result.skipped)}")
+        print(f"seconds: set-up {setup_seconds:.1f} (weights, data index, devices), "
+              f"compile {result.compile_seconds:.1f}, first batch {result.first_batch_seconds:.1f}, "
+              f"evaluation {result.wall_seconds:.1f} (first batch included), "
+              f"in all {time.perf_counter() - started:.1f} since the command started")
         for name, reason in result.skipped[:20]:
             print(f"skipped {name}: {reason}")
         if len(result.skipped) > 20:
@@ -181,6 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"reported top-1 of {metadata['tag']} (timm, ImageNet-1k val): {reported:.3f}")
         if args.output is not None:
             summary = report(args, result, metadata, weights_hash, prep, source, dtype, batch, mesh)
+            summary["setup_seconds"] = setup_seconds
             write_file_atomically(args.output, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2) + "\n"))
             print(f"wrote {args.output}")
         if args.save_logits is not None:

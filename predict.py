@@ -26,7 +26,7 @@ from tresnet_jax.cli import command, enable_compilation_cache
 from tresnet_jax.compile import jit
 from tresnet_jax.errors import InputError
 from tresnet_jax.factory import load_any
-from tresnet_jax.preprocess import Preprocessing, load_image
+from tresnet_jax.preprocess import Preprocessing, check_image_size, load_image
 
 TOP = 5
 
@@ -42,7 +42,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--weights", help="weights directory, or a .pth/.pt/.bin/.safetensors file (--model: its architecture)"
     )
     parser.add_argument("--image-size", type=int, help="default: the weights' pretrained input size")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.image_size is not None:
+        check_image_size(args.image_size)
+    return args
 
 
 def class_names(num_classes: int, stored: list[str] | None = None) -> list[str]:

@@ -7,6 +7,7 @@ import dataclasses
 import numpy as np
 
 from tresnet_jax.errors import InputError
+from tresnet_jax.preprocess import check_image_size
 from tresnet_jax.registry import get_arch
 
 MODES = ("infer", "train")
@@ -44,8 +45,7 @@ def validate(spec: BenchSpec) -> BenchSpec:
         raise InputError(f"unknown precision {spec.precision!r}; known: {', '.join(PRECISIONS)}")
     if spec.batch_size < 1:
         raise InputError(f"batch size must be >= 1, got {spec.batch_size}")
-    if spec.image_size < 32 or spec.image_size % 32:
-        raise InputError(f"image size must be a positive multiple of 32, got {spec.image_size}")
+    check_image_size(spec.image_size)
     if spec.num_classes < 1:
         raise InputError(f"number of classes must be >= 1, got {spec.num_classes}")
     return spec

@@ -1,5 +1,7 @@
 """Exact, data-parallel evaluation: every image counted once on any number of devices, hosts
-and any batch size (the last batch is padded and masked), corrupt images skipped and listed."""
+and any batch size (the last batch is padded and masked), corrupt images skipped and listed.
+Images are read by index (tresnet_jax/datasets.py) and preprocessed by a pool of host threads;
+several sets of weights (a model and its EMA) are evaluated in one pass over the data."""
 
 from __future__ import annotations
 
@@ -17,9 +19,10 @@ from jax import lax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from tresnet_jax.errors import InputError
+from tresnet_jax.datasets import SyntheticSource
+from tresnet_jax.loader import ordered_map, stack_rows
 from tresnet_jax.parallel import BATCH_AXIS, local_batch_size, local_rows, prefetch_to_devices, replicate
-from tresnet_jax.preprocess import Preprocessing, decode_image, decode_with_fallback, tensorflow, transform
+from tresnet_jax.preprocess import Preprocessing, decode_pil, pil_transform
 from tresnet_jax.xla_options import compiler_options, precision_scope
 
 Batch = dict[str, np.ndarray]
@@ -35,7 +38,8 @@ class EvalResult:
     top5: float  # percent
     loss: float  # mean cross-entropy
     compile_seconds: float
-    wall_seconds: float  # the evaluation loop, after compilation
+    wall_seconds: float  # the evaluation loop, after compilation, first batch included
+    first_batch_seconds: float  # from the loop's start until the first batch was preprocessed
     skipped: list[tuple[str, str]]  # (image, reason)
     logits: np.ndarray | None = None  # (dataset size, classes), dataset order, NaN rows for skipped
     labels: np.ndarray | None = None  # model class of each image
@@ -52,6 +56,7 @@ class EvalResult:
             "loss": self.loss,
             "images_per_second": self.images_per_second,
             "compile_seconds": self.compile_seconds,
+            "first_batch_seconds": self.first_batch_seconds,
             "wall_seconds": self.wall_seconds,
             "skipped": len(self.skipped),
         }
@@ -114,28 +119,54 @@ def host_range(size: int) -> tuple[int, int]:
     return start, min(size, start + per_host)
 
 
-def decoded_batches(source: Any, prep: Preprocessing, start: int, end: int, local_batch: int) -> Iterator[Batch]:
-    """Preprocessed images [start, end) in parallel (tf.data), in batches of up to
-    ``local_batch``; images that fail to decode are dropped here and retried later."""
-    tf = tensorflow()
+@dataclasses.dataclass(frozen=True)
+class PreprocessedImage:
+    """index -> (preprocessed uint8 image, label) of a source (an object, not a closure, so that
+    worker processes can be given it)."""
 
-    def load(encoded, label, index):
-        return {"image": transform(decode_image(encoded), prep), "label": label, "index": index}
+    source: Any
+    prep: Preprocessing
 
-    load = tf.autograph.experimental.do_not_convert(load)  # plain TF ops: nothing to convert
-    data = source.encoded(start, end).map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
-    data = data.ignore_errors().batch(local_batch).prefetch(tf.data.AUTOTUNE)
-    return data.as_numpy_iterator()
+    def __call__(self, index: int) -> tuple[np.ndarray, int]:
+        encoded, label = self.source.record(index)
+        return pil_transform(decode_pil(encoded, self.source.describe(index)), self.prep), label
 
 
-def padded(batches: Iterator[Batch], label_map: np.ndarray, local_batch: int, steps: int, size: int) -> Iterator[Batch]:
-    """Exactly ``steps`` batches of ``local_batch`` rows: labels in model classes, a ``mask`` of
-    real rows, empty batches at the end so every process runs the same number of steps."""
+def preprocessed_batches(
+    source: Any, prep: Preprocessing, start: int, end: int, label_map: np.ndarray, local_batch: int, steps: int,
+    skipped: dict[int, str], workers: int | None = None,
+) -> Iterator[Batch]:
+    """Exactly ``steps`` batches of ``local_batch`` rows of images [start, end), preprocessed in
+    parallel, in index order: labels in model classes, a ``mask`` of real rows, each row's
+    dataset ``index``; an image that cannot be read goes into ``skipped`` (index -> reason),
+    and empty batches at the end make every process run the same number of steps."""
+    if isinstance(source, SyntheticSource):
+        images, labels = source.batch(local_batch, prep.input_size, start)
+        for first in range(start, start + steps * local_batch, local_batch):
+            rows = max(0, min(end - first, local_batch))
+            yield pad_batch(images[:rows], label_map[labels[:rows]], np.arange(first, first + rows), local_batch)
+        return
+
+    rows: list[np.ndarray] = []
+    labels: list[int] = []
+    indices: list[int] = []
     emitted = 0
-    for batch in batches:
-        yield pad_batch(batch["image"], label_map[batch["label"]], batch["index"], local_batch)
+    for outcome in ordered_map(PreprocessedImage(source, prep), range(start, end), workers):
+        if outcome.error is not None:
+            skipped[outcome.item] = outcome.error.removeprefix(f"{source.describe(outcome.item)}: ")
+            continue
+        image, label = outcome.value
+        rows.append(image)
+        labels.append(label)
+        indices.append(outcome.item)
+        if len(rows) == local_batch:
+            yield pad_batch(stack_rows(rows, prep.input_size), label_map[labels], np.asarray(indices), local_batch)
+            rows, labels, indices = [], [], []
+            emitted += 1
+    if rows:
+        yield pad_batch(stack_rows(rows, prep.input_size), label_map[labels], np.asarray(indices), local_batch)
         emitted += 1
-    empty = np.zeros((0, size, size, 3), np.uint8)
+    empty = np.zeros((0, prep.input_size, prep.input_size, 3), np.uint8)
     for _ in range(emitted, steps):
         yield pad_batch(empty, np.zeros(0, np.int64), np.zeros(0, np.int64), local_batch)
 
@@ -151,40 +182,6 @@ def pad_batch(images: np.ndarray, labels: np.ndarray, indices: np.ndarray, rows:
     }
 
 
-def retry_with_fallback(source: Any, prep: Preprocessing, missing: list[int], label_map: np.ndarray):
-    """Images the fast path could not decode, decoded by the fallback: (their batch rows,
-    {index: reason} of those that cannot be read at all)."""
-    tf = tensorflow()
-    images, labels, indices, skipped = [], [], [], {}
-    for index in missing:
-        name = source.describe(index)
-        try:
-            image = decode_with_fallback(source.read_encoded(index), name)
-            images.append(transform(tf.convert_to_tensor(image), prep).numpy())
-        except InputError as err:
-            skipped[index] = str(err).removeprefix(f"{name}: ")
-            continue
-        except OSError as err:
-            skipped[index] = err.strerror or str(err)
-            continue
-        labels.append(int(source_label(source, index)))
-        indices.append(index)
-    size = prep.input_size
-    rows = (
-        np.asarray(images, np.uint8).reshape(-1, size, size, 3),
-        label_map[np.asarray(labels, np.int64)],
-        np.asarray(indices, np.int64),
-    )
-    return rows, skipped
-
-
-def source_label(source: Any, index: int) -> int:
-    if hasattr(source, "labels"):
-        return int(source.labels[index])
-    (_, label, _), = source.encoded(index, index + 1).as_numpy_iterator()
-    return int(label)
-
-
 def evaluate(
     model: Any,
     variables: Any,
@@ -198,31 +195,51 @@ def evaluate(
 ) -> EvalResult:
     """Evaluate ``model`` on every image of ``source``; ``progress(images, metrics)`` is called
     after each step (metrics only every few steps, as reading them waits for the devices)."""
+    results = evaluate_many(model, {"": variables}, source, prep, label_map, global_batch, mesh, keep_logits, progress)
+    return results[""]
+
+
+def evaluate_many(
+    model: Any,
+    weights: dict[str, Any],
+    source: Any,
+    prep: Preprocessing,
+    label_map: np.ndarray,
+    global_batch: int,
+    mesh: Mesh,
+    keep_logits: bool = False,
+    progress: Callable[[int, dict[str, float]], None] | None = None,
+) -> dict[str, EvalResult]:
+    """``evaluate`` for several sets of variables of one model (e.g. the weights and their EMA),
+    reading and preprocessing the data once; ``progress`` follows the first set."""
     local_batch = local_batch_size(global_batch, mesh)
     start, end = host_range(len(source))
     steps = math.ceil(math.ceil(len(source) / jax.process_count()) / local_batch)
-    variables = replicate(variables, mesh)
+    weights = {name: replicate(variables, mesh) for name, variables in weights.items()}
     compile_start = time.perf_counter()  # nearly 0 when the same step was compiled before
     compiled = compiled_eval_step(model, mesh, keep_logits, local_batch, prep.input_size)
     compile_seconds = time.perf_counter() - compile_start
 
-    tracker = _Tracker(len(source), model.num_classes if keep_logits else 0)
+    trackers = {name: _Tracker(len(source), model.num_classes if keep_logits else 0) for name in weights}
+    first = next(iter(trackers.values()))
+    skipped: dict[int, str] = {}
     loop_start = time.perf_counter()
-    rows = decoded_batches(source, prep, start, end, local_batch)
-    tracker.run(compiled, variables, padded(rows, label_map, local_batch, steps, prep.input_size), mesh, progress)
-
-    # The fast path drops what it cannot decode; retry those with the fallback decoder.
-    missing = [i for i in range(start, end) if not tracker.seen[i]]
-    retried, skipped = retry_with_fallback(source, prep, missing, label_map)
-    retry_steps = math.ceil(len(retried[0]) / local_batch)
-    retry_steps = int(multihost_utils.process_allgather(np.asarray(retry_steps)).max())
-    batches = (
-        pad_batch(*(rows[i : i + local_batch] for rows in retried), local_batch)
-        for i in range(0, retry_steps * local_batch, local_batch)
-    )
-    tracker.run(compiled, variables, batches, mesh, progress)
+    first_batch_seconds = 0.0
+    batches = preprocessed_batches(source, prep, start, end, label_map, local_batch, steps, skipped)
+    for number, (host, device) in enumerate(prefetch_to_devices(batches, mesh)):
+        if number == 0:
+            first_batch_seconds = time.perf_counter() - loop_start
+        for name, tracker in trackers.items():
+            tracker.add(host, *compiled(weights[name], device))
+        if progress is not None:
+            progress(first.images, first.running() if number % 10 == 9 else {})
+    for tracker in trackers.values():
+        tracker.flush()
     wall_seconds = time.perf_counter() - loop_start
-    return tracker.result(compile_seconds, wall_seconds, skipped, source.describe)
+    return {
+        name: tracker.result(compile_seconds, wall_seconds, first_batch_seconds, skipped, source.describe)
+        for name, tracker in trackers.items()
+    }
 
 
 class _Tracker:
@@ -234,24 +251,24 @@ class _Tracker:
         self.logits = np.full((size, num_classes), np.nan, np.float32) if num_classes else None
         self.labels = np.full(size, -1, np.int64)
         self.images = 0
+        self.pending: list[tuple[Batch, jax.Array]] = []
 
-    def run(self, compiled, variables, batches, mesh, progress) -> None:
-        pending = []
-        for number, (host, device) in enumerate(prefetch_to_devices(batches, mesh)):
-            totals, outputs = compiled(variables, device)
-            self.totals = totals if self.totals is None else jax.tree_util.tree_map(jnp.add, self.totals, totals)
-            real = host["mask"]
-            self.seen[host["index"][real]] = True
-            self.labels[host["index"][real]] = host["label"][real]
-            self.images += int(real.sum())
-            if self.logits is not None:
-                pending.append((host, outputs["logits"]))
-                if len(pending) > 2:  # fetch with a lag, so the devices keep working
-                    self._store(*pending.pop(0))
-            if progress is not None:
-                progress(self.images, self.running() if number % 10 == 9 else {})
-        for item in pending:
+    def add(self, host: Batch, totals: dict[str, jax.Array], outputs: dict[str, jax.Array]) -> None:
+        """Count one step's batch (``host``: its rows on this process; the rest: the step's output)."""
+        self.totals = totals if self.totals is None else jax.tree_util.tree_map(jnp.add, self.totals, totals)
+        real = host["mask"]
+        self.seen[host["index"][real]] = True
+        self.labels[host["index"][real]] = host["label"][real]
+        self.images += int(real.sum())
+        if self.logits is not None:
+            self.pending.append((host, outputs["logits"]))
+            if len(self.pending) > 2:  # fetch with a lag, so the devices keep working
+                self._store(*self.pending.pop(0))
+
+    def flush(self) -> None:
+        for item in self.pending:
             self._store(*item)
+        self.pending = []
 
     def _store(self, host: Batch, logits: jax.Array) -> None:
         real = host["mask"]
@@ -263,7 +280,8 @@ class _Tracker:
         return {"top1": 100 * float(totals["top1"]) / count, "top5": 100 * float(totals["top5"]) / count}
 
     def result(
-        self, compile_seconds: float, wall_seconds: float, reasons: dict[int, str], describe: Callable[[int], str]
+        self, compile_seconds: float, wall_seconds: float, first_batch_seconds: float, reasons: dict[int, str],
+        describe: Callable[[int], str],
     ) -> EvalResult:
         totals = {k: float(v) for k, v in jax.device_get(self.totals).items()}
         seen = multihost_utils.process_allgather(self.seen).reshape(-1, self.seen.size)
@@ -286,6 +304,7 @@ class _Tracker:
             loss=totals["loss"] / count,
             compile_seconds=compile_seconds,
             wall_seconds=wall_seconds,
+            first_batch_seconds=first_batch_seconds,
             skipped=skipped,
             logits=logits,
             labels=labels,

@@ -30,8 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jax_core
 
-from tresnet_jax.errors import InputError
 from tresnet_jax.model import TResNet
+from tresnet_jax.preprocess import check_image_size
 from tresnet_jax.storage import write_file_atomically
 
 BATCH = "batch"  # the symbolic batch dimension of both exports
@@ -40,12 +40,6 @@ ONNX_OPSET = 17
 ONNX_IR_VERSION = 8  # the IR version that came with opset 17; newer ones shut out older runtimes
 STABLEHLO_PLATFORMS = ("cpu", "cuda")
 NCHW = (0, 3, 1, 2)  # axis order in which an NHWC feature map is stored in the ONNX graph
-
-
-def check_image_size(size: int) -> int:
-    if size < 32 or size % 32:
-        raise InputError(f"image size must be a positive multiple of 32, got {size}")
-    return size
 
 
 def image_size_of(metadata: dict[str, Any]) -> int:
@@ -70,7 +64,9 @@ def check_export_arguments(args: argparse.Namespace) -> tuple[dict[str, Any], in
         check_image_size(args.image_size)
     check_output_file(args.output, args.force)
     metadata = load_metadata(args.weights)
-    return metadata, check_image_size(args.image_size or image_size_of(metadata))
+    size = args.image_size or image_size_of(metadata)
+    check_image_size(size)
+    return metadata, size
 
 
 def write_output(path: str | os.PathLike, data: bytes) -> None:

@@ -1,0 +1,70 @@
+"""The host input pool: threads and processes give the same rows in the same order, and an
+unreadable image is reported, not fatal, in both."""
+
+import pickle
+
+import numpy as np
+import pytest
+
+from tests.images import photo_files
+from tests.tfds_folders import prepare_from_folders
+from tresnet_jax.augment import AugmentConfig
+from tresnet_jax.datasets import FolderSource
+from tresnet_jax.evaluation import PreprocessedImage
+from tresnet_jax.loader import ordered_map
+from tresnet_jax.preprocess import Preprocessing
+from tresnet_jax.tfds_reader import open_split
+from tresnet_jax.train_data import AugmentedExample
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("photos")
+    for i, path in enumerate(photo_files(root / "source")[:6]):
+        (root / "images" / f"class{i % 2}").mkdir(parents=True, exist_ok=True)
+        (root / "images" / f"class{i % 2}" / path.name).write_bytes(path.read_bytes())
+    (root / "images" / "class1" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a JPEG")
+    return root / "images"
+
+
+def rows(fn, items, processes):
+    return [(o.item, o.error) if o.error else (o.item, o.value) for o in ordered_map(fn, items, 2, 4, processes)]
+
+
+def assert_same(a, b):
+    assert [item for item, _ in a] == [item for item, _ in b]
+    for (_, x), (_, y) in zip(a, b, strict=True):
+        if isinstance(x, str):
+            assert x == y
+        else:
+            x, y = (x.image, x.label) if hasattr(x, "image") else x, (y.image, y.label) if hasattr(y, "image") else y
+            np.testing.assert_array_equal(x[0], y[0])
+            assert x[1] == y[1]
+
+
+def test_processes_and_threads_give_the_same_preprocessed_rows(folder):
+    source = FolderSource.scan(folder)
+    fn = PreprocessedImage(source, Preprocessing(96))
+    threads, processes = rows(fn, range(len(source)), False), rows(fn, range(len(source)), True)
+    assert_same(threads, processes)
+    broken = source.files.index(str(folder / "class1" / "broken.jpg"))
+    assert threads[broken][1].startswith(f"{source.files[broken]}: unreadable image")
+    assert sum(isinstance(value, str) for _, value in threads) == 1
+
+
+def test_processes_and_threads_give_the_same_augmented_examples(folder):
+    source = FolderSource.scan(folder)
+    fn = AugmentedExample(source, AugmentConfig(image_size=64), seed=5)
+    items = [(epoch, index) for epoch in range(2) for index in range(len(source))]
+    assert_same(rows(fn, items, False), rows(fn, items, True))
+
+
+def test_a_tfds_split_is_read_the_same_in_worker_processes(folder, tmp_path):
+    """A split holds open files and locks; pickled for a worker, it opens its shards again."""
+    name = prepare_from_folders("PoolImages", tmp_path, {"validation": folder}, num_shards=2)
+    split = open_split(f"{name}:validation", str(tmp_path))
+    split.record(0)  # opens and indexes the first shard here
+    copy = pickle.loads(pickle.dumps(split))
+    assert [copy.record(i) for i in range(len(split))] == [split.record(i) for i in range(len(split))]
+    fn = PreprocessedImage(split, Preprocessing(64))
+    assert_same(rows(fn, range(len(split)), False), rows(fn, range(len(split)), True))
