@@ -4,6 +4,7 @@ data-parallel step, periodic evaluation, Orbax checkpoints with automatic resume
 
 A run lives in its ``workdir``; started again with the same settings it continues from its last
 complete checkpoint and ends with exactly the parameters an uninterrupted run would have.
+SIGTERM or SIGINT stops it after the current step with a checkpoint of that step.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -20,9 +22,9 @@ import jax.numpy as jnp
 
 from tresnet_jax.augment import AugmentConfig
 from tresnet_jax.classes import imagenet_index
-from tresnet_jax.datasets import FolderSource, TfdsSource, model_labels
+from tresnet_jax.datasets import FolderSource, Source, SyntheticSource, model_labels
 from tresnet_jax.errors import InputError
-from tresnet_jax.evaluation import evaluate
+from tresnet_jax.evaluation import evaluate_many
 from tresnet_jax.factory import create_model, load_any
 from tresnet_jax.initialization import replace_head
 from tresnet_jax.model import TResNet
@@ -35,14 +37,17 @@ from tresnet_jax.parallel import (
     replicate,
     select_devices,
 )
-from tresnet_jax.preprocess import Preprocessing, tensorflow
+from tresnet_jax.preemption import StopRequests
+from tresnet_jax.preprocess import Preprocessing, check_image_size
 from tresnet_jax.progress import ProgressBar
 from tresnet_jax.registry import get_arch
 from tresnet_jax.storage import save_weights
+from tresnet_jax.tfds_reader import open_split
 from tresnet_jax.train_data import StreamSpec, steps_per_epoch, train_batches
 from tresnet_jax.training import PRECISIONS, OptimConfig, TrainState, create_state, make_optimizer, make_train_step
 
 CONFIG_FILE = "config.json"
+VAL_SPLITS = ("validation", "test")
 METRICS_FILE = "metrics.jsonl"
 # Settings that may change when a run is resumed: they do not change what is computed (the
 # device count only changes the order of float additions).
@@ -52,6 +57,17 @@ RESUMABLE = {"workdir", "eval_every", "log_every", "checkpoint_every", "keep_che
 
 class TrainingDiverged(InputError):
     """The loss or the gradients became NaN/inf (not an fp16 overflow the loss scale absorbs)."""
+
+
+class Stopped(Exception):
+    """The run stopped on a signal after writing a checkpoint of its current step."""
+
+    def __init__(self, signum: int, step: int, total_steps: int, checkpoint: Path):
+        self.signum = signum
+        super().__init__(
+            f"stopped by {signal.Signals(signum).name} at step {step} of {total_steps}: checkpoint {checkpoint}; "
+            f"the same command continues from there"
+        )
 
 
 @dataclasses.dataclass
@@ -67,6 +83,7 @@ class TrainConfig:
     train_dir: str | None = None
     val_dir: str | None = None
     data_dir: str | None = None
+    synthetic_data: int | None = None  # random images as an epoch of this many, instead of a dataset
     image_size: int = 224
     epochs: int = 300
     max_steps: int | None = None
@@ -104,24 +121,23 @@ class TrainConfig:
         return (8e-4 if self.optimizer == "adamw" else 0.1) * self.batch_size / 256
 
 
-def open_train_sources(cfg: TrainConfig) -> tuple[FolderSource | TfdsSource, FolderSource | TfdsSource | None]:
+def open_train_sources(cfg: TrainConfig) -> tuple[Source, Source | None]:
     """(training set, validation set or None)."""
+    if cfg.synthetic_data:
+        return SyntheticSource(cfg.synthetic_data, cfg.num_classes or 1000), None
     if cfg.train_dir:
         train = FolderSource.scan(cfg.train_dir)
     elif cfg.dataset:
-        name, _, split = cfg.dataset.partition(":")
-        train = TfdsSource.open(f"{name}:{split or 'train'}", cfg.data_dir)
+        train = open_split(cfg.dataset, cfg.data_dir, default_split="train")
     else:
         raise InputError("no training data: pass --train_dir DIR or --dataset NAME")
     if cfg.val_dir:
         return train, FolderSource.scan(cfg.val_dir)
     if cfg.val_dataset:
-        return train, TfdsSource.open(cfg.val_dataset, cfg.data_dir)
-    if cfg.dataset:
+        return train, open_split(cfg.val_dataset, cfg.data_dir)
+    if cfg.dataset:  # the dataset's validation (or test) split, if it has one
         name = cfg.dataset.partition(":")[0]
-        splits = train.builder.info.splits
-        split = next((s for s in ("validation", "test") if s in splits), None)
-        return train, TfdsSource.open(f"{name}:{split}", cfg.data_dir) if split else None
+        return train, next((open_split(f"{name}:{s}", cfg.data_dir) for s in VAL_SPLITS if s in train.splits), None)
     return train, None
 
 
@@ -185,9 +201,11 @@ class Run:
     """One training run in its workdir."""
 
     def __init__(self, cfg: TrainConfig):
+        check_image_size(cfg.image_size)  # every flag is checked before anything is read or written
         self.cfg = cfg
         self.workdir = Path(cfg.workdir).expanduser().absolute()
         self.lead = jax.process_index() == 0
+        self.unreadable = 0  # training images passed over so far, by this process
         self.train_source, self.val_source = open_train_sources(cfg)
         self.num_classes = cfg.num_classes or len(self.train_source.class_names)
         self.label_map = model_labels(self.train_source.class_names, self.num_classes, self.train_source.name)
@@ -196,6 +214,8 @@ class Run:
             cfg = self.cfg = dataclasses.replace(cfg, num_devices=len(devices) // jax.process_count())
         self.mesh = data_mesh(devices)
         local_batch_size(cfg.batch_size, self.mesh)
+        if cfg.eval_batch_size is not None:
+            local_batch_size(cfg.eval_batch_size, self.mesh)
         self.spec = StreamSpec(cfg.batch_size, jax.process_index(), jax.process_count(), cfg.seed)
         self.steps_per_epoch = steps_per_epoch(self.train_source, self.spec)
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
@@ -257,6 +277,11 @@ class Run:
     # --- the loop --------------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
+        """Train to the end, or until SIGTERM/SIGINT (``Stopped``, after a checkpoint)."""
+        with StopRequests() as stops:
+            return self._run(stops)
+
+    def _run(self, stops: StopRequests) -> dict[str, Any]:
         cfg = self.cfg
         check_resumable(self.workdir, cfg)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -280,7 +305,7 @@ class Run:
         self.log(f"compiled the training step in {time.perf_counter() - t0:.1f} s")
 
         checkpoint_every = cfg.checkpoint_every or self.steps_per_epoch
-        batches = train_batches(self.train_source, self.spec, self.augment, start, self.label_map)
+        batches = train_batches(self.train_source, self.spec, self.augment, start, self.label_map, self.passed_over)
         bar = ProgressBar(self.total_steps * cfg.batch_size, "train", self.lead and cfg.progress,
                           initial=start * cfg.batch_size)
         lagged = LaggedMetrics()
@@ -292,11 +317,19 @@ class Run:
             step += 1
             epoch_end = step % self.steps_per_epoch == 0
             done = step >= self.total_steps
-            sync = epoch_end or done or step % checkpoint_every == 0
-            for window in lagged.push(step, metrics, log=step % cfg.log_every == 0, sync=sync):
+            log_step = step % cfg.log_every == 0
+            stop = None if done else stops.agreed(collective=log_step)
+            sync = epoch_end or done or step % checkpoint_every == 0 or stop is not None
+            for window in lagged.push(step, metrics, log=log_step, sync=sync):
                 latest = self.check_and_log(window, metrics_log, window_start)
                 window_start = time.perf_counter()
                 bar.update(window[-1][0] * cfg.batch_size, {"loss": latest["loss"], "lr": latest["lr"]})
+            if stop is not None:
+                self.save(manager, state)
+                manager.wait_until_finished()
+                bar.close()
+                metrics_log.close()
+                raise Stopped(stop, step, self.total_steps, self.workdir / "checkpoints" / str(step))
             if epoch_end and cfg.eval_every and (step // self.steps_per_epoch) % cfg.eval_every == 0 and not done:
                 last_eval = self.validate(state, step, metrics_log)
                 window_start = time.perf_counter()
@@ -307,6 +340,12 @@ class Run:
                 break
         bar.close()
         return self.finish(state, manager, metrics_log, last_eval)
+
+    def passed_over(self, image: str, reason: str) -> None:
+        """An unreadable training image, replaced in its batch by the next readable one."""
+        self.unreadable += 1
+        where = f"process {jax.process_index()}: " if jax.process_count() > 1 else ""
+        print(f"{where}unreadable training image {image}: {reason} (replaced by the next readable image)", flush=True)
 
     def batch_shapes(self) -> dict[str, jax.ShapeDtypeStruct]:
         sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(BATCH_AXIS))
@@ -331,7 +370,8 @@ class Run:
             if self.cfg.precision == "fp16" and row["loss_scale"] <= 1.0 and row["finite"] < 1:
                 raise TrainingDiverged(f"fp16 gradients overflow even with loss scale 1 at step {step}")
         step, row = values[-1]
-        metrics_log.write({"step": step, "epoch": step / self.steps_per_epoch, **row, "images_per_second": rate})
+        metrics_log.write({"step": step, "epoch": step / self.steps_per_epoch, **row, "images_per_second": rate,
+                           "unreadable_images": self.unreadable})
         return row
 
     def validate(self, state: TrainState, step: int, metrics_log) -> dict[str, float]:
@@ -340,14 +380,12 @@ class Run:
         prep = Preprocessing(self.cfg.image_size)
         labels = model_labels(self.val_source.class_names, self.num_classes, self.val_source.name)
         batch = self.cfg.eval_batch_size or self.cfg.batch_size
-        row: dict[str, float] = {}
-        weights = {"": (state.params, state.batch_stats)}
+        weights = {"": {"params": state.params, "batch_stats": state.batch_stats}}
         if state.ema_params is not None:
-            weights["ema_"] = (state.ema_params, state.ema_batch_stats)
-        for prefix, (params, batch_stats) in weights.items():
-            result = evaluate(self.eval_model, {"params": params, "batch_stats": batch_stats}, self.val_source, prep,
-                              labels, batch, self.mesh)
-            row |= {f"{prefix}val_{k}": getattr(result, k) for k in ("top1", "top5", "loss")}
+            weights["ema_"] = {"params": state.ema_params, "batch_stats": state.ema_batch_stats}
+        results = evaluate_many(self.eval_model, weights, self.val_source, prep, labels, batch, self.mesh)
+        row = {f"{prefix}val_{k}": getattr(result, k) for prefix, result in results.items()
+               for k in ("top1", "top5", "loss")}
         metrics_log.write({"step": step, "epoch": step / self.steps_per_epoch, **row})
         ema = f" (EMA {row['ema_val_top1']:.2f})" if "ema_val_top1" in row else ""
         self.log(f"epoch {step / self.steps_per_epoch:g}: validation top-1 {row['val_top1']:.2f}{ema}")
@@ -420,8 +458,9 @@ class LaggedMetrics:
 
 
 class MetricsLog:
-    """metrics.jsonl and TensorBoard scalars; rows past the resumed step are dropped, so a
-    resumed run's log reads like an uninterrupted one's."""
+    """metrics.jsonl, and TensorBoard scalars when the ``tensorboard`` package is installed
+    (written without TensorFlow); rows past the resumed step are dropped, so a resumed run's
+    log reads like an uninterrupted one's."""
 
     def __init__(self, workdir: Path, start_step: int, enabled: bool):
         self.enabled = enabled
@@ -433,19 +472,27 @@ class MetricsLog:
             lines = self.path.read_text().splitlines()
             kept = [line for line in lines if line and json.loads(line)["step"] <= start_step]
             self.path.write_text("".join(f"{line}\n" for line in kept))
-        self.writer = tensorflow().summary.create_file_writer(str(workdir / "tensorboard"))
+        try:
+            from tensorboard.summary.writer.event_file_writer import EventFileWriter
+        except ImportError:
+            return
+        self.writer = EventFileWriter(str(workdir / "tensorboard"))
 
     def write(self, row: dict[str, float]) -> None:
         if not self.enabled:
             return
+        now = time.time()
         with self.path.open("a") as f:
-            f.write(json.dumps({"time": time.time(), **row}) + "\n")
-        tf = tensorflow()
-        with self.writer.as_default(step=int(row["step"])):
-            for key, value in row.items():
-                if key not in ("step", "time"):
-                    tf.summary.scalar(key, value)
+            f.write(json.dumps({"time": now, **row}) + "\n")
+        if self.writer is not None:
+            from tensorboard.compat.proto import event_pb2, summary_pb2
+
+            values = [summary_pb2.Summary.Value(tag=k, simple_value=float(v)) for k, v in row.items()
+                      if k not in ("step", "time")]
+            summary = summary_pb2.Summary(value=values)
+            self.writer.add_event(event_pb2.Event(wall_time=now, step=int(row["step"]), summary=summary))
 
     def close(self) -> None:
         if self.writer is not None:
-            self.writer.flush()
+            self.writer.close()
+            self.writer = None
