@@ -7,8 +7,15 @@ the device count); one built without normalises each device's shard with its own
 (no per-layer communication, as PyTorch's DistributedDataParallel without SyncBatchNorm) and
 the running statistics are averaged over the devices once per step.
 
+Mixup/CutMix: one draw per step, the same on every device, and the partner of global row r is
+row B-1-r of the global batch (one ``ppermute`` brings each device its partner rows): N devices
+mix exactly as one does.
+
 Precision: bf16/fp16 compute with float32 parameters, BatchNorm statistics and loss; fp16 adds
-dynamic loss scaling (a step with non-finite gradients is skipped and the scale halved).
+dynamic loss scaling: a step with non-finite gradients is skipped (``optax.apply_if_finite``:
+the weights, the optimizer's state and its schedule's count stay as they were, and so do the
+BatchNorm statistics and the EMA) and the scale halved. The schedule follows the updates
+applied, so a run with k skipped steps ends k updates behind its step count.
 """
 
 from __future__ import annotations
@@ -28,6 +35,11 @@ from tresnet_jax.parallel import BATCH_AXIS
 from tresnet_jax.xla_options import compiler_options, precision_scope
 
 PRECISIONS = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
+# fp16: consecutive overflowing steps apply_if_finite skips before it gives up and applies a
+# non-finite update. A float32 loss scale is below 2**128: halved on every overflow, it is at
+# its floor of 1 after at most 128, and the trainer stops at the next (scale 1 and still
+# non-finite). So every overflow up to the trainer's stop is skipped.
+MAX_CONSECUTIVE_OVERFLOWS = 129
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,14 +92,28 @@ def decay_mask(params: Any) -> Any:
 
 
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+    """The optimizer of ``cfg``; in fp16 wrapped in ``optax.apply_if_finite`` (its state is then
+    an ``ApplyIfFiniteState`` around the inner one: fp16 checkpoints have that structure)."""
     schedule = learning_rate(cfg)
     if cfg.optimizer == "adamw":
-        return optax.adamw(schedule, weight_decay=cfg.weight_decay, mask=decay_mask)
-    return optax.chain(
-        optax.trace(cfg.momentum, nesterov=True),
-        optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask),
-        optax.scale_by_learning_rate(schedule),
-    )
+        tx = optax.adamw(schedule, weight_decay=cfg.weight_decay, mask=decay_mask)
+    else:
+        tx = optax.chain(
+            optax.trace(cfg.momentum, nesterov=True),
+            optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask),
+            optax.scale_by_learning_rate(schedule),
+        )
+    return optax.apply_if_finite(tx, MAX_CONSECUTIVE_OVERFLOWS) if cfg.precision == "fp16" else tx
+
+
+def applied_updates(opt_state: Any) -> jax.Array:
+    """The number of updates the optimizer has applied: the count of its learning-rate
+    schedule (``make_optimizer``'s), which skipped fp16 steps do not advance."""
+    is_schedule = lambda x: isinstance(x, optax.ScaleByScheduleState)  # noqa: E731
+    counts = [s.count for s in jax.tree_util.tree_leaves(opt_state, is_leaf=is_schedule) if is_schedule(s)]
+    if len(counts) != 1:
+        raise ValueError(f"expected one learning-rate schedule in the optimizer's state, found {len(counts)}")
+    return counts[0]
 
 
 def create_state(variables: dict[str, Any], tx: optax.GradientTransformation, cfg: OptimConfig, seed: int):
@@ -112,26 +138,42 @@ def soft_targets(labels: jax.Array, num_classes: int, smoothing: float) -> jax.A
     return optax.smooth_labels(jax.nn.one_hot(labels, num_classes), smoothing)
 
 
-def mix(images: jax.Array, targets: jax.Array, rng: jax.Array, cfg: OptimConfig) -> tuple[jax.Array, jax.Array]:
-    """Mixup or CutMix (chosen at random when both are on) with the reversed batch."""
-    if not (cfg.mixup or cfg.cutmix):
-        return images, targets
+def global_partners(tree: Any, axis_name: str) -> Any:
+    """Inside ``shard_map``, for a batch sharded along ``axis_name``: the rows of the reversed
+    global batch facing this device's rows (global row r faces row B-1-r). They are device
+    n-1-d's rows in reverse order for device d: one ``ppermute`` (no all-gather), then a local
+    reversal."""
+    n = lax.axis_size(axis_name)
+    mirrored = lax.ppermute(tree, axis_name, [(i, n - 1 - i) for i in range(n)])
+    return jax.tree_util.tree_map(lambda x: x[::-1], mirrored)
+
+
+def mix(
+    images: jax.Array,
+    targets: jax.Array,
+    partner_images: jax.Array,
+    partner_targets: jax.Array,
+    rng: jax.Array,
+    cfg: OptimConfig,
+) -> tuple[jax.Array, jax.Array]:
+    """Mixup or CutMix (``cfg`` turns one or both on; chosen at random when both are) of each
+    row with its partner row. Everything drawn comes from ``rng``: the same key on every device
+    gives every device the same mixing."""
     choose, lam_key, box_key = jax.random.split(rng, 3)
     use_cutmix = jax.random.bernoulli(choose, 0.5) if cfg.mixup and cfg.cutmix else cfg.cutmix > 0
     alpha = jnp.where(use_cutmix, cfg.cutmix or 1.0, cfg.mixup or 1.0)
     lam = jax.random.beta(lam_key, alpha, alpha)
-    flipped, flipped_targets = images[::-1], targets[::-1]
     _, h, w, _ = images.shape
     cut = jnp.sqrt(1.0 - lam)
     cy, cx = jax.random.uniform(box_key, (2,)) * jnp.array([h, w])
     rows, cols = jnp.arange(h)[:, None], jnp.arange(w)[None, :]
     box = (jnp.abs(rows - cy) * 2 < cut * h) & (jnp.abs(cols - cx) * 2 < cut * w)
     box_lam = 1.0 - box.mean()
-    mixed_cut = jnp.where(box[None, :, :, None], flipped, images)
-    mixed_up = lam * images + (1.0 - lam) * flipped
+    mixed_cut = jnp.where(box[None, :, :, None], partner_images, images)
+    mixed_up = lam * images + (1.0 - lam) * partner_images
     images = jnp.where(use_cutmix, mixed_cut, mixed_up)
     lam = jnp.where(use_cutmix, box_lam, lam)
-    return images, lam * targets + (1.0 - lam) * flipped_targets
+    return images, lam * targets + (1.0 - lam) * partner_targets
 
 
 def all_finite(tree: Any) -> jax.Array:
@@ -148,12 +190,16 @@ def make_train_step(model: Any, tx: optax.GradientTransformation, cfg: OptimConf
         with precision_scope(model.dtype):  # traced inside: float32 is true float32 on every device
             return device_step(state, batch)
 
+    def inputs(images: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return images.astype(jnp.float32) / 255.0, soft_targets(labels, model.num_classes, cfg.label_smoothing)
+
     def device_step(state: TrainState, batch: dict[str, jax.Array]):
-        rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        rng = jax.random.fold_in(rng, lax.axis_index(BATCH_AXIS))
-        images = batch["image"].astype(jnp.float32) / 255.0
-        targets = soft_targets(batch["label"], model.num_classes, cfg.label_smoothing)
-        images, targets = mix(images, targets, rng, cfg)
+        images, targets = inputs(batch["image"], batch["label"])
+        if cfg.mixup or cfg.cutmix:  # the step's key, not the device's: N devices mix as one does
+            rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+            # The partners travel as uint8 images and labels: a quarter of the bytes of floats.
+            partners = inputs(*global_partners((batch["image"], batch["label"]), BATCH_AXIS))
+            images, targets = mix(images, targets, *partners, rng, cfg)
 
         def loss_fn(params):
             variables = {"params": params, "batch_stats": state.batch_stats}
@@ -170,27 +216,27 @@ def make_train_step(model: Any, tx: optax.GradientTransformation, cfg: OptimConf
         if model.axis_name is None:  # per-device statistics: one all-reduce for all running averages
             batch_stats = lax.pmean(batch_stats, BATCH_AXIS)
         finite = all_finite(grads)
+        # fp16: apply_if_finite skips a non-finite update (weights, optimizer state, schedule).
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        if cfg.precision == "fp16":  # skip the step when the scaled gradients overflowed
-            params, opt_state, batch_stats = jax.tree_util.tree_map(
-                lambda new, old: jnp.where(finite, new, old),
-                (params, opt_state, batch_stats),
-                (state.params, state.opt_state, state.batch_stats),
+        applied = applied_updates(state.opt_state)  # before this step: its learning rate's index
+        statistics = {"batch_stats": batch_stats, **_ema(state, params, batch_stats, applied, cfg)}
+        if cfg.precision == "fp16":  # a skipped step leaves the running statistics and the EMA too
+            statistics = jax.tree_util.tree_map(
+                lambda new, old: jnp.where(finite, new, old), statistics, {k: getattr(state, k) for k in statistics}
             )
         new = state.replace(
             step=state.step + 1,
             params=params,
-            batch_stats=batch_stats,
             opt_state=opt_state,
-            **_ema(state, params, batch_stats, cfg),
+            **statistics,
             **_loss_scale(state, finite, cfg),
         )
         accuracy = jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(targets, -1))
         metrics = {
             "loss": loss,
             "accuracy": accuracy,
-            "lr": schedule(state.step),
+            "lr": schedule(applied),  # the learning rate this step applies (if it is not skipped)
             "loss_scale": state.loss_scale,
             "finite": finite.astype(jnp.float32),  # the gradients
             "params_finite": all_finite(params).astype(jnp.float32),
@@ -204,12 +250,13 @@ def make_train_step(model: Any, tx: optax.GradientTransformation, cfg: OptimConf
     return jax.jit(sharded, donate_argnums=0, compiler_options=compiler_options())
 
 
-def _ema(state: TrainState, params: Any, batch_stats: Any, cfg: OptimConfig) -> dict[str, Any]:
-    """Exponential moving average of the weights, with a decay that warms up over the first
-    steps ((1 + t) / (10 + t)) so short fine-tuning runs get a useful average too."""
+def _ema(state: TrainState, params: Any, batch_stats: Any, applied: jax.Array, cfg: OptimConfig) -> dict[str, Any]:
+    """Exponential moving average of the weights, with a decay that warms up with the number t
+    of updates ``applied`` before ((1 + t) / (10 + t)) so short fine-tuning runs get a useful
+    average too."""
     if state.ema_params is None:
         return {}
-    t = state.step.astype(jnp.float32)
+    t = applied.astype(jnp.float32)
     decay = jnp.minimum(cfg.ema_decay, (1.0 + t) / (10.0 + t))
     ema_params, ema_batch_stats = jax.tree_util.tree_map(
         lambda e, n: decay * e + (1 - decay) * n, (state.ema_params, state.ema_batch_stats), (params, batch_stats)
