@@ -30,14 +30,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from tresnet_jax.errors import InputError
+from tresnet_jax.tfrecord import FOOTER_SIZE, HEADER, masked_crc32c
 
 DEFAULT_SPLITS = {"imagenet2012": "validation", "imagenet_v2": "test"}
 
 _VERSION = re.compile(r"\d+\.\d+\.\d+")
 _DEFAULT_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
 _FORMATS = ("tfrecord", "array_record")
-_HEADER = struct.Struct("<QI")  # tfrecord: payload length, masked CRC32C of those 8 bytes
-_FOOTER_SIZE = 4  # masked CRC32C of the payload
 
 
 def default_data_dir() -> Path:
@@ -169,28 +168,6 @@ def parse_example(data: bytes) -> dict[str, list[bytes] | list[float] | list[int
 # Shard files.
 
 
-def _crc32c_table() -> tuple[int, ...]:
-    table = []
-    for byte in range(256):
-        crc = byte
-        for _ in range(8):
-            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
-        table.append(crc)
-    return tuple(table)
-
-
-_CRC32C = _crc32c_table()
-
-
-def _masked_crc32c(data: bytes) -> int:
-    """tfrecord's checksum: CRC32C, rotated right by 15 bits plus a constant."""
-    crc = 0xFFFFFFFF
-    for byte in data:
-        crc = _CRC32C[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-    crc ^= 0xFFFFFFFF
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
 def _spare_descriptors() -> int:
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     return (1 << 16 if soft == resource.RLIM_INFINITY else soft) // 2
@@ -278,13 +255,13 @@ class _TfrecordShard(_Shard):
         offsets = array("Q", [0])
         while offsets[-1] < end:
             record, start = len(offsets) - 1, offsets[-1]
-            header = os.pread(fd, _HEADER.size, start)
-            if len(header) < _HEADER.size:
+            header = os.pread(fd, HEADER.size, start)
+            if len(header) < HEADER.size:
                 raise self._damaged(f"record {record}: the file ends ({end} bytes) inside its header")
-            length, crc = _HEADER.unpack(header)
-            if _masked_crc32c(header[:8]) != crc:
+            length, crc = HEADER.unpack(header)
+            if masked_crc32c(header[:8]) != crc:
                 raise self._damaged(f"record {record}: bad length header at byte {start} (checksum mismatch)")
-            offsets.append(start + _HEADER.size + length + _FOOTER_SIZE)
+            offsets.append(start + HEADER.size + length + FOOTER_SIZE)
             if offsets[-1] > end:
                 raise self._damaged(f"record {record}: its {length} bytes run past the file's end ({end} bytes)")
         if len(offsets) - 1 != self.size:
@@ -292,8 +269,8 @@ class _TfrecordShard(_Shard):
         return offsets
 
     def _read(self, fd: int, position: int) -> bytes:
-        start = self._offsets[position] + _HEADER.size
-        length = self._offsets[position + 1] - start - _FOOTER_SIZE
+        start = self._offsets[position] + HEADER.size
+        length = self._offsets[position + 1] - start - FOOTER_SIZE
         data = os.pread(fd, length, start)
         if len(data) != length:
             raise self._damaged(f"record {position}: the file became shorter after it was opened")

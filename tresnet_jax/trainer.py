@@ -25,6 +25,7 @@ from tresnet_jax.classes import imagenet_index
 from tresnet_jax.datasets import FolderSource, Source, SyntheticSource, model_labels
 from tresnet_jax.errors import InputError
 from tresnet_jax.evaluation import evaluate_many
+from tresnet_jax.events import ScalarWriter
 from tresnet_jax.factory import create_model, load_any
 from tresnet_jax.initialization import replace_head
 from tresnet_jax.model import TResNet
@@ -459,8 +460,8 @@ class LaggedMetrics:
 
 class MetricsLog:
     """metrics.jsonl, and TensorBoard scalars when the ``tensorboard`` package is installed
-    (written without TensorFlow); rows past the resumed step are dropped, so a resumed run's
-    log reads like an uninterrupted one's."""
+    (written without TensorFlow, tresnet_jax/events.py); rows past the resumed step are dropped,
+    so a resumed run's log reads like an uninterrupted one's."""
 
     def __init__(self, workdir: Path, start_step: int, enabled: bool):
         self.enabled = enabled
@@ -473,10 +474,9 @@ class MetricsLog:
             kept = [line for line in lines if line and json.loads(line)["step"] <= start_step]
             self.path.write_text("".join(f"{line}\n" for line in kept))
         try:
-            from tensorboard.summary.writer.event_file_writer import EventFileWriter
+            self.writer = ScalarWriter(workdir / "tensorboard")
         except ImportError:
-            return
-        self.writer = EventFileWriter(str(workdir / "tensorboard"))
+            self.writer = None
 
     def write(self, row: dict[str, float]) -> None:
         if not self.enabled:
@@ -485,12 +485,7 @@ class MetricsLog:
         with self.path.open("a") as f:
             f.write(json.dumps({"time": now, **row}) + "\n")
         if self.writer is not None:
-            from tensorboard.compat.proto import event_pb2, summary_pb2
-
-            values = [summary_pb2.Summary.Value(tag=k, simple_value=float(v)) for k, v in row.items()
-                      if k not in ("step", "time")]
-            summary = summary_pb2.Summary(value=values)
-            self.writer.add_event(event_pb2.Event(wall_time=now, step=int(row["step"]), summary=summary))
+            self.writer.add(int(row["step"]), {k: v for k, v in row.items() if k not in ("step", "time")}, now)
 
     def close(self) -> None:
         if self.writer is not None:
