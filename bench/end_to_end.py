@@ -3,9 +3,10 @@ training (what train.py runs: label smoothing, EMA, Nesterov SGD with weight dec
 fed batch by batch from the host, and how fast the host's cores decode JPEGs.
 
 The batches are synthetic uint8 images, the same array every step (copied to the device every
-step, as real batches are): eval.py and train.py read folders with tf.data, which needs
-TensorFlow, and the lent GPU machines have none. The host's JPEG rate (PIL, one thread per
-core) says whether the input pipeline or the device would bound eval.py there.
+step, as real batches are), so the steps are measured apart from the input pipeline, which
+bench/input_pipeline.py measures against timm's (both run on the lent machines, which have no
+TensorFlow, as eval.py and train.py do). The host's JPEG rate (PIL, one thread per core) says
+whether the input pipeline or the device would bound eval.py there.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ every section:
                 probes and time), the compile time from the persistent cache, peak memory per image
   end_to_end    the library's compiled evaluation and training steps (what eval.py and train.py
                 run) on synthetic batches fed from the host, and the host's JPEG decoding rate
-                (bench/end_to_end.py: the CLIs read folders with TensorFlow, absent on lent machines)
+                (bench/end_to_end.py; the input pipeline itself: bench/input_pipeline.py)
 
 JAX's persistent compilation cache lives in --cache-dir (default runs/gpu_suite_cache, kept
 between calls on a warm lent machine, so a second run compiles nothing).
