@@ -235,6 +235,8 @@ def evaluate_many(
             progress(first.images, first.running() if number % 10 == 9 else {})
     for tracker in trackers.values():
         tracker.flush()
+    # The steps run asynchronously: the loop ends when the last one is dispatched, not done.
+    jax.block_until_ready([tracker.totals for tracker in trackers.values()])
     wall_seconds = time.perf_counter() - loop_start
     return {
         name: tracker.result(compile_seconds, wall_seconds, first_batch_seconds, skipped, source.describe)
