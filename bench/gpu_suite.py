@@ -250,8 +250,8 @@ def max_batch_section(ctx: Context, record: Record, budget: Budget) -> None:
     env = {"JAX_COMPILATION_CACHE_DIR": ctx.cache_dir} if ctx.cache_dir else {}
     probes: dict[str, list[dict[str, Any]]] = {"jax": [], "timm_eager": []}
 
-    def run_probe(framework: str, batch: int) -> dict[str, Any]:
-        result = {"batch": batch, **probe(framework, spec.with_batch(batch), plan.probe_timeout_s, env)}
+    def run_probe(framework: str, batch: int, timeout_s: float = plan.probe_timeout_s) -> dict[str, Any]:
+        result = {"batch": batch, **probe(framework, spec.with_batch(batch), timeout_s, env)}
         probes[framework].append(result)
         return result
 
@@ -268,7 +268,12 @@ def max_batch_section(ctx: Context, record: Record, budget: Budget) -> None:
             if not budget.allows(need):
                 record.skip(f"{framework} probe at batch {batch}", "time budget")
                 return None
-            return run_probe(framework, batch)["fits"]
+            try:  # a probe compiles a new batch size cold: it may take longer than expected
+                return run_probe(framework, batch, min(plan.probe_timeout_s, budget.left()))["fits"]
+            except subprocess.TimeoutExpired:
+                reason = f"stopped at the section's end ({need:.0f} s expected)"
+                record.skip(f"{framework} probe at batch {batch}", reason)
+                return None
 
         start = _predicted_max_batch(first[framework], spec.batch_size, plan)
         record.attempt(f"{framework}_search", lambda fits=fits, f=framework, b=start: _search(fits, b, probes[f], plan))

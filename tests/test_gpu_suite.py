@@ -183,6 +183,30 @@ def test_what_does_not_fit_the_time_budget_is_skipped_and_said(tmp_path):
     assert documents["environment"]["skipped"] == [{"item": "environment", "reason": "time limit of the whole run"}]
 
 
+def test_a_probe_still_running_at_the_section_s_end_is_stopped_and_said(tmp_path, monkeypatch):
+    timeouts = []
+
+    def probe(framework, spec, timeout_s, env):
+        timeouts.append((framework, spec.batch_size, timeout_s))
+        if spec.batch_size == gpu_suite.SMOKE.train_batch:  # the first probe: fits, half the memory used
+            return {"fits": True, "peak_memory_bytes": 50, "capacity_bytes": 100}
+        raise subprocess.TimeoutExpired("probe", timeout_s)
+
+    monkeypatch.setattr(gpu_suite, "probe", probe)
+    plan = dataclasses.replace(gpu_suite.SMOKE, max_batch_limit=64, max_batch_resolution=1)
+    ctx = gpu_suite.Context(plan, tmp_path, None, None, gpu_suite.torch_device())
+    record = gpu_suite.Record(tmp_path / "max_batch.json", "max_batch")
+    gpu_suite.max_batch_section(ctx, record, gpu_suite.Budget(60.0))
+    batch = 2 * plan.train_batch  # capacity / peak memory
+    assert [(f, b) for f, b, _ in timeouts] == [("jax", plan.train_batch), ("timm_eager", plan.train_batch),
+                                                ("jax", batch), ("timm_eager", batch)]
+    assert all(0 < t <= 60.0 for _, b, t in timeouts if b == batch)  # no probe outlives the budget
+    saved = json.loads((tmp_path / "max_batch.json").read_text())
+    skipped = [s["item"] for s in saved["skipped"]]
+    assert skipped == [f"jax probe at batch {batch}", f"timm_eager probe at batch {batch}"]
+    assert saved["results"]["jax_search"]["largest_fitting"] is None
+
+
 def test_photographs_from_a_folder_else_the_bundled_ones(tmp_path, monkeypatch):
     for i, size in enumerate([(300, 200), (64, 96)]):
         photos.generated_image(i, size).save(tmp_path / f"{i}.jpg")

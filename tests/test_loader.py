@@ -2,6 +2,8 @@
 unreadable image is reported, not fatal, in both."""
 
 import pickle
+import sys
+import types
 
 import numpy as np
 import pytest
@@ -11,7 +13,7 @@ from tests.tfds_folders import prepare_from_folders
 from tresnet_jax.augment import AugmentConfig
 from tresnet_jax.datasets import FolderSource
 from tresnet_jax.evaluation import PreprocessedImage
-from tresnet_jax.loader import ordered_map
+from tresnet_jax.loader import ordered_map, server_preload
 from tresnet_jax.preprocess import Preprocessing
 from tresnet_jax.tfds_reader import open_split
 from tresnet_jax.train_data import AugmentedExample
@@ -68,3 +70,11 @@ def test_a_tfds_split_is_read_the_same_in_worker_processes(folder, tmp_path):
     assert [copy.record(i) for i in range(len(split))] == [split.record(i) for i in range(len(split))]
     fn = PreprocessedImage(split, Preprocessing(64))
     assert_same(rows(fn, range(len(split)), False), rows(fn, range(len(split)), True))
+
+
+def test_the_fork_server_preloads_the_function_s_module_and_the_main_script_s_imports(monkeypatch):
+    main = types.ModuleType("__main__")
+    main.np, main.PreprocessedImage, main.count = np, PreprocessedImage, 3
+    monkeypatch.setitem(sys.modules, "__main__", main)
+    preload = server_preload(PreprocessedImage(None, Preprocessing(64)))
+    assert preload == ["numpy", "tresnet_jax.evaluation"]

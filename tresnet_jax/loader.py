@@ -17,6 +17,8 @@ import dataclasses
 import itertools
 import multiprocessing
 import os
+import sys
+import types
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Generic, TypeVar
@@ -102,11 +104,28 @@ def _run_chunk(items: list[Any]) -> list[Outcome]:
     return [_attempt(_worker_fn, item) for item in items]
 
 
+def server_preload(fn: Callable[[Any], Any]) -> list[str]:
+    """The modules the fork server imports once, before it forks any worker: ``fn``'s and those
+    the main script imported. Every worker runs the main script again (what Python's
+    multiprocessing does; its own preload of ``__main__`` never reaches the server), so without
+    them each of N workers imports JAX and the rest anew, N at once: 9.7 s before the first batch
+    on a 16-core host (BENCHMARKS.md)."""
+    main = sys.modules.get("__main__")
+    names = {type(fn).__module__}
+    for value in vars(main).values() if main is not None else ():
+        name = value.__name__ if isinstance(value, types.ModuleType) else getattr(value, "__module__", None)
+        if isinstance(name, str) and name in sys.modules and not name.startswith("__"):
+            names.add(name)
+    return sorted(names)
+
+
 def _process_map(fn: Callable[[Item], Result], items: Iterable[Item], processes: int, ahead: int) -> Iterator[Outcome]:
-    # forkserver: workers start from a fresh server process, not forked from this one (whose
-    # threads, JAX's among them, make fork unsafe), and start fast once the server is up.
+    # forkserver: workers fork from a fresh server process, not from this one (whose threads,
+    # JAX's among them, make fork unsafe); the server imports what they need once.
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    if context.get_start_method() == "forkserver":
+        context.set_forkserver_preload(server_preload(fn))  # ignored once the server runs
     iterator = iter(items)
     chunks = iter(lambda: list(itertools.islice(iterator, CHUNK)), [])
     pool = concurrent.futures.ProcessPoolExecutor(processes, mp_context=context, initializer=_install, initargs=(fn,))
