@@ -74,7 +74,9 @@ def test_a_tfds_split_is_read_the_same_in_worker_processes(folder, tmp_path):
 
 def test_the_fork_server_preloads_the_function_s_module_and_the_main_script_s_imports(monkeypatch):
     main = types.ModuleType("__main__")
-    main.np, main.PreprocessedImage, main.count = np, PreprocessedImage, 3
+    main.np, main.AugmentConfig, main.count = np, AugmentConfig, 3
     monkeypatch.setitem(sys.modules, "__main__", main)
-    preload = server_preload(PreprocessedImage(None, Preprocessing(64)))
-    assert preload == ["numpy", "tresnet_jax.evaluation"]
+    fn = PreprocessedImage(None, Preprocessing(64))
+    assert server_preload(fn) == ["tresnet_jax.evaluation"]  # a notebook: workers do not run it again
+    main.__file__ = "eval.py"
+    assert server_preload(fn) == ["numpy", "tresnet_jax.augment", "tresnet_jax.evaluation"]

@@ -109,10 +109,10 @@ def server_preload(fn: Callable[[Any], Any]) -> list[str]:
     the main script imported. Every worker runs the main script again (what Python's
     multiprocessing does; its own preload of ``__main__`` never reaches the server), so without
     them each of N workers imports JAX and the rest anew, N at once: 9.7 s before the first batch
-    on a 16-core host (BENCHMARKS.md)."""
+    on a 16-core host (BENCHMARKS.md). A notebook's ``__main__`` (no file) is not run again."""
     main = sys.modules.get("__main__")
     names = {type(fn).__module__}
-    for value in vars(main).values() if main is not None else ():
+    for value in vars(main).values() if getattr(main, "__file__", None) else ():
         name = value.__name__ if isinstance(value, types.ModuleType) else getattr(value, "__module__", None)
         if isinstance(name, str) and name in sys.modules and not name.startswith("__"):
             names.add(name)
