@@ -12,6 +12,7 @@ from tests.images import photo_files
 from tests.tfds_folders import prepare_from_folders
 from tresnet_jax.augment import AugmentConfig
 from tresnet_jax.datasets import FolderSource
+from tresnet_jax.errors import UnreadableImage
 from tresnet_jax.evaluation import PreprocessedImage
 from tresnet_jax.loader import ordered_map, server_preload
 from tresnet_jax.preprocess import Preprocessing
@@ -50,7 +51,9 @@ def test_processes_and_threads_give_the_same_preprocessed_rows(folder):
     threads, processes = rows(fn, range(len(source)), False), rows(fn, range(len(source)), True)
     assert_same(threads, processes)
     broken = source.files.index(str(folder / "class1" / "broken.jpg"))
-    assert threads[broken][1].startswith(f"{source.files[broken]}: unreadable image")
+    assert threads[broken][1].startswith("unreadable image (")  # the reason; reports name the file
+    error = UnreadableImage(source.files[broken], threads[broken][1])
+    assert str(pickle.loads(pickle.dumps(error))) == f"{source.files[broken]}: {threads[broken][1]}"
     assert sum(isinstance(value, str) for _, value in threads) == 1
 
 

@@ -358,7 +358,7 @@ def test_corrupt_payloads(prepared, expected, tmp_path):
     assert label == expected[3][1]
     assert len(corrupt) == len(image)
     assert corrupt != image
-    with _raises(f"{NAME}/1.0.0:train[4] (record 4 of {path}) is not a tf.train.Example: "):
+    with _raises(f"{NAME}/1.0.0:train[4]: record 4 of {path} is not a tf.train.Example: "):
         split.record(4)
 
 

@@ -30,9 +30,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageEnhance, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageEnhance, ImageOps
 
-from tresnet_jax.errors import InputError
+from tresnet_jax.preprocess import named_decoding_errors
 
 GREY = (128, 128, 128)  # what the geometric operations fill uncovered pixels with
 MAX_MAGNITUDE = 10.0
@@ -101,7 +101,7 @@ def decode_crop(encoded: bytes, name: str, rng: np.random.Generator, cfg: Augmen
                 draft: bool = True) -> Image.Image:
     """The inception crop of encoded bytes as an RGB PIL image of cfg.image_size, decoding a JPEG
     at reduced scale where the crop allows it (``draft=False``: always at full scale, exact)."""
-    try:
+    with named_decoding_errors(name):
         image = Image.open(io.BytesIO(encoded))
         box = crop_box(image.size, rng, cfg.crop_scale, cfg.crop_ratio)
         reduction = 1
@@ -110,8 +110,6 @@ def decode_crop(encoded: bytes, name: str, rng: np.random.Generator, cfg: Augmen
         image.load()
         if image.mode != "RGB":  # convert() copies even when the mode is already right
             image = image.convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as err:
-        raise InputError(f"{name}: unreadable image ({err})") from None
     # DCT scaling maps full-scale pixel x to x / reduction exactly (blocks of reduction pixels),
     # and a box inside the full image stays inside the reduced one.
     scaled = tuple(v / reduction for v in box)

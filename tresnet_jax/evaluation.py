@@ -153,7 +153,7 @@ def preprocessed_batches(
     emitted = 0
     for outcome in ordered_map(PreprocessedImage(source, prep), range(start, end), workers):
         if outcome.error is not None:
-            skipped[outcome.item] = outcome.error.removeprefix(f"{source.describe(outcome.item)}: ")
+            skipped[outcome.item] = outcome.error
             continue
         image, label = outcome.value
         rows.append(image)

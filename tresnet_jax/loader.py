@@ -25,12 +25,13 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 
-from tresnet_jax.errors import InputError
+from tresnet_jax.errors import InputError, reason_of
+from tresnet_jax.preprocess import PIL_ERRORS
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
 # What a transform raises for an image that cannot be used: reported, never fatal.
-UNREADABLE = (InputError, OSError, ValueError, SyntaxError, EOFError)
+UNREADABLE = (InputError, *PIL_ERRORS)
 THREADS_UP_TO = 8  # cores; more go to processes
 CHUNK = 8  # items sent to a worker process at a time
 
@@ -49,14 +50,14 @@ class Outcome(Generic[Item, Result]):
 
     item: Item
     value: Result | None
-    error: str | None = None
+    error: str | None = None  # the reason, without the item's name where the error keeps them apart
 
 
 def _attempt(fn: Callable[[Item], Result], item: Item) -> Outcome[Item, Result]:
     try:
         return Outcome(item, fn(item))
     except UNREADABLE as err:
-        return Outcome(item, None, str(err) or type(err).__name__)
+        return Outcome(item, None, reason_of(err))
 
 
 def ordered_map(

@@ -8,20 +8,24 @@ RGB in [0, 1], no mean/std. The host produces uint8; the division by 255 happens
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from tresnet_jax.errors import InputError
+from tresnet_jax.errors import InputError, UnreadableImage
 
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 STRIDE = 32  # the model's total stride: every image size is a multiple of it
+# What PIL raises for bytes it cannot decode: not an image, truncated, corrupt, too large.
+PIL_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
 def check_image_size(size: int) -> None:
@@ -92,8 +96,14 @@ def load_image(path: str | os.PathLike, prep: Preprocessing = Preprocessing()) -
 def decode_pil(encoded: bytes, name: str) -> Any:
     """An RGB PIL image of encoded bytes (greyscale, palette and CMYK become RGB); InputError
     naming ``name`` when PIL cannot read them."""
+    with named_decoding_errors(name), Image.open(io.BytesIO(encoded)) as image:
+        return image.convert("RGB")
+
+
+@contextlib.contextmanager
+def named_decoding_errors(name: str) -> Iterator[None]:
+    """PIL's errors for bytes it cannot decode, as an UnreadableImage naming ``name``."""
     try:
-        with Image.open(io.BytesIO(encoded)) as image:
-            return image.convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        raise InputError(f"{name}: unreadable image ({err})") from None
+        yield
+    except PIL_ERRORS as err:
+        raise UnreadableImage(name, f"unreadable image ({err})") from None

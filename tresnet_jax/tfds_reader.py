@@ -29,7 +29,7 @@ from array import array
 from collections.abc import Iterator
 from pathlib import Path
 
-from tresnet_jax.errors import InputError
+from tresnet_jax.errors import InputError, UnreadableImage
 from tresnet_jax.tfrecord import FOOTER_SIZE, HEADER, masked_crc32c
 
 DEFAULT_SPLITS = {"imagenet2012": "validation", "imagenet_v2": "test"}
@@ -336,16 +336,16 @@ class PreparedSplit:
         position = index - (self._ends[number - 1] if number else 0)
         shard = self.shards[number]
         data = shard.read(position)
-        where = f"{self.describe(index)} (record {position} of {shard.path})"
+        where = f"record {position} of {shard.path}"
         try:
             example = parse_example(data)
         except ValueError as error:
-            raise InputError(f"{where} is not a tf.train.Example: {error}") from error
+            raise UnreadableImage(self.describe(index), f"{where} is not a tf.train.Example: {error}") from error
         image, label = example.get("image", []), example.get("label", [])
         if len(image) != 1 or not isinstance(image[0], bytes):
-            raise InputError(f"{where}: its 'image' is not one encoded image")
+            raise UnreadableImage(self.describe(index), f"{where}: its 'image' is not one encoded image")
         if len(label) != 1 or not isinstance(label[0], int):
-            raise InputError(f"{where}: its 'label' is not one integer")
+            raise UnreadableImage(self.describe(index), f"{where}: its 'label' is not one integer")
         return image[0], label[0]
 
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from tresnet_jax.augment import AugmentConfig, train_transform
 from tresnet_jax.datasets import Source, SyntheticSource
-from tresnet_jax.errors import InputError
+from tresnet_jax.errors import InputError, reason_of
 from tresnet_jax.loader import UNREADABLE, ordered_map, stack_rows
 
 # Consecutive unreadable images after which the dataset is taken to be broken, not the image.
@@ -81,8 +81,7 @@ def augmented_example(source: Source, augment: AugmentConfig, seed: int, epoch: 
             encoded, label = source.record(candidate)
             image = train_transform(encoded, (seed, epoch, candidate), augment, source.describe(candidate))
         except UNREADABLE as err:
-            reason = str(err).removeprefix(f"{source.describe(candidate)}: ") or type(err).__name__
-            unreadable.append((candidate, reason))
+            unreadable.append((candidate, reason_of(err)))
             continue
         return Augmented(image, label, tuple(unreadable))
     raise InputError(
