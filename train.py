@@ -117,13 +117,13 @@ def config_from(args: argparse.Namespace) -> TrainConfig:
 
 @command
 def main(argv: Sequence[str] | None = None) -> int:
-    with signals_for_the_main_thread():
+    with signals_for_the_main_thread() as stops:
         args = parse_args(argv)
         if args.deterministic:
             request_deterministic_gpu_ops()
         start_run(args)
         try:
-            result = Run(config_from(args)).run()
+            result = Run(config_from(args)).run(stops)
         except Stopped as stopped:
             if jax.process_index() == 0:
                 print(stopped, flush=True)

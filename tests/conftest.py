@@ -15,6 +15,12 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest
 
+# Some tests import TensorFlow (to write TFDS datasets), after which importing PyTorch's
+# torchvision (through timm) in the same process crashes it: those first, whichever test files
+# run and in whatever order.
+import timm  # noqa: F401
+import torch  # noqa: F401
+
 
 @pytest.fixture
 def weights_root(tmp_path, monkeypatch):
@@ -22,3 +28,11 @@ def weights_root(tmp_path, monkeypatch):
     root = tmp_path / "weights"
     monkeypatch.setenv("TRESNET_JAX_WEIGHTS", str(root))
     return root
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory):
+    """scikit-learn's handwritten digits as PNG class folders (``tests/training_runs.py``)."""
+    from tests.training_runs import write_digits
+
+    return write_digits(tmp_path_factory.mktemp("digits"))

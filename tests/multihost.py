@@ -29,7 +29,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 
 
 @dataclasses.dataclass
@@ -61,6 +61,8 @@ def run_processes(
     timeout: float = 300.0,
     cwd: str | os.PathLike | None = None,
     flags: Callable[[str, int, int], Sequence[object]] | None = None,
+    on_start: Callable[[list[subprocess.Popen]], None] | None = None,
+    exit_codes: Collection[int] = (0,),
 ) -> list[ProcessResult]:
     """Start ``num_processes`` copies of ``command`` (its items are turned into strings: paths
     and numbers can be passed as they are) joined by a coordinator on a free localhost
@@ -68,8 +70,10 @@ def run_processes(
 
     ``env`` is applied on top of this process's environment (a value of None removes the
     variable); ``timeout`` bounds the whole run, in seconds; ``flags(address, n, i)`` returns the
-    arguments appended for process ``i`` (default: ``coordinator_flags``). Output goes through
-    temporary files, so a chatty process cannot block on a full pipe.
+    arguments appended for process ``i`` (default: ``coordinator_flags``); ``on_start(processes)``
+    is called once all are started. A process ending with a code outside ``exit_codes`` has the
+    others killed. Output goes through temporary files, so a chatty process cannot block on a
+    full pipe.
     """
     if num_processes < 1:
         raise ValueError(f"num_processes must be at least 1, got {num_processes}")
@@ -95,9 +99,11 @@ def run_processes(
                 processes.append(
                     subprocess.Popen(argv, stdout=out, stderr=err, env=environment, cwd=cwd, start_new_session=True)
                 )
+            if on_start is not None:
+                on_start(processes)
             deadline = time.monotonic() + timeout
             while any(p.poll() is None for p in processes):
-                failed = next((i for i, p in enumerate(processes) if p.returncode not in (None, 0)), None)
+                failed = next((i for i, p in enumerate(processes) if p.returncode not in (None, *exit_codes)), None)
                 if failed is not None:
                     reason = f"process {failed} failed"
                 elif time.monotonic() > deadline:

@@ -29,6 +29,9 @@ def initialize_distributed(coordinator: str | None, num_processes: int | None, p
         raise InputError("--coordinator, --num-processes and --process-id go together")
     if not 0 <= process_id < num_processes:
         raise InputError(f"--process-id must be in [0, {num_processes}), got {process_id}")
+    # train.py's own SIGTERM handling (preemption.py) agrees on a step across processes; JAX's
+    # preemption service would replace its handler with one that only tells the coordinator.
+    jax.config.update("jax_enable_preemption_service", False)
     jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
 
 

@@ -6,10 +6,12 @@ signal of the same kind acts as if no handler were installed (Ctrl-C twice kills
 With several processes, the flags are compared at steps every process visits (the logging
 steps), so all of them stop after the same step.
 
-A command line runs inside ``signals_for_the_main_thread()``: the threads started in it
-(XLA's, Orbax's, the input pool's) inherit a mask that blocks these signals, so the kernel hands
-them to the main thread alone and never interrupts a system call in the middle of a
-checkpoint write or a computation.
+A command line runs inside ``signals_for_the_main_thread()``, which installs the handlers at
+once (a signal during start-up, even one the kernel hands to a thread that libraries started at
+import time, becomes a request, never the default exit) and blocks the signals in the main
+thread: the threads started inside (XLA's, Orbax's, the input pool's) inherit the block, so a
+signal never interrupts a system call of theirs in the middle of a checkpoint write or a
+computation. The training loop then lets the main thread take them (``listen``).
 """
 
 from __future__ import annotations
@@ -27,13 +29,14 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 @contextlib.contextmanager
-def signals_for_the_main_thread() -> Iterator[None]:
-    """Block SIGTERM/SIGINT in this (the main) thread, and so in every thread it starts inside
-    the block; ``StopRequests`` unblocks them in the main thread once its handlers are in place.
-    The mask is restored on the way out."""
+def signals_for_the_main_thread() -> Iterator[StopRequests]:
+    """StopRequests installed, and SIGTERM/SIGINT blocked in this (the main) thread and so in
+    every thread it starts inside the block, until ``StopRequests.listen``. The handlers and
+    the mask are restored on the way out."""
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
     try:
-        yield
+        with StopRequests() as stops:
+            yield stops
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
@@ -46,16 +49,21 @@ class StopRequests:
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> StopRequests:
-        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+        if threading.current_thread() is threading.main_thread():  # handlers belong to the main thread
             for signum in SIGNALS:
                 self._previous[signum] = signal.signal(signum, self._handle)
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
         return self
 
     def __exit__(self, *exc: object) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
+
+    def listen(self) -> None:
+        """Let the main thread take the signals itself (one that came while they were blocked
+        is handled now)."""
+        if self._previous:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.received = signum

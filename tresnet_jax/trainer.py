@@ -42,7 +42,7 @@ from tresnet_jax.preemption import StopRequests
 from tresnet_jax.preprocess import Preprocessing, check_image_size
 from tresnet_jax.progress import ProgressBar
 from tresnet_jax.registry import get_arch
-from tresnet_jax.storage import save_weights
+from tresnet_jax.storage import save_weights, write_file_atomically
 from tresnet_jax.tfds_reader import open_split
 from tresnet_jax.train_data import StreamSpec, steps_per_epoch, train_batches
 from tresnet_jax.training import PRECISIONS, OptimConfig, TrainState, create_state, make_optimizer, make_train_step
@@ -277,17 +277,24 @@ class Run:
 
     # --- the loop --------------------------------------------------------------------------------
 
-    def run(self) -> dict[str, Any]:
-        """Train to the end, or until SIGTERM/SIGINT (``Stopped``, after a checkpoint)."""
-        with StopRequests() as stops:
+    def run(self, stops: StopRequests | None = None) -> dict[str, Any]:
+        """Train to the end, or until SIGTERM/SIGINT (``Stopped``, after a checkpoint); a
+        command line passes the StopRequests it installed when it started."""
+        if stops is not None:
+            stops.listen()
             return self._run(stops)
+        with StopRequests() as own:
+            own.listen()
+            return self._run(own)
 
     def _run(self, stops: StopRequests) -> dict[str, Any]:
         cfg = self.cfg
         check_resumable(self.workdir, cfg)
         self.workdir.mkdir(parents=True, exist_ok=True)
         if self.lead:
-            (self.workdir / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+            # Atomic: the other processes read it in check_resumable, maybe while it is written.
+            text = json.dumps(dataclasses.asdict(cfg), indent=2) + "\n"
+            write_file_atomically(self.workdir / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text))
         manager = self.checkpoint_manager()
         state, how = self.initial_state(manager)
         start = int(host_copy(state.step))

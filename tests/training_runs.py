@@ -1,0 +1,70 @@
+"""What the training tests share: the digits data set, the tiny run that several of them repeat,
+and how they read a run's results."""
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+from PIL import Image
+from sklearn.datasets import load_digits
+
+from tresnet_jax.storage import read_variables
+
+REPO = Path(__file__).resolve().parent.parent
+SIZE = 32
+VAL_IMAGES = 400
+
+
+def write_digits(root: Path) -> Path:
+    """scikit-learn's 1797 handwritten digits (8x8) as PNG folders under ``root``, upscaled to
+    32x32: 1397 in train/ to train on, 400 in val/ held out."""
+    data = load_digits()
+    order = np.random.default_rng(0).permutation(len(data.images))
+    for k, i in enumerate(order):
+        folder = root / ("val" if k < VAL_IMAGES else "train") / f"digit{data.target[i]}"
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = (data.images[i] * (255 / 16)).astype(np.uint8)
+        Image.fromarray(pixels).resize((SIZE, SIZE), Image.BILINEAR).convert("RGB").save(folder / f"{i}.png")
+    return root
+
+
+
+
+def metrics(workdir: Path) -> list[dict]:
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def exported(workdir: Path, name: str = "export") -> dict:
+    return read_variables(workdir / name)
+
+
+def assert_trees_equal(a, b, rtol=0.0, atol=0.0):
+    flat_a, flat_b = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)
+    assert [p for p, _ in flat_a] == [p for p, _ in flat_b]
+    for (path, x), (_, y) in zip(flat_a, flat_b, strict=True):
+        np.testing.assert_allclose(x, y, rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path))
+
+
+def subset(folder: Path, per_class: int, target: Path) -> Path:
+    """The first ``per_class`` images of each class folder, copied under ``target``."""
+    for class_folder in sorted(folder.iterdir()):
+        (target / class_folder.name).mkdir(parents=True)
+        for image in sorted(class_folder.iterdir())[:per_class]:
+            shutil.copy(image, target / class_folder.name)
+    return target
+
+
+# The tiny run: 4 steps of batch 8 at 32 px, checkpoints at steps 2 and 4.
+TINY = ["--model", "tresnet_m", "--image-size", SIZE, "--batch-size", 8, "--max-steps", 4,
+        "--checkpoint-every", 2, "--log-every", 1, "--lr", 0.05, "--eval-every", 0, "--no-progress"]
+
+
+def tiny_args(digits, workdir, *extra):
+    return [str(a) for a in [*TINY, "--train_dir", digits / "train", "--workdir", workdir, *extra]]
+
+
+def train_command(digits, workdir, *extra):
+    return [sys.executable, REPO / "train.py", *tiny_args(digits, workdir, *extra)]
