@@ -30,18 +30,19 @@ from tresnet_jax.training import OptimConfig, create_state, make_optimizer, make
 
 
 def test_learns_digits_and_exports_weights_eval_can_read(digits, tmp_path, capsys):
-    """From scratch, 2 epochs of 1397 digits at 32x32 with AdamW: held-out top-1 >= 90 %
-    (measured 98.25 %). One device: the multi-device tests below cover sharding, and a single
-    copy of the optimizer update keeps this, the suite's longest test, short."""
+    """From scratch, one epoch of 1397 digits at 32x32 with AdamW: held-out top-1 >= 90 %
+    (measured 95.75 %; 98.25-98.75 % after two, which took a minute more). One device: the
+    multi-device tests cover sharding, and a single copy of the optimizer update keeps this, the
+    suite's longest test, short."""
     workdir = tmp_path / "run"
     args = ["--model", "tresnet_m", "--train_dir", digits / "train", "--val_dir", digits / "val",
-            "--image-size", SIZE, "--batch-size", 32, "--epochs", 2, "--optimizer", "adamw", "--lr", 2e-3,
+            "--image-size", SIZE, "--batch-size", 32, "--epochs", 1, "--optimizer", "adamw", "--lr", 2e-3,
             "--randaugment-ops", 0, "--cutout", 0, "--no-flip", "--crop-min-scale", 0.7, "--ema-decay", 0,
             "--eval-every", 0, "--workdir", workdir, "--no-progress", "--no-compilation-cache", "--num-devices", 1]
     assert train_cli.main([str(a) for a in args]) == 0
     out = capsys.readouterr().out
     final = metrics(workdir)[-1]
-    assert final["step"] == 2 * (1397 // 32)
+    assert final["step"] == 1397 // 32
     assert final["val_top1"] >= 90.0, final
     assert "compiled the training step in" in out
     config = json.loads((workdir / "config.json").read_text())
