@@ -19,8 +19,8 @@ BATCH_AXIS = "batch"
 def initialize_distributed(coordinator: str | None, num_processes: int | None, process_id: int | None) -> None:
     """Join a multi-host job through ``jax.distributed`` (one process per host).
 
-    With no coordinator, JAX's cluster auto-detection (SLURM, Cloud TPU, ...) is used when it
-    finds a cluster; a single process needs no call at all. CPU collectives go through gloo.
+    Without the three flags the run is a single process: JAX's cluster auto-detection (SLURM,
+    Cloud TPU pods) is not tried, so such jobs pass them too. CPU collectives go through gloo.
     """
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if coordinator is None and num_processes is None:
