@@ -36,3 +36,13 @@ def digits(tmp_path_factory):
     from tests.training_runs import write_digits
 
     return write_digits(tmp_path_factory.mktemp("digits"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache_of_the_run(tmp_path_factory):
+    """The command-line tools' persistent compilation cache (by default the user's ~/.cache) in
+    this run's temporary directory, for the processes the tests start too: tests write nothing
+    outside it, and no run is faster for what an earlier one compiled."""
+    path = tmp_path_factory.mktemp("jax_cache")
+    os.environ["TRESNET_JAX_COMPILATION_CACHE"] = str(path)
+    return path
