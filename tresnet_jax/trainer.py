@@ -9,6 +9,7 @@ SIGTERM or SIGINT stops it after the current step with a checkpoint of that step
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -280,12 +281,9 @@ class Run:
     def run(self, stops: StopRequests | None = None) -> dict[str, Any]:
         """Train to the end, or until SIGTERM/SIGINT (``Stopped``, after a checkpoint); a
         command line passes the StopRequests it installed when it started."""
-        if stops is not None:
-            stops.listen()
-            return self._run(stops)
-        with StopRequests() as own:
-            own.listen()
-            return self._run(own)
+        with contextlib.nullcontext(stops) if stops is not None else StopRequests() as active:
+            active.listen()
+            return self._run(active)
 
     def _run(self, stops: StopRequests) -> dict[str, Any]:
         cfg = self.cfg
