@@ -20,24 +20,18 @@ from tests.training_runs import assert_trees_equal, exported, metrics, tiny_args
 from tresnet_jax.trainer import TrainConfig, initial_variables
 
 
-@pytest.fixture(scope="module")
-def compilation_cache(tmp_path_factory):
-    """One persistent compilation cache for this module's runs, in and out of process: the
-    same training program compiled once serves the reference and the resumed runs."""
-    return str(tmp_path_factory.mktemp("jax_cache"))
-
-
-def one_device_env(compilation_cache):
-    return {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
-            "TRESNET_JAX_COMPILATION_CACHE": compilation_cache}
+def one_device_env():
+    """One device a process; the run's compilation cache (conftest.py) comes with the
+    environment, so the program compiled for the reference serves the resumed runs."""
+    return {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
 
 
 @pytest.fixture(scope="module")
-def reference_run(digits, tmp_path_factory, compilation_cache):
+def reference_run(digits, tmp_path_factory):
     """4 steps of batch 8 in a process with one device, uninterrupted; its compiled program is
     cached for the killed and restarted runs."""
     workdir = tmp_path_factory.mktemp("reference")
-    done = subprocess.run([str(a) for a in train_command(digits, workdir)], env=one_device_env(compilation_cache),
+    done = subprocess.run([str(a) for a in train_command(digits, workdir)], env=one_device_env(),
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     return workdir
@@ -122,11 +116,10 @@ def test_two_processes_stop_together_on_one_s_sigterm_and_end_with_the_parameter
         assert distance < bound, (collection, distance)
 
 
-def test_killed_and_restarted_run_ends_exactly_like_an_uninterrupted_one(digits, tmp_path, reference_run,
-                                                                        compilation_cache):
+def test_killed_and_restarted_run_ends_exactly_like_an_uninterrupted_one(digits, tmp_path, reference_run):
     """SIGKILL right after the step-2 checkpoint, then the same command again: bit-identical
     weights to the uninterrupted run in the same conditions (one device, same program)."""
-    env = one_device_env(compilation_cache)
+    env = one_device_env()
     command = [str(a) for a in train_command(digits, tmp_path)]
     run = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
@@ -146,12 +139,12 @@ def test_killed_and_restarted_run_ends_exactly_like_an_uninterrupted_one(digits,
 
 
 def test_sigterm_checkpoints_the_current_step_and_the_same_command_resumes_bit_equal(
-    digits, tmp_path, reference_run, compilation_cache
+    digits, tmp_path, reference_run
 ):
     """SIGTERM as soon as training starts (a spot machine reclaimed): the run stops after the
     step in flight, between scheduled checkpoints, writes that step's checkpoint and says so;
     the same command then ends with the uninterrupted run's weights, bit for bit."""
-    env = one_device_env(compilation_cache)
+    env = one_device_env()
     command = [str(a) for a in train_command(digits, tmp_path)]
     run = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
