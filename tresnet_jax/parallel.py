@@ -69,10 +69,16 @@ def local_batch_size(global_batch: int, mesh: Mesh) -> int:
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
     """The same value on every device of the mesh (each process passes the whole value);
-    arrays already replicated over the mesh are kept as they are."""
+    arrays already replicated over the mesh are not copied again."""
     sharding = NamedSharding(mesh, PartitionSpec())
 
     def put(x):
+        if sharding.is_fully_addressable:
+            # The mesh in the array's type too, as a jitted step's outputs have it: on a
+            # one-device mesh an array merely on the right device (or one made by
+            # make_array_from_process_local_data) lacks it, and a step fed first such arrays,
+            # then its own outputs, is traced and compiled twice.
+            return jax.device_put(x, sharding)
         if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
             return x
         return jax.make_array_from_process_local_data(sharding, host_copy(x))
