@@ -38,6 +38,15 @@ def digits(tmp_path_factory):
     return write_digits(tmp_path_factory.mktemp("digits"))
 
 
+@pytest.fixture
+def tiny_model():
+    """``tresnet_tiny`` (``tests/tiny_model.py``) among the architectures during the test."""
+    from tests.tiny_model import registered
+
+    with registered() as name:
+        yield name
+
+
 @pytest.fixture(scope="session", autouse=True)
 def compilation_cache_of_the_run(tmp_path_factory):
     """The command-line tools' persistent compilation cache (by default the user's ~/.cache) in

@@ -23,6 +23,7 @@ from bench.flops import bf16_peak_tflops, flops_per_image
 from bench.max_batch import bounded_search
 from bench.numerics import agreement
 from tests.blocked_imports import blocker
+from tests.tiny_model import SPEC as TINY  # one block a stage
 from tresnet_jax.evaluation import batch_spec, make_eval_step
 from tresnet_jax.initialization import random_variables
 from tresnet_jax.model import TResNet
@@ -268,7 +269,6 @@ def test_agreement_of_reduced_precision_logits():
 
 # --- the GPU path, as far as a CPU can check it -------------------------------------------------
 
-TINY = tresnet_jax.ArchSpec(layers=(1, 1, 1, 1), width_factor=0.25)
 SIZE = 32
 
 

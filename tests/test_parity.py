@@ -6,6 +6,7 @@ Bound: max |diff| <= 1e-4 * max(1, max |reference|), on logits and every stage's
 """
 
 import copy
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -38,8 +39,10 @@ TIMM_KEYS = {"tresnet_m": 434, "tresnet_l": 620, "tresnet_xl": 752, "tresnet_l_v
 CLASSES = {"tresnet_l_v2": 196}
 
 
+@functools.cache
 def forward_all(model):
-    """One compiled function giving the logits and the five feature maps."""
+    """One compiled function giving the logits and the five feature maps; one a model, for both
+    checkpoint layouts (compiling is most of a case's time on the CPU)."""
     return jax.jit(lambda v, x: (model.apply(v, x), model.apply(v, x, method="stage_features")))
 
 
@@ -96,9 +99,10 @@ def test_round_trip_flax_torch_flax_is_exact_and_timm_loads_strictly(variant, tm
     state_dict = load_file(out)
     fresh = timm.create_model(timm_name(name), num_classes=CLASSES.get(name, 1000))
     fresh.load_state_dict(state_dict, strict=True)
+    loaded = fresh.state_dict()
     for key, value in reference.state_dict().items():
         if not key.endswith("num_batches_tracked"):
-            assert torch.equal(fresh.state_dict()[key], value), key
+            assert torch.equal(loaded[key], value), key
     again = convert_state_dict({k: v.numpy() for k, v in state_dict.items()}, name).variables
     jax.tree_util.tree_map(np.testing.assert_array_equal, again, jax.tree_util.tree_map(np.asarray, variables))
 

@@ -3,7 +3,6 @@ and how they read a run's results."""
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import jax
@@ -11,9 +10,9 @@ import numpy as np
 from PIL import Image
 from sklearn.datasets import load_digits
 
+from tests import tiny_model
 from tresnet_jax.storage import read_variables
 
-REPO = Path(__file__).resolve().parent.parent
 SIZE = 32
 VAL_IMAGES = 400
 
@@ -57,8 +56,8 @@ def subset(folder: Path, per_class: int, target: Path) -> Path:
     return target
 
 
-# The tiny run: 4 steps of batch 8 at 32 px, checkpoints at steps 2 and 4.
-TINY = ["--model", "tresnet_m", "--image-size", SIZE, "--batch-size", 8, "--max-steps", 4,
+# The tiny run: tresnet_tiny (tests/tiny_model.py), 4 steps of batch 8 at 32 px, checkpoints at steps 2 and 4.
+TINY = ["--model", tiny_model.NAME, "--image-size", SIZE, "--batch-size", 8, "--max-steps", 4,
         "--checkpoint-every", 2, "--log-every", 1, "--lr", 0.05, "--eval-every", 0, "--no-progress"]
 
 
@@ -66,5 +65,6 @@ def tiny_args(digits, workdir, *extra):
     return [str(a) for a in [*TINY, "--train_dir", digits / "train", "--workdir", workdir, *extra]]
 
 
-def train_command(digits, workdir, *extra):
-    return [sys.executable, REPO / "train.py", *tiny_args(digits, workdir, *extra)]
+def train_command(digits, workdir, *extra) -> list[str]:
+    """The tiny run's command line, in a process of its own."""
+    return tiny_model.train_py(tiny_args(digits, workdir, *extra))
