@@ -27,7 +27,7 @@ from tresnet_jax.parallel import BATCH_AXIS, data_mesh, replicate, shard_batch
 from tresnet_jax.trainer import TrainConfig, check_memory, initial_variables, suggest_batch_size
 from tresnet_jax.training import OptimConfig, create_state, make_optimizer, make_train_step
 
-# The short runs train tresnet_tiny (tests/tiny_model.py); tresnet_m learns the digits.
+# The runs train tresnet_tiny (tests/tiny_model.py), the digits learning one included.
 pytestmark = pytest.mark.usefixtures("tiny_model")
 
 # --- learning for real ------------------------------------------------------------------------
