@@ -55,9 +55,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     source = data.add_mutually_exclusive_group()
     source.add_argument("--val_dir", "--val-dir", type=Path, help="folder per class (sorted WordNet ids)")
     source.add_argument("--dataset", help="prepared TFDS dataset NAME[:SPLIT], e.g. imagenet_v2, imagenette")
-    source.add_argument("--synthetic-data", type=int, nargs="?", const=SYNTHETIC_IMAGES, metavar="IMAGES",
-                        help=f"random images (default {SYNTHETIC_IMAGES}), nothing read or decoded: the speed of the "
-                             "compiled evaluation alone")
+    source.add_argument(
+        "--synthetic-data",
+        type=int,
+        nargs="?",
+        const=SYNTHETIC_IMAGES,
+        metavar="IMAGES",
+        help=f"random images (default {SYNTHETIC_IMAGES}), nothing read or decoded: the speed of the "
+        "compiled evaluation alone",
+    )
     data.add_argument("--data_dir", "--data-dir", help="TFDS data directory (default: TFDS's)")
     prep = parser.add_argument_group("preprocessing (default: the weights' pretrained configuration)")
     prep.add_argument("--image-size", type=int)
@@ -172,23 +178,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     weights_hash = fingerprint(variables)
     if lead:
         print(f"weights: {loaded.origin}")
-        print(f"model: {metadata['model']}, {model.num_classes} classes, tag {metadata.get('tag')}, "
-              f"sha256 {weights_hash[:16]}")
-        print(f"data: {source.name}, {len(source)} images; preprocessing {prep.input_size}px, crop {prep.crop_pct}, "
-              f"{prep.interpolation}{', squish' if prep.squish else ''}")
-        print(f"devices: {mesh.devices.size} x {devices[0].device_kind} in {jax.process_count()} process(es); "
-              f"batch {batch}; {jnp.dtype(dtype).name}")
+        print(
+            f"model: {metadata['model']}, {model.num_classes} classes, tag {metadata.get('tag')}, "
+            f"sha256 {weights_hash[:16]}"
+        )
+        print(
+            f"data: {source.name}, {len(source)} images; preprocessing {prep.input_size}px, crop {prep.crop_pct}, "
+            f"{prep.interpolation}{', squish' if prep.squish else ''}"
+        )
+        print(
+            f"devices: {mesh.devices.size} x {devices[0].device_kind} in {jax.process_count()} process(es); "
+            f"batch {batch}; {jnp.dtype(dtype).name}"
+        )
     bar = ProgressBar(len(source), "eval", enabled=lead and not args.no_progress)
     setup_seconds = time.perf_counter() - started
     result = evaluate(model, variables, source, prep, label_map, batch, mesh, args.save_logits is not None, bar.update)
     bar.close()
     if lead:
-        print(f"images {result.num_images} | top-1 {result.top1:.3f} | top-5 {result.top5:.3f} | "
-              f"loss {result.loss:.4f} | {result.images_per_second:.1f} images/s | skipped {len(result.skipped)}")
-        print(f"seconds: set-up {setup_seconds:.1f} (weights, data index, devices), "
-              f"compile {result.compile_seconds:.1f}, first batch {result.first_batch_seconds:.1f}, "
-              f"evaluation {result.wall_seconds:.1f} (first batch included), "
-              f"in all {time.perf_counter() - started:.1f} since the command started")
+        print(
+            f"images {result.num_images} | top-1 {result.top1:.3f} | top-5 {result.top5:.3f} | "
+            f"loss {result.loss:.4f} | {result.images_per_second:.1f} images/s | skipped {len(result.skipped)}"
+        )
+        print(
+            f"seconds: set-up {setup_seconds:.1f} (weights, data index, devices), "
+            f"compile {result.compile_seconds:.1f}, first batch {result.first_batch_seconds:.1f}, "
+            f"evaluation {result.wall_seconds:.1f} (first batch included), "
+            f"in all {time.perf_counter() - started:.1f} since the command started"
+        )
         for name, reason in result.skipped[:20]:
             print(f"skipped {name}: {reason}")
         if len(result.skipped) > 20:

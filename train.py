@@ -46,9 +46,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     data.add_argument("--train_dir", "--train-dir", help="training images, a folder per class")
     data.add_argument("--val_dir", "--val-dir", help="validation images, a folder per class")
     data.add_argument("--data_dir", "--data-dir", help="TFDS data directory")
-    data.add_argument("--synthetic-data", type=int, nargs="?", const=SYNTHETIC_IMAGES, metavar="IMAGES",
-                      help=f"random images as an epoch of IMAGES (default {SYNTHETIC_IMAGES}), nothing read or "
-                           "decoded: the speed of the compiled step alone")
+    data.add_argument(
+        "--synthetic-data",
+        type=int,
+        nargs="?",
+        const=SYNTHETIC_IMAGES,
+        metavar="IMAGES",
+        help=f"random images as an epoch of IMAGES (default {SYNTHETIC_IMAGES}), nothing read or "
+        "decoded: the speed of the compiled step alone",
+    )
     data.add_argument("--image-size", type=int, default=DEFAULTS.image_size)
     length = parser.add_argument_group("length and batch")
     length.add_argument("--epochs", type=int, default=DEFAULTS.epochs)
@@ -63,12 +69,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     optim.add_argument("--weight-decay", type=float, default=DEFAULTS.weight_decay)
     optim.add_argument("--label-smoothing", type=float, default=DEFAULTS.label_smoothing)
     optim.add_argument("--ema-decay", type=float, default=DEFAULTS.ema_decay, help="0 disables the EMA")
-    optim.add_argument("--precision", choices=[*PRECISIONS, "auto"], default="auto",
-                       help="auto: bf16 on GPU/TPU, fp32 on CPU; fp16 uses dynamic loss scaling")
+    optim.add_argument(
+        "--precision",
+        choices=[*PRECISIONS, "auto"],
+        default="auto",
+        help="auto: bf16 on GPU/TPU, fp32 on CPU; fp16 uses dynamic loss scaling",
+    )
     optim.add_argument("--seed", type=int, default=DEFAULTS.seed)
     aug = parser.add_argument_group("augmentation")
-    aug.add_argument("--crop-min-scale", type=float, default=DEFAULTS.crop_min_scale,
-                     help="inception crop: smallest fraction of the image area kept")
+    aug.add_argument(
+        "--crop-min-scale",
+        type=float,
+        default=DEFAULTS.crop_min_scale,
+        help="inception crop: smallest fraction of the image area kept",
+    )
     aug.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
     aug.add_argument("--randaugment-ops", type=int, default=DEFAULTS.randaugment_ops, help="0 disables RandAugment")
     aug.add_argument("--randaugment-magnitude", type=float, default=DEFAULTS.randaugment_magnitude)
@@ -81,11 +95,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     run.add_argument("--keep-checkpoints", type=int, default=DEFAULTS.keep_checkpoints)
     run.add_argument("--log-every", type=int, default=DEFAULTS.log_every, help="steps")
     run.add_argument("--eval-batch-size", type=int)
-    run.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=DEFAULTS.sync_bn,
-                     help="BatchNorm statistics over the global batch (default; the result does not depend on the "
-                          "device count) or, --no-sync-bn, each device's shard (no per-layer all-reduce)")
-    run.add_argument("--deterministic", action="store_true",
-                     help="GPU: deterministic kernels, the same bits in every process (slower); see the README")
+    run.add_argument(
+        "--sync-bn",
+        action=argparse.BooleanOptionalAction,
+        default=DEFAULTS.sync_bn,
+        help="BatchNorm statistics over the global batch (default; the result does not depend on the "
+        "device count) or, --no-sync-bn, each device's shard (no per-layer all-reduce)",
+    )
+    run.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="GPU: deterministic kernels, the same bits in every process (slower); see the README",
+    )
     add_run_arguments(parser)
     args = parser.parse_args(argv)
     if not 0 < args.crop_min_scale <= 1:
@@ -110,7 +131,10 @@ def config_from(args: argparse.Namespace) -> TrainConfig:
     fields = set(TrainConfig.__dataclass_fields__) - {"progress", "compilation_cache", "precision", "flip"}
     values = {name: getattr(args, name) for name in fields if hasattr(args, name)}
     return TrainConfig(
-        **values, precision=precision, flip=not args.no_flip, progress=not args.no_progress,
+        **values,
+        precision=precision,
+        flip=not args.no_flip,
+        progress=not args.no_progress,
         compilation_cache=not args.no_compilation_cache,
     )
 

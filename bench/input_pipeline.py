@@ -104,8 +104,9 @@ def write_synthetic(folder: Path, count: int, seed: int = 0) -> list[Path]:
         fraction = rng.uniform(0.6, 1.0)
         box_w, box_h = int(source.width * fraction), int(source.height * fraction)
         left, top = rng.integers(0, source.width - box_w + 1), rng.integers(0, source.height - box_h + 1)
-        image = ImageOps.fit(source.crop((left, top, left + box_w, top + box_h)), (int(width), int(height)),
-                             Image.Resampling.BICUBIC)
+        image = ImageOps.fit(
+            source.crop((left, top, left + box_w, top + box_h)), (int(width), int(height)), Image.Resampling.BICUBIC
+        )
         if rng.random() < 0.5:
             image = ImageOps.mirror(image)
         pixels = np.asarray(image, np.float32) * rng.uniform(0.8, 1.2, 3)
@@ -128,8 +129,9 @@ def image_files(folder: Path, limit: int | None) -> list[Path]:
 # --- the two loaders ---------------------------------------------------------------------------
 
 
-def our_batches(fn: Callable[[Any], Any], items: Iterator[Any], batch: int, workers: int,
-                processes: bool | None = None) -> Iterator[int]:
+def our_batches(
+    fn: Callable[[Any], Any], items: Iterator[Any], batch: int, workers: int, processes: bool | None = None
+) -> Iterator[int]:
     """Sizes of the uint8 batches that ``ordered_map(fn)`` + ``stack_rows`` make of ``items``."""
     rows = []
     with contextlib.closing(ordered_map(fn, items, workers, processes=processes)) as outcomes:
@@ -190,21 +192,25 @@ def window(batches: Iterator[int], skip: int, seconds: float) -> tuple[float, fl
     return first - start, images / (last - first)
 
 
-def compare(sides: dict[str, Callable[[int], Iterator[int]]], rounds: int, seconds: float, skip: int,
-            label: str) -> dict[str, Any]:
+def compare(
+    sides: dict[str, Callable[[int], Iterator[int]]], rounds: int, seconds: float, skip: int, label: str
+) -> dict[str, Any]:
     """Interleaved windows of every side (order rotating by round); medians and the windows."""
     rates: dict[str, list[float]] = {name: [] for name in sides}
     first: dict[str, list[float]] = {name: [] for name in sides}
     loads = []
     names = list(sides)
     for r in range(rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             start_s, rate = window(sides[name](r), skip, seconds)
             first[name].append(start_s)
             rates[name].append(rate)
             loads.append(os.getloadavg()[0])
-            print(f"  {label} round {r + 1}/{rounds} {name:>10}: {rate:7.1f} img/s "
-                  f"(first {skip} batches after {start_s:.2f} s, load {loads[-1]:.2f})", flush=True)
+            print(
+                f"  {label} round {r + 1}/{rounds} {name:>10}: {rate:7.1f} img/s "
+                f"(first {skip} batches after {start_s:.2f} s, load {loads[-1]:.2f})",
+                flush=True,
+            )
     result: dict[str, Any] = {name: statistics.median(rates[name]) for name in names}
     result["ratio"] = result["ours"] / result["timm"]
     result["ratio_to_timm_uint8"] = result["ours"] / result["timm_uint8"]
@@ -222,8 +228,13 @@ def environment() -> dict[str, Any]:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
         cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), cpu)
     return {
-        "cores": host_threads(), "cpu": cpu, "python": platform.python_version(), "numpy": np.__version__,
-        "pillow": PIL.__version__, "libjpeg": features.version("jpg"), "torch": torch.__version__,
+        "cores": host_threads(),
+        "cpu": cpu,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "pillow": PIL.__version__,
+        "libjpeg": features.version("jpg"),
+        "torch": torch.__version__,
         "timm": timm.__version__,
     }
 
@@ -235,34 +246,53 @@ def run(paths: list[Path], threads: int, batch: int, seconds: float, rounds: int
     def epochs(r: int) -> Iterator[tuple[int, int]]:
         return ((r * 1000 + i // len(paths), i % len(paths)) for i in itertools.count())
 
-    eval_float = create_transform(size, interpolation="bilinear", crop_pct=PREP.crop_pct, mean=(0, 0, 0),
-                                  std=(1, 1, 1))
-    eval_uint8 = transforms_imagenet_eval(size, crop_pct=PREP.crop_pct, interpolation="bilinear",
-                                          use_prefetcher=True)
+    eval_float = create_transform(size, interpolation="bilinear", crop_pct=PREP.crop_pct, mean=(0, 0, 0), std=(1, 1, 1))
+    eval_uint8 = transforms_imagenet_eval(size, crop_pct=PREP.crop_pct, interpolation="bilinear", use_prefetcher=True)
     ra = f"rand-m{AUGMENT.randaugment_magnitude:g}-n{AUGMENT.randaugment_ops}-p1.0"
-    train_options = {"scale": AUGMENT.crop_scale, "ratio": AUGMENT.crop_ratio, "hflip": 0.5, "auto_augment": ra,
-                     "interpolation": "bilinear", "mean": (0, 0, 0), "std": (1, 1, 1)}
+    train_options = {
+        "scale": AUGMENT.crop_scale,
+        "ratio": AUGMENT.crop_ratio,
+        "hflip": 0.5,
+        "auto_augment": ra,
+        "interpolation": "bilinear",
+        "mean": (0, 0, 0),
+        "std": (1, 1, 1),
+    }
     train_float = transforms_imagenet_train(size, re_prob=1.0, re_mode="const", re_count=1, **train_options)
     train_uint8 = transforms_imagenet_train(size, use_prefetcher=True, **train_options)
 
     ours = {
         "eval": lambda n, r, processes=None: our_batches(
-            PreprocessedImage(source, PREP), itertools.cycle(range(len(paths))), batch, n, processes),
+            PreprocessedImage(source, PREP), itertools.cycle(range(len(paths))), batch, n, processes
+        ),
         "train": lambda n, r, processes=None: our_batches(
-            AugmentedExample(source, AUGMENT, seed=0), epochs(r), batch, n, processes),
+            AugmentedExample(source, AUGMENT, seed=0), epochs(r), batch, n, processes
+        ),
     }
     window_s = seconds / rounds
     results: dict[str, Any] = {
-        "eval": compare({
-            "ours": lambda r: ours["eval"](threads, r),
-            "timm": lambda r: timm_batches(paths, eval_float, batch, threads),
-            "timm_uint8": lambda r: timm_batches(paths, eval_uint8, batch, threads),
-        }, rounds, window_s, threads, "eval"),
-        "train": compare({
-            "ours": lambda r: ours["train"](threads, r),
-            "timm": lambda r: timm_batches(paths, train_float, batch, threads),
-            "timm_uint8": lambda r: timm_batches(paths, train_uint8, batch, threads),
-        }, rounds, window_s, threads, "train"),
+        "eval": compare(
+            {
+                "ours": lambda r: ours["eval"](threads, r),
+                "timm": lambda r: timm_batches(paths, eval_float, batch, threads),
+                "timm_uint8": lambda r: timm_batches(paths, eval_uint8, batch, threads),
+            },
+            rounds,
+            window_s,
+            threads,
+            "eval",
+        ),
+        "train": compare(
+            {
+                "ours": lambda r: ours["train"](threads, r),
+                "timm": lambda r: timm_batches(paths, train_float, batch, threads),
+                "timm_uint8": lambda r: timm_batches(paths, train_uint8, batch, threads),
+            },
+            rounds,
+            window_s,
+            threads,
+            "train",
+        ),
     }
     if scaling:  # ours with 1, 2, 4, ... threads: where the GIL stops more threads from helping
         counts = sorted({2**k for k in range(threads.bit_length()) if 2**k < threads} | {threads})
@@ -308,27 +338,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         paths = image_files(Path(temporary) if args.synthetic else args.images, args.images_limit)
         pixels = [Image.open(path).size for path in paths]
         setup = {
-            "images": len(paths), "source": "synthetic" if args.synthetic else str(args.images),
+            "images": len(paths),
+            "source": "synthetic" if args.synthetic else str(args.images),
             "mean_size": [float(np.mean([s[i] for s in pixels])) for i in range(2)],
             "bytes_per_pixel": sum(p.stat().st_size for p in paths) / sum(w * h for w, h in pixels),
             "larger_than_500px": float(np.mean([max(s) > 500 for s in pixels])),
-            "threads": args.threads, "ours_in": "processes" if args.threads > THREADS_UP_TO else "threads",
-            "batch": args.batch_size, "seconds_per_window": args.seconds / args.rounds,
+            "threads": args.threads,
+            "ours_in": "processes" if args.threads > THREADS_UP_TO else "threads",
+            "batch": args.batch_size,
+            "seconds_per_window": args.seconds / args.rounds,
             "rounds": args.rounds,
         }
         print(json.dumps(setup), flush=True)
         results = run(paths, args.threads, args.batch_size, args.seconds, args.rounds, args.scaling)
     results["setup"] = setup
-    results["environment"] = {**environment(), "load_average_before": load_before,
-                              "load_average_after": os.getloadavg()}
+    results["environment"] = {
+        **environment(),
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+    }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(results, indent=1) + "\n")
     for label in ("eval", "train"):
         r = results[label]
-        print(f"{label}: ours {r['ours']:.0f} img/s, timm {r['timm']:.0f} ({r['ratio']:.2f}x, target "
-              f"{r['target_ratio']}x), timm uint8 {r['timm_uint8']:.0f} ({r['ratio_to_timm_uint8']:.2f}x)")
-    print(f"load average before {load_before}, after {results['environment']['load_average_after']}; "
-          f"wrote {args.output}")
+        print(
+            f"{label}: ours {r['ours']:.0f} img/s, timm {r['timm']:.0f} ({r['ratio']:.2f}x, target "
+            f"{r['target_ratio']}x), timm uint8 {r['timm_uint8']:.0f} ({r['ratio_to_timm_uint8']:.2f}x)"
+        )
+    print(
+        f"load average before {load_before}, after {results['environment']['load_average_after']}; wrote {args.output}"
+    )
     return 0
 
 

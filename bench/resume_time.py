@@ -62,8 +62,13 @@ def main(argv: list[str] | None = None) -> int:
             seconds = first_batch_seconds(source, spec, step, len(source.class_names))
             rows.append({"epochs": epochs, "step": step, "first_batch_seconds": seconds})
             print(f"resume at step {step:>8} (epoch {epochs:>3}): first batch after {seconds:.2f} s", flush=True)
-    result = {"source": source.name, "images": len(source), "batch": args.batch_size, "steps_per_epoch": steps,
-              "resumes": rows}
+    result = {
+        "source": source.name,
+        "images": len(source),
+        "batch": args.batch_size,
+        "steps_per_epoch": steps,
+        "resumes": rows,
+    }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.output}")

@@ -93,8 +93,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"create_model: {ratio_create:.2f}x timm's time; load: {ratio_load:.2f}x timm's create + load")
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
-        summary = {"model": args.model, "jax": jax.__version__, "torch": torch.__version__, "results": results,
-                   "create_over_timm": ratio_create, "load_over_timm": ratio_load}
+        summary = {
+            "model": args.model,
+            "jax": jax.__version__,
+            "torch": torch.__version__,
+            "results": results,
+            "create_over_timm": ratio_create,
+            "load_over_timm": ratio_load,
+        }
         args.output.write_text(json.dumps(summary, indent=2) + "\n")
     return 0
 

@@ -11,8 +11,22 @@ import skimage.data
 from PIL import Image
 
 # Colour and greyscale photographs of various sizes and aspect ratios.
-PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "moon", "brick", "grass", "gravel", "page",
-          "hubble_deep_field", "immunohistochemistry", "retina", "text")
+PHOTOS = (
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "camera",
+    "moon",
+    "brick",
+    "grass",
+    "gravel",
+    "page",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "retina",
+    "text",
+)
 CLASSES = ("n01440764", "n01443537", "n01484850", "n01491361", "n01494475", "n01496331", "n01498041", "n01514668")
 
 

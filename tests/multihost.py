@@ -131,9 +131,7 @@ def describe(results: Sequence[ProcessResult], tail: int = 3000) -> str:
     parts = []
     for r in results:
         status = f"exit {r.returncode}" + (f", killed: {r.killed}" if r.killed else "")
-        parts.append(
-            f"--- process {r.process_id} ({status})\nstdout:\n{r.stdout[-tail:]}\nstderr:\n{r.stderr[-tail:]}"
-        )
+        parts.append(f"--- process {r.process_id} ({status})\nstdout:\n{r.stdout[-tail:]}\nstderr:\n{r.stderr[-tail:]}")
     return "\n".join(parts)
 
 

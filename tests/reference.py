@@ -51,7 +51,8 @@ def official_state_dict(model: torch.nn.Module, seed: int = 0) -> dict[str, torc
     """
     generator = torch.Generator().manual_seed(seed)
     blurred = {
-        name for name, module in model.named_modules()
+        name
+        for name, module in model.named_modules()
         if isinstance(module, ConvNormAct) and isinstance(module.aa, BlurPool2d)
     }
     out = {}

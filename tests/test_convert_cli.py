@@ -146,8 +146,10 @@ def test_existing_output_is_kept_without_force_and_replaced_with_it(tmp_path, we
 
 @pytest.mark.parametrize(
     ("failure", "exit_code", "message"),
-    [(OSError(28, "No space left on device"), 1, "error: [Errno 28] No space left on device"),
-     (KeyboardInterrupt(), 130, "interrupted")],
+    [
+        (OSError(28, "No space left on device"), 1, "error: [Errno 28] No space left on device"),
+        (KeyboardInterrupt(), 130, "interrupted"),
+    ],
 )
 def test_failure_while_writing_leaves_nothing_and_keeps_the_old_output(
     tmp_path, weights_root, m_state_dict, capsys, monkeypatch, failure, exit_code, message

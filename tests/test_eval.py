@@ -81,8 +81,19 @@ def run_eval(args, capsys):
 
 def eval_args(classifier, tmp_path, *extra):
     _, weights, *_ = classifier
-    return ["--weights", weights, "--image-size", SIZE, "--no-progress", "--no-compilation-cache",
-            "--output", tmp_path / "results.json", "--save-logits", tmp_path / "logits.npz", *extra]
+    return [
+        "--weights",
+        weights,
+        "--image-size",
+        SIZE,
+        "--no-progress",
+        "--no-compilation-cache",
+        "--output",
+        tmp_path / "results.json",
+        "--save-logits",
+        tmp_path / "logits.npz",
+        *extra,
+    ]
 
 
 def test_folder_eval_equals_pil_and_timm(folder, classifier, tmp_path, capsys):
@@ -110,7 +121,9 @@ def test_folder_eval_equals_pil_and_timm(folder, classifier, tmp_path, capsys):
     assert "skipped 1" in out
     assert f"images 20 | top-1 {results['top1']:.3f}" in out
     assert (results["model"], results["dtype"], results["preprocessing"]["input_size"]) == (
-        "tresnet_m", "float32", SIZE
+        "tresnet_m",
+        "float32",
+        SIZE,
     )
 
 
@@ -125,8 +138,11 @@ def test_eval_reads_a_folder_without_tensorflow(folder, classifier, tmp_path):
     assert (results["images"], results["skipped"]) == (20, 1)
     assert results["top1"] == pytest.approx(top_k_accuracy(expected, labels, 1))
     assert f"skipped {folder / 'n01440764' / 'corrupt.jpg'}: unreadable image" in done.stdout
-    assert re.search(r"seconds: set-up [\d.]+ .*, compile [\d.]+, first batch [\d.]+, evaluation [\d.]+ .*, "
-                     r"in all [\d.]+ since the command started", done.stdout), done.stdout
+    assert re.search(
+        r"seconds: set-up [\d.]+ .*, compile [\d.]+, first batch [\d.]+, evaluation [\d.]+ .*, "
+        r"in all [\d.]+ since the command started",
+        done.stdout,
+    ), done.stdout
     assert 0 < results["first_batch_seconds"] <= results["wall_seconds"]
 
 
@@ -179,8 +195,7 @@ def test_sharded_tfds_split_rows_follow_the_split_and_a_corrupt_record_is_named(
     broken = 27  # TFDS itself would stop at it (its reader checks every record's checksum)
     corrupt_record(next(data_dir.glob("*/*/*validation*-00001-of-00002")), split.record(broken)[0])
 
-    args = eval_args(classifier, tmp_path, "--dataset", f"{name}:validation", "--data_dir", data_dir,
-                     "--batch-size", 8)
+    args = eval_args(classifier, tmp_path, "--dataset", f"{name}:validation", "--data_dir", data_dir, "--batch-size", 8)
     args[:2] = ["--model", "m_8cls"]
     code, out, _ = run_eval(args, capsys)
     assert code == 0, out

@@ -18,8 +18,9 @@ print("tensorflow imported:", "tensorflow" in sys.modules)
 
 
 def test_scalars_are_written_without_importing_tensorflow_and_tensorboard_reads_them(tmp_path):
-    done = subprocess.run([sys.executable, "-c", WRITE, str(tmp_path / "tb")], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", WRITE, str(tmp_path / "tb")], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "tensorflow imported: False"
     assert done.stderr == ""  # no TensorFlow/absl log lines

@@ -199,8 +199,12 @@ def test_a_probe_still_running_at_the_section_s_end_is_stopped_and_said(tmp_path
     record = gpu_suite.Record(tmp_path / "max_batch.json", "max_batch")
     gpu_suite.max_batch_section(ctx, record, gpu_suite.Budget(60.0))
     batch = 2 * plan.train_batch  # capacity / peak memory
-    assert [(f, b) for f, b, _ in timeouts] == [("jax", plan.train_batch), ("timm_eager", plan.train_batch),
-                                                ("jax", batch), ("timm_eager", batch)]
+    assert [(f, b) for f, b, _ in timeouts] == [
+        ("jax", plan.train_batch),
+        ("timm_eager", plan.train_batch),
+        ("jax", batch),
+        ("timm_eager", batch),
+    ]
     assert all(0 < t <= 60.0 for _, b, t in timeouts if b == batch)  # no probe outlives the budget
     saved = json.loads((tmp_path / "max_batch.json").read_text())
     skipped = [s["item"] for s in saved["skipped"]]

@@ -61,7 +61,10 @@ def test_pretrained_by_architecture_equals_timm_and_is_stored_by_tag(offline, we
     metadata = tresnet_jax.load_metadata(DEFAULT_TAG)
     assert (metadata["tag"], metadata["reported"]["top1"]) == (DEFAULT_TAG, 83.090)
     assert metadata["source"] | {"created": None} == metadata["source"] | {
-        "repo": f"timm/{DEFAULT_TAG}", "revision": COMMIT, "sha256": offline["sha256"], "file": "model.safetensors",
+        "repo": f"timm/{DEFAULT_TAG}",
+        "revision": COMMIT,
+        "sha256": offline["sha256"],
+        "file": "model.safetensors",
         "created": None,
     }
     assert sorted(p.name for p in weights_root.iterdir()) == [DEFAULT_TAG]
@@ -120,7 +123,11 @@ def test_other_repositories_keep_their_preprocessing_and_get_no_tag(offline, wei
     metadata = tresnet_jax.load_metadata("someone--tresnet-pets")
     assert (model.num_classes, metadata["tag"], metadata["reported"]) == (5, None, None)
     assert metadata["preprocessing"] | {"mean": None, "std": None} == {
-        "input_size": 256, "crop_pct": 0.9, "interpolation": "bicubic", "mean": None, "std": None
+        "input_size": 256,
+        "crop_pct": 0.9,
+        "interpolation": "bicubic",
+        "mean": None,
+        "std": None,
     }
 
 

@@ -75,9 +75,7 @@ def _bn_inputs(seed=3):
 def test_batchnorm_training_step_equals_pytorch_including_unbiased_running_var():
     x, variables = _bn_inputs()
     out, updates = BatchNorm(use_running_average=False).apply(variables, x, mutable=["batch_stats"])
-    expected, mean, var = _torch_bn_after_step(
-        x, *variables["params"].values(), *variables["batch_stats"].values()
-    )
+    expected, mean, var = _torch_bn_after_step(x, *variables["params"].values(), *variables["batch_stats"].values())
     np.testing.assert_allclose(np.asarray(out), expected, rtol=0, atol=2e-5)
     np.testing.assert_allclose(np.asarray(updates["batch_stats"]["mean"]), mean, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(np.asarray(updates["batch_stats"]["var"]), var, rtol=1e-5, atol=1e-6)

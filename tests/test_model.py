@@ -29,8 +29,12 @@ def test_parameter_count_equals_published(name):
 
 @pytest.mark.parametrize(
     ("name", "channels"),
-    [("tresnet_m", (64, 64, 128, 1024, 2048)), ("tresnet_l", (76, 76, 152, 1216, 2432)),
-     ("tresnet_xl", (83, 83, 166, 1328, 2656)), ("tresnet_v2_l", (64, 256, 512, 1024, 2048))],
+    [
+        ("tresnet_m", (64, 64, 128, 1024, 2048)),
+        ("tresnet_l", (76, 76, 152, 1216, 2432)),
+        ("tresnet_xl", (83, 83, 166, 1328, 2656)),
+        ("tresnet_v2_l", (64, 256, 512, 1024, 2048)),
+    ],
 )
 def test_stage_feature_shapes_any_multiple_of_32(name, channels):
     model = TResNet(get_arch(name), 10)
@@ -38,8 +42,11 @@ def test_stage_feature_shapes_any_multiple_of_32(name, channels):
     variables = jax.eval_shape(model.init, jax.random.key(0), x)
     stages = jax.eval_shape(lambda v, x: model.apply(v, x, method="stage_features"), variables, x)
     assert [s.shape for s in stages] == [
-        (2, 24, 40, channels[0]), (2, 24, 40, channels[1]), (2, 12, 20, channels[2]),
-        (2, 6, 10, channels[3]), (2, 3, 5, channels[4]),
+        (2, 24, 40, channels[0]),
+        (2, 24, 40, channels[1]),
+        (2, 12, 20, channels[2]),
+        (2, 6, 10, channels[3]),
+        (2, 3, 5, channels[4]),
     ]
     logits = jax.eval_shape(model.apply, variables, x)
     assert logits.shape == (2, 10)
@@ -108,7 +115,11 @@ def test_unknown_model_name_is_a_clear_error():
 def test_registry_holds_the_published_configurations():
     cfg = tresnet_jax.PRETRAINED["tresnet_m.miil_in1k_448"]
     assert (cfg.input_size, cfg.crop_pct, cfg.interpolation, cfg.num_classes, cfg.top1) == (
-        448, 0.875, "bilinear", 1000, 81.710
+        448,
+        0.875,
+        "bilinear",
+        1000,
+        81.710,
     )
     assert tresnet_jax.default_config("tresnet_m").tag == "tresnet_m.miil_in21k_ft_in1k"
     assert tresnet_jax.default_config("tresnet_m", 11221).tag == "tresnet_m.miil_in21k"

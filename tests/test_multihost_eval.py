@@ -32,8 +32,18 @@ def folder_and_weights(tmp_path_factory):
 
 
 def eval_args(folder, weights):
-    return ["--weights", weights, "--val_dir", folder, "--image-size", SIZE, "--batch-size", BATCH,
-            "--no-progress", "--no-compilation-cache"]
+    return [
+        "--weights",
+        weights,
+        "--val_dir",
+        folder,
+        "--image-size",
+        SIZE,
+        "--batch-size",
+        BATCH,
+        "--no-progress",
+        "--no-compilation-cache",
+    ]
 
 
 def test_two_processes_count_every_image_once(folder_and_weights, tmp_path, capsys):
@@ -42,8 +52,13 @@ def test_two_processes_count_every_image_once(folder_and_weights, tmp_path, caps
     out.mkdir()
 
     def flags(address, n, i):  # each process is told to write its own files: only process 0 may
-        return [*coordinator_flags(address, n, i), "--output", out / f"results{i}.json",
-                "--save-logits", out / f"logits{i}.npz"]
+        return [
+            *coordinator_flags(address, n, i),
+            "--output",
+            out / f"results{i}.json",
+            "--save-logits",
+            out / f"logits{i}.npz",
+        ]
 
     command = [sys.executable, EVAL_PY, *eval_args(folder, weights)]
     env = {
@@ -55,8 +70,10 @@ def test_two_processes_count_every_image_once(folder_and_weights, tmp_path, caps
     # single-process reference runs here meanwhile.
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         job = pool.submit(run_processes, command, PROCESSES, env=env, timeout=240, cwd=tmp_path, flags=flags)
-        code = eval_cli.main([str(a) for a in eval_args(folder, weights)] + [
-            "--output", str(tmp_path / "single.json"), "--save-logits", str(tmp_path / "single.npz")])
+        code = eval_cli.main(
+            [str(a) for a in eval_args(folder, weights)]
+            + ["--output", str(tmp_path / "single.json"), "--save-logits", str(tmp_path / "single.npz")]
+        )
         runs = job.result()
     assert code == 0, capsys.readouterr()
     assert [r.returncode for r in runs] == [0] * PROCESSES, describe(runs)
@@ -66,7 +83,9 @@ def test_two_processes_count_every_image_once(folder_and_weights, tmp_path, caps
 
     results = json.loads((out / "results0.json").read_text())
     assert (results["processes"], results["devices"], results["batch_size"]) == (
-        PROCESSES, PROCESSES * DEVICES_PER_PROCESS, BATCH
+        PROCESSES,
+        PROCESSES * DEVICES_PER_PROCESS,
+        BATCH,
     )
     assert results["images"] == 20
     assert results["skipped"] == 1

@@ -37,8 +37,10 @@ def _builder(data_dir: Path, file_format: str):
     """An unregistered builder of 16x16 PNGs, each with its own pixels, labelled i % 3."""
 
     def info(self):
-        features = {"image": tfds.features.Image(encoding_format="png"),
-                    "label": tfds.features.ClassLabel(names=CLASSES)}
+        features = {
+            "image": tfds.features.Image(encoding_format="png"),
+            "label": tfds.features.ClassLabel(names=CLASSES),
+        }
         return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features))
 
     def split_generators(self, dl_manager):
@@ -48,8 +50,12 @@ def _builder(data_dir: Path, file_format: str):
         for i in range(count):
             yield i, {"image": generated(seed + i, 16, 16), "label": i % len(CLASSES)}
 
-    namespace = {"VERSION": tfds.core.Version("1.0.0"), "_info": info, "_split_generators": split_generators,
-                 "_generate_examples": None}
+    namespace = {
+        "VERSION": tfds.core.Version("1.0.0"),
+        "_info": info,
+        "_split_generators": split_generators,
+        "_generate_examples": None,
+    }
     builder = type("ReaderShards", (tfds.core.GeneratorBasedBuilder,), namespace, skip_registration=True)
     return builder(data_dir=str(data_dir), file_format=file_format)
 
@@ -288,17 +294,23 @@ def _raises(message: str):
 
 def test_unknown_and_unprepared_datasets(prepared, tmp_path):
     root = prepared["tfrecord"]
-    with _raises(f"dataset no_such is not prepared in {root} (no folder no_such there); "
-                 f"prepare it with: tfds build no_such --data_dir {root}"):
+    with _raises(
+        f"dataset no_such is not prepared in {root} (no folder no_such there); "
+        f"prepare it with: tfds build no_such --data_dir {root}"
+    ):
         open_split("no_such", str(root))
     missing = tmp_path / "nowhere"
-    with _raises(f"dataset imagenet2012 is not prepared: the TFDS data dir {missing} does not exist; "
-                 f"put ILSVRC2012_img_val.tar (and ILSVRC2012_img_train.tar) in {missing}/downloads/manual"):
+    with _raises(
+        f"dataset imagenet2012 is not prepared: the TFDS data dir {missing} does not exist; "
+        f"put ILSVRC2012_img_val.tar (and ILSVRC2012_img_train.tar) in {missing}/downloads/manual"
+    ):
         open_split("imagenet2012:validation", str(missing))
     (tmp_path / "half_done" / "incomplete.AB12_1.0.0").mkdir(parents=True)
     (tmp_path / "half_done" / "1.0.0").mkdir()
-    with _raises(f"dataset half_done is not prepared in {tmp_path} ({tmp_path / 'half_done'} has no complete "
-                 f"version); prepare it with: tfds build half_done --data_dir {tmp_path}"):
+    with _raises(
+        f"dataset half_done is not prepared in {tmp_path} ({tmp_path / 'half_done'} has no complete "
+        f"version); prepare it with: tfds build half_done --data_dir {tmp_path}"
+    ):
         open_split("half_done", str(tmp_path))
     with _raises(f"dataset {NAME}/9.9.9 is not prepared in {root} (prepared versions: 1.0.0); prepare it with"):
         open_split(f"{NAME}/9.9.9:train", str(root))
@@ -319,14 +331,18 @@ def test_truncated_shard(prepared, expected, tmp_path):
     os.truncate(short, start - 12)  # at a record's start: one record short
     split = open_split(f"{NAME}:train", str(tmp_path))
     assert split.record(0) == expected[0]
-    with _raises(f"shard {cut} is truncated or corrupt: record 19: its {length} bytes run past the file's end "
-                 f"({size} bytes); prepare the dataset again"):
+    with _raises(
+        f"shard {cut} is truncated or corrupt: record 19: its {length} bytes run past the file's end "
+        f"({size} bytes); prepare the dataset again"
+    ):
         split.record(45)
     with _raises(f"shard {short} is truncated or corrupt: 19 records, dataset_info.json says 20; prepare"):
         split.record(60)
     _shard(version_dir, 1).unlink()
-    with _raises(f"dataset {NAME}/1.0.0: 1 of the {SHARDS} shard files of split train are missing, the first "
-                 f"{_shard(version_dir, 1)}; prepare the dataset again"):
+    with _raises(
+        f"dataset {NAME}/1.0.0: 1 of the {SHARDS} shard files of split train are missing, the first "
+        f"{_shard(version_dir, 1)}; prepare the dataset again"
+    ):
         open_split(f"{NAME}:train", str(tmp_path))
 
 
@@ -338,8 +354,9 @@ def test_bad_length_header(prepared, tmp_path):
         file.seek(start - 12)
         file.write(struct.pack("<Q", length - 1))
     split = open_split(f"{NAME}:train", str(tmp_path))
-    with _raises(f"shard {path} is truncated or corrupt: record 5: bad length header at byte {start - 12} "
-                 "(checksum mismatch)"):
+    with _raises(
+        f"shard {path} is truncated or corrupt: record 5: bad length header at byte {start - 12} (checksum mismatch)"
+    ):
         split.record(20)
 
 
@@ -368,8 +385,10 @@ def test_truncated_array_record_shard(prepared, tmp_path):
     os.truncate(path, 1000)
     split = open_split(f"{NAME}:train", str(tmp_path))
     split.record(0)
-    with _raises(f"shard {path} is truncated or corrupt: array_record cannot read it, dataset_info.json says 20 "
-                 "records; prepare the dataset again"):
+    with _raises(
+        f"shard {path} is truncated or corrupt: array_record cannot read it, dataset_info.json says 20 "
+        "records; prepare the dataset again"
+    ):
         split.record(25)
 
 
@@ -386,12 +405,16 @@ def test_not_an_image_classification_dataset(prepared, tmp_path):
 
     def as_tensor(features):
         tensor = {"shape": {"dimensions": ["16", "16", "3"]}, "dtype": "uint8", "encoding": "none"}
-        features["image"] = {"pythonClassName": "tensorflow_datasets.core.features.tensor_feature.Tensor",
-                             "tensor": tensor}
+        features["image"] = {
+            "pythonClassName": "tensorflow_datasets.core.features.tensor_feature.Tensor",
+            "tensor": tensor,
+        }
 
     _edit_features(version_dir, as_tensor)
-    with _raises(f"dataset {NAME}/1.0.0 is not an image-classification dataset: it needs an 'image' Image feature "
-                 "and a 'label' ClassLabel feature; it has image (Tensor), label (ClassLabel)"):
+    with _raises(
+        f"dataset {NAME}/1.0.0 is not an image-classification dataset: it needs an 'image' Image feature "
+        "and a 'label' ClassLabel feature; it has image (Tensor), label (ClassLabel)"
+    ):
         open_split(f"{NAME}:train", str(tmp_path))
     (version_dir / "features.json").write_text(features)
     _edit_features(version_dir, lambda features: features["image"]["image"].update(dtype="float32"))
@@ -406,10 +429,14 @@ def test_class_names(prepared, tmp_path):
     legacy = {  # features.json as TFDS wrote it before its FeaturesDict proto
         "type": "tensorflow_datasets.core.features.features_dict.FeaturesDict",
         "content": {
-            "image": {"type": "tensorflow_datasets.core.features.image_feature.Image",
-                      "content": {"shape": [None, None, 3], "dtype": "uint8", "encoding_format": "png"}},
-            "label": {"type": "tensorflow_datasets.core.features.class_label_feature.ClassLabel",
-                      "content": {"names": ["x", "y", "z"]}},
+            "image": {
+                "type": "tensorflow_datasets.core.features.image_feature.Image",
+                "content": {"shape": [None, None, 3], "dtype": "uint8", "encoding_format": "png"},
+            },
+            "label": {
+                "type": "tensorflow_datasets.core.features.class_label_feature.ClassLabel",
+                "content": {"names": ["x", "y", "z"]},
+            },
         },
     }
     (version_dir / "features.json").write_text(json.dumps(legacy))
@@ -441,8 +468,9 @@ def test_parse_example_agrees_with_tensorflow():
     entry2 += unpacked_floats
     features_message = b"\x0a" + bytes([len(entry)]) + entry + b"\x0a" + bytes([len(entry2)]) + entry2
     data = b"\x0a" + bytes([len(features_message)]) + features_message
-    parsed = tf.io.parse_single_example(data, {"a": tf.io.FixedLenFeature([2], tf.int64),
-                                               "b": tf.io.FixedLenFeature([1], tf.float32)})
+    parsed = tf.io.parse_single_example(
+        data, {"a": tf.io.FixedLenFeature([2], tf.int64), "b": tf.io.FixedLenFeature([1], tf.float32)}
+    )
     assert parse_example(data) == {"a": parsed["a"].numpy().tolist(), "b": parsed["b"].numpy().tolist()}
     for bad in (b"\x0a\x05\x0a", b"\xff" * 12, b"\x0b"):
         with pytest.raises(ValueError, match=r"runs past|varint|wire type"):

@@ -40,10 +40,41 @@ def test_learns_digits_and_exports_weights_eval_can_read(digits, tmp_path, capsy
     tests cover; tresnet_m took 157 s here, 43 of its steps 68 s, for 95.75 % after one epoch.
     One device: the multi-device tests cover sharding."""
     workdir = tmp_path / "run"
-    args = ["--model", tiny_model.NAME, "--train_dir", digits / "train", "--val_dir", digits / "val",
-            "--image-size", SIZE, "--batch-size", 32, "--epochs", 2, "--optimizer", "adamw", "--lr", 2e-3,
-            "--randaugment-ops", 0, "--cutout", 0, "--no-flip", "--crop-min-scale", 0.7, "--ema-decay", 0,
-            "--eval-every", 0, "--workdir", workdir, "--no-progress", "--no-compilation-cache", "--num-devices", 1]
+    args = [
+        "--model",
+        tiny_model.NAME,
+        "--train_dir",
+        digits / "train",
+        "--val_dir",
+        digits / "val",
+        "--image-size",
+        SIZE,
+        "--batch-size",
+        32,
+        "--epochs",
+        2,
+        "--optimizer",
+        "adamw",
+        "--lr",
+        2e-3,
+        "--randaugment-ops",
+        0,
+        "--cutout",
+        0,
+        "--no-flip",
+        "--crop-min-scale",
+        0.7,
+        "--ema-decay",
+        0,
+        "--eval-every",
+        0,
+        "--workdir",
+        workdir,
+        "--no-progress",
+        "--no-compilation-cache",
+        "--num-devices",
+        1,
+    ]
     assert train_cli.main([str(a) for a in args]) == 0
     out = capsys.readouterr().out
     final = metrics(workdir)[-1]
@@ -63,8 +94,22 @@ def test_learns_digits_and_exports_weights_eval_can_read(digits, tmp_path, capsy
     top5 = capsys.readouterr().out.splitlines()[-5:]
     assert all(re.fullmatch(r"\s+\d+\.\d\d%  digit\d", line) for line in top5), top5
     results = tmp_path / "eval.json"
-    code = eval_cli.main([str(a) for a in ["--weights", workdir / "export", "--val_dir", digits / "val",
-                                           "--batch-size", 40, "--output", results, "--no-progress"]])
+    code = eval_cli.main(
+        [
+            str(a)
+            for a in [
+                "--weights",
+                workdir / "export",
+                "--val_dir",
+                digits / "val",
+                "--batch-size",
+                40,
+                "--output",
+                results,
+                "--no-progress",
+            ]
+        ]
+    )
     assert code == 0
     assert json.loads(results.read_text())["top1"] == pytest.approx(final["val_top1"])
 
@@ -72,8 +117,10 @@ def test_learns_digits_and_exports_weights_eval_can_read(digits, tmp_path, capsy
 def test_trains_from_a_tfds_dataset_and_validates_on_its_validation_split(digits, tmp_path):
     """A split in 3 shards of 30 records (read by index across shards), its validation split beside it."""
     data_dir = tmp_path / "tfds"
-    splits = {"train": subset(digits / "train", 9, tmp_path / "train"), "validation": subset(digits / "val", 4,
-                                                                                             tmp_path / "val")}
+    splits = {
+        "train": subset(digits / "train", 9, tmp_path / "train"),
+        "validation": subset(digits / "val", 4, tmp_path / "val"),
+    }
     name = prepare_from_folders("DigitsForTest", data_dir, splits, num_shards=3)
     workdir = tmp_path / "run"
     args = [*TINY, "--dataset", name, "--data_dir", data_dir, "--workdir", workdir, "--no-compilation-cache"]
@@ -121,8 +168,9 @@ def test_fp16_overflow_skips_the_step_and_halves_the_loss_scale():
 
 
 def test_diverging_loss_stops_without_writing_a_bad_checkpoint(digits, tmp_path, capsys):
-    args = tiny_args(digits, tmp_path, "--checkpoint-every", "1", "--lr", "1e30", "--num-devices", "1",
-                     "--no-compilation-cache")
+    args = tiny_args(
+        digits, tmp_path, "--checkpoint-every", "1", "--lr", "1e30", "--num-devices", "1", "--no-compilation-cache"
+    )
     assert train_cli.main(args) == 1
     err = capsys.readouterr().err
     assert "training stopped and no checkpoint was written after it" in err
@@ -155,8 +203,10 @@ def test_fine_tuning_keeps_the_backbone_and_replaces_the_head(tmp_path):
 
 
 def test_out_of_memory_names_the_batch_and_the_largest_that_fits():
-    assert suggest_batch_size(temp_bytes=8 << 30, fixed_bytes=1 << 30, limit_bytes=4 << 30,
-                              per_device_batch=64, devices=8) == 8 * 22
+    assert (
+        suggest_batch_size(temp_bytes=8 << 30, fixed_bytes=1 << 30, limit_bytes=4 << 30, per_device_batch=64, devices=8)
+        == 8 * 22
+    )
 
     class Analysis:
         temp_size_in_bytes, argument_size_in_bytes, output_size_in_bytes, alias_size_in_bytes = 8 << 30, 1 << 30, 0, 0
@@ -174,17 +224,22 @@ def test_out_of_memory_names_the_batch_and_the_largest_that_fits():
     class Mesh:
         devices = np.array([Device()] * 8)
 
-    with pytest.raises(InputError, match=r"batch size 512 needs 9.0 GiB per device, more than the 4.0 GiB available; "
-                                         r"the largest that fits is about 176"):
+    with pytest.raises(
+        InputError,
+        match=r"batch size 512 needs 9.0 GiB per device, more than the 4.0 GiB available; "
+        r"the largest that fits is about 176",
+    ):
         check_memory(Compiled(), Mesh(), 512)
 
 
 @pytest.mark.parametrize(
     ("extra", "message"),
-    [(["--dataset", "no_such_dataset", "--data_dir", "/nonexistent"], "dataset no_such_dataset is not prepared"),
-     (["--batch-size", "3", "--num-devices", "2"], "batch size 3 does not split over 2 devices"),
-     (["--init", "tresnet_xxl"], "no weights 'tresnet_xxl'"),
-     (["--init", "tresnet_xl"], "timm/tresnet_xl.miil_in1k: model.safetensors is not in the Hugging Face cache")],
+    [
+        (["--dataset", "no_such_dataset", "--data_dir", "/nonexistent"], "dataset no_such_dataset is not prepared"),
+        (["--batch-size", "3", "--num-devices", "2"], "batch size 3 does not split over 2 devices"),
+        (["--init", "tresnet_xxl"], "no weights 'tresnet_xxl'"),
+        (["--init", "tresnet_xl"], "timm/tresnet_xl.miil_in1k: model.safetensors is not in the Hugging Face cache"),
+    ],
 )
 def test_bad_input_is_one_line_and_exit_1(digits, tmp_path, capsys, extra, message, weights_root):
     args = [*TINY, "--workdir", str(tmp_path), *extra]
@@ -211,8 +266,23 @@ def test_trains_on_a_folder_without_tensorflow_and_passes_over_a_corrupt_jpeg(di
     (train_dir / "digit1" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 64)  # a JPEG header, no image
     images = sum(1 for _ in train_dir.rglob("*.*"))
     workdir = tmp_path / "run"
-    args = [str(a) for a in [*TINY, "--train_dir", train_dir, "--workdir", workdir, "--batch-size", images,
-                             "--max-steps", 1, "--num-devices", 1, "--no-compilation-cache"]]
+    args = [
+        str(a)
+        for a in [
+            *TINY,
+            "--train_dir",
+            train_dir,
+            "--workdir",
+            workdir,
+            "--batch-size",
+            images,
+            "--max-steps",
+            1,
+            "--num-devices",
+            1,
+            "--no-compilation-cache",
+        ]
+    ]
     code = f"{tiny_model.REGISTER}import train; sys.exit(train.main({args!r}))"
     done = run_without({"tensorflow", "tensorflow_datasets"}, code)
     assert done.returncode == 0, done.stdout + done.stderr

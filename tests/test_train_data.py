@@ -54,13 +54,12 @@ def test_processes_split_each_global_batch_exactly():
     """2 processes with 4 images each see, concatenated, what 1 process sees with 8."""
     source = MemorySource(40)
     one = take(train_batches(source, StreamSpec(8, seed=3), AUGMENT, 0, LABELS, workers=2), 6)
-    halves = [take(train_batches(source, StreamSpec(8, p, 2, seed=3), AUGMENT, 0, LABELS, workers=2), 6)
-              for p in range(2)]
+    halves = [
+        take(train_batches(source, StreamSpec(8, p, 2, seed=3), AUGMENT, 0, LABELS, workers=2), 6) for p in range(2)
+    ]
     for step in range(6):  # one epoch (5 steps) and the first step of the next
         for key in ("image", "label"):
-            np.testing.assert_array_equal(
-                one[step][key], np.concatenate([halves[0][step][key], halves[1][step][key]])
-            )
+            np.testing.assert_array_equal(one[step][key], np.concatenate([halves[0][step][key], halves[1][step][key]]))
 
 
 def test_resume_at_a_late_step_reads_only_that_steps_images():

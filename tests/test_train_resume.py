@@ -34,8 +34,13 @@ def reference_run(digits, tmp_path_factory):
     """4 steps of batch 8 in a process with one device, uninterrupted; its compiled program is
     cached for the killed and restarted runs."""
     workdir = tmp_path_factory.mktemp("reference")
-    done = subprocess.run([str(a) for a in train_command(digits, workdir)], env=one_device_env(),
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [str(a) for a in train_command(digits, workdir)],
+        env=one_device_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     return workdir
 
@@ -44,8 +49,10 @@ def distance_relative_to_training(got: dict, want: dict, start: dict) -> float:
     """|got - want| / |want - start|, Euclidean norms over all the arrays of the trees at once:
     how far apart two trained results are, relative to how far training moved them."""
     assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
-    got, want, start = (np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree_util.tree_leaves(tree)])
-                        for tree in (got, want, start))
+    got, want, start = (
+        np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree_util.tree_leaves(tree)])
+        for tree in (got, want, start)
+    )
     return float(np.linalg.norm(got - want) / np.linalg.norm(want - start))
 
 
@@ -147,9 +154,7 @@ def test_killed_and_restarted_run_ends_exactly_like_an_uninterrupted_one(digits,
     assert [r["loss"] for r in metrics(tmp_path)] == [r["loss"] for r in metrics(reference_run)]
 
 
-def test_sigterm_checkpoints_the_current_step_and_the_same_command_resumes_bit_equal(
-    digits, tmp_path, reference_run
-):
+def test_sigterm_checkpoints_the_current_step_and_the_same_command_resumes_bit_equal(digits, tmp_path, reference_run):
     """SIGTERM once the run has said how it starts, while it compiles (a spot machine
     reclaimed): it stops after the step in flight, step 1, between scheduled checkpoints, writes
     that step's checkpoint and says so; the same command then ends with the uninterrupted run's

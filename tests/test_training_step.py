@@ -55,14 +55,19 @@ def mesh_of(devices: int) -> Mesh:
 def random_batches(count: int, size: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
     rng = np.random.default_rng(seed)
     return [
-        {"image": rng.integers(0, 256, (size, SIZE, SIZE, 3), dtype=np.uint8),
-         "label": rng.integers(0, CLASSES, size, dtype=np.int32)}
+        {
+            "image": rng.integers(0, 256, (size, SIZE, SIZE, 3), dtype=np.uint8),
+            "label": rng.integers(0, CLASSES, size, dtype=np.int32),
+        }
         for _ in range(count)
     ]
 
 
 def run_steps(
-    model: TinyNet, cfg: OptimConfig, devices: int, batches: list[dict[str, np.ndarray]],
+    model: TinyNet,
+    cfg: OptimConfig,
+    devices: int,
+    batches: list[dict[str, np.ndarray]],
     scales: list[float] | None = None,
 ) -> tuple[list[Any], list[dict[str, float]]]:
     """The states after each step and the metrics of each step; ``scales``: the loss scale to
@@ -92,15 +97,19 @@ def update_error(got: Any, want: Any, start: Any) -> float:
 
 
 def assert_trees_equal(a: Any, b: Any) -> None:
-    for (path, x), (_, y) in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b),
-                                 strict=True):
+    for (path, x), (_, y) in zip(
+        jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b), strict=True
+    ):
         np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
 
 
 # --- mixup / CutMix ------------------------------------------------------------------------------
 
-MIXES = {"mixup": OptimConfig(1, mixup=0.4), "cutmix": OptimConfig(1, cutmix=1.0),
-         "both": OptimConfig(1, mixup=0.4, cutmix=1.0)}
+MIXES = {
+    "mixup": OptimConfig(1, mixup=0.4),
+    "cutmix": OptimConfig(1, cutmix=1.0),
+    "both": OptimConfig(1, mixup=0.4, cutmix=1.0),
+}
 
 
 def sharded_mix(cfg: OptimConfig, devices: int) -> Callable:
@@ -111,16 +120,22 @@ def sharded_mix(cfg: OptimConfig, devices: int) -> Callable:
     def per_device(images, targets, key):
         return mix(images, targets, *global_partners((images, targets), BATCH_AXIS), key, cfg)
 
-    return jax.jit(jax.shard_map(per_device, mesh=mesh_of(devices), in_specs=(batch, batch, PartitionSpec()),
-                                 out_specs=(batch, batch)))
+    return jax.jit(
+        jax.shard_map(
+            per_device, mesh=mesh_of(devices), in_specs=(batch, batch, PartitionSpec()), out_specs=(batch, batch)
+        )
+    )
 
 
 def test_partners_are_the_reversed_global_batch():
     rows = np.arange(8 * 2, dtype=np.int32).reshape(8, 2)
     for devices in (1, 2, 4):
         batch = PartitionSpec(BATCH_AXIS)
-        partners = jax.jit(jax.shard_map(lambda x: global_partners(x, BATCH_AXIS), mesh=mesh_of(devices),
-                                         in_specs=batch, out_specs=batch))(rows)
+        partners = jax.jit(
+            jax.shard_map(
+                lambda x: global_partners(x, BATCH_AXIS), mesh=mesh_of(devices), in_specs=batch, out_specs=batch
+            )
+        )(rows)
         np.testing.assert_array_equal(partners, rows[::-1], err_msg=f"{devices} devices")
 
 
@@ -213,10 +228,14 @@ def test_without_fp16_each_step_applies_the_schedule_at_its_index(precision):
     cfg = OptimConfig(total_steps=4, lr=0.1, precision=precision)
     dtype = {"fp32": jnp.float32, "bf16": jnp.bfloat16}[precision]
     states, metrics = run_steps(TinyNet(dtype=dtype), cfg, 1, random_batches(3, 4))
-    plain = optax.chain(optax.trace(0.9, nesterov=True), optax.add_decayed_weights(1e-4, mask=decay_mask),
-                        optax.scale_by_learning_rate(learning_rate(cfg)))
+    plain = optax.chain(
+        optax.trace(0.9, nesterov=True),
+        optax.add_decayed_weights(1e-4, mask=decay_mask),
+        optax.scale_by_learning_rate(learning_rate(cfg)),
+    )
     assert jax.tree_util.tree_structure(states[0].opt_state) == jax.tree_util.tree_structure(
-        plain.init(states[0].params))
+        plain.init(states[0].params)
+    )
     schedule = learning_rate(cfg)
     assert [m["lr"] for m in metrics] == [pytest.approx(float(schedule(k))) for k in range(3)]
     assert len({m["lr"] for m in metrics}) == 3
@@ -242,8 +261,9 @@ def test_fp32_step_is_the_plain_update():
         targets = soft_targets(jnp.asarray(batch["label"]), CLASSES, cfg.label_smoothing)
 
         def loss_fn(p, stats=batch_stats, images=images, targets=targets):
-            logits, updates = plain.apply({"params": p, "batch_stats": stats}, images, train=True,
-                                          mutable=["batch_stats"])
+            logits, updates = plain.apply(
+                {"params": p, "batch_stats": stats}, images, train=True, mutable=["batch_stats"]
+            )
             return jnp.mean(-jnp.sum(targets * jax.nn.log_softmax(logits), -1)), updates["batch_stats"]
 
         grads, batch_stats = jax.grad(loss_fn, has_aux=True)(params)

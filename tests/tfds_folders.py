@@ -36,8 +36,12 @@ def prepare_from_folders(
                 continue
             yield i, {"image": image, "label": int(label)}
 
-    namespace = {"VERSION": tfds.core.Version("1.0.0"), "_info": info, "_split_generators": split_generators,
-                 "_generate_examples": None}
+    namespace = {
+        "VERSION": tfds.core.Version("1.0.0"),
+        "_info": info,
+        "_split_generators": split_generators,
+        "_generate_examples": None,
+    }
     builder = type(class_name, (tfds.core.GeneratorBasedBuilder,), namespace, skip_registration=True)
     prepared = builder(data_dir=str(data_dir))
     prepared.download_and_prepare(download_config=tfds.download.DownloadConfig(num_shards=num_shards))

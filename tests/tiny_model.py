@@ -34,10 +34,7 @@ def registered() -> Iterator[str]:
 
 
 # Python code that registers the model in a process of its own (a ``python -c`` prefix).
-REGISTER = (
-    f"import sys; sys.path.insert(0, {str(REPO)!r})\n"
-    "from tests.tiny_model import register; register()\n"
-)
+REGISTER = f"import sys; sys.path.insert(0, {str(REPO)!r})\nfrom tests.tiny_model import register; register()\n"
 
 
 def train_py(args: Sequence[object]) -> list[str]:

@@ -30,8 +30,6 @@ def write_digits(root: Path) -> Path:
     return root
 
 
-
-
 def metrics(workdir: Path) -> list[dict]:
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
@@ -57,8 +55,25 @@ def subset(folder: Path, per_class: int, target: Path) -> Path:
 
 
 # The tiny run: tresnet_tiny (tests/tiny_model.py), 4 steps of batch 8 at 32 px, checkpoints at steps 2 and 4.
-TINY = ["--model", tiny_model.NAME, "--image-size", SIZE, "--batch-size", 8, "--max-steps", 4,
-        "--checkpoint-every", 2, "--log-every", 1, "--lr", 0.05, "--eval-every", 0, "--no-progress"]
+TINY = [
+    "--model",
+    tiny_model.NAME,
+    "--image-size",
+    SIZE,
+    "--batch-size",
+    8,
+    "--max-steps",
+    4,
+    "--checkpoint-every",
+    2,
+    "--log-every",
+    1,
+    "--lr",
+    0.05,
+    "--eval-every",
+    0,
+    "--no-progress",
+]
 
 
 def tiny_args(digits, workdir, *extra):

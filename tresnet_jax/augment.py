@@ -70,8 +70,9 @@ def train_transform(encoded: bytes, seed: tuple[int, ...], cfg: AugmentConfig, n
     return pixels
 
 
-def crop_box(size: tuple[int, int], rng: np.random.Generator, scale: tuple[float, float],
-             ratio: tuple[float, float]) -> Box:
+def crop_box(
+    size: tuple[int, int], rng: np.random.Generator, scale: tuple[float, float], ratio: tuple[float, float]
+) -> Box:
     """torchvision's RandomResizedCrop box for an image of ``size`` (width, height): the first of
     10 random boxes (area fraction uniform in ``scale``, aspect ratio log-uniform in ``ratio``)
     that fits in the image, else a centre crop of the closest allowed aspect ratio. Always draws
@@ -97,8 +98,9 @@ def crop_box(size: tuple[int, int], rng: np.random.Generator, scale: tuple[float
     return left, top, left + w, top + h
 
 
-def decode_crop(encoded: bytes, name: str, rng: np.random.Generator, cfg: AugmentConfig,
-                draft: bool = True) -> Image.Image:
+def decode_crop(
+    encoded: bytes, name: str, rng: np.random.Generator, cfg: AugmentConfig, draft: bool = True
+) -> Image.Image:
     """The inception crop of encoded bytes as an RGB PIL image of cfg.image_size, decoding a JPEG
     at reduced scale where the crop allows it (``draft=False``: always at full scale, exact)."""
     with named_decoding_errors(name):

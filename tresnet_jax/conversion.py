@@ -68,9 +68,13 @@ def identify(state_dict: Mapping[str, np.ndarray], layout: str) -> tuple[str, in
     # 196-class Stanford-Cars model) and the ImageNet-21K TResNet-L (v1 slopes) share tensors.
     name = "tresnet_l_v2" if layout == OFFICIAL and classes == 196 else "tresnet_v2_l"
     other = "tresnet_v2_l" if name == "tresnet_l_v2" else "tresnet_l_v2"
-    return name, classes, (
-        f"the tensors fit both {name} and {other} (only their LeakyReLU slopes differ): "
-        f"chose {name}; pass --model {other} for the other"
+    return (
+        name,
+        classes,
+        (
+            f"the tensors fit both {name} and {other} (only their LeakyReLU slopes differ): "
+            f"chose {name}; pass --model {other} for the other"
+        ),
     )
 
 
@@ -214,9 +218,9 @@ def weights_metadata(converted: Converted, cfg: PretrainedConfig, source: Path) 
         "num_classes": converted.num_classes,
         "tag": cfg.tag if published else None,
         "preprocessing": preprocessing_of(cfg),
-        "reported": None if not published else {
-            "top1": cfg.top1, "top5": cfg.top5, "imagenet_v2_top1": cfg.imagenet_v2_top1
-        },
+        "reported": None
+        if not published
+        else {"top1": cfg.top1, "top5": cfg.top5, "imagenet_v2_top1": cfg.imagenet_v2_top1},
         "source": {
             "file": source.name,
             "sha256": file_sha256(source),

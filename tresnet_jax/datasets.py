@@ -43,7 +43,8 @@ class FolderSource:
         files, labels = [], []
         for label, name in enumerate(classes):
             images = sorted(
-                str(p) for p in (root / name).rglob("*")
+                str(p)
+                for p in (root / name).rglob("*")
                 if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not p.name.startswith(".")
             )
             files += images

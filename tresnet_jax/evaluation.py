@@ -133,8 +133,15 @@ class PreprocessedImage:
 
 
 def preprocessed_batches(
-    source: Any, prep: Preprocessing, start: int, end: int, label_map: np.ndarray, local_batch: int, steps: int,
-    skipped: dict[int, str], workers: int | None = None,
+    source: Any,
+    prep: Preprocessing,
+    start: int,
+    end: int,
+    label_map: np.ndarray,
+    local_batch: int,
+    steps: int,
+    skipped: dict[int, str],
+    workers: int | None = None,
 ) -> Iterator[Batch]:
     """Exactly ``steps`` batches of ``local_batch`` rows of images [start, end), preprocessed in
     parallel, in index order: labels in model classes, a ``mask`` of real rows, each row's
@@ -282,7 +289,11 @@ class _Tracker:
         return {"top1": 100 * float(totals["top1"]) / count, "top5": 100 * float(totals["top5"]) / count}
 
     def result(
-        self, compile_seconds: float, wall_seconds: float, first_batch_seconds: float, reasons: dict[int, str],
+        self,
+        compile_seconds: float,
+        wall_seconds: float,
+        first_batch_seconds: float,
+        reasons: dict[int, str],
         describe: Callable[[int], str],
     ) -> EvalResult:
         totals = {k: float(v) for k, v in jax.device_get(self.totals).items()}

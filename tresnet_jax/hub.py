@@ -143,7 +143,10 @@ def fetch(repo: HubRepo) -> Fetched:
 
 
 def convert_fetched(
-    repo: HubRepo, fetched: Fetched, model_name: str | None = None, num_classes: int | None = None,
+    repo: HubRepo,
+    fetched: Fetched,
+    model_name: str | None = None,
+    num_classes: int | None = None,
     tag: str | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """(Converted variables, metadata) of a fetched checkpoint, in memory and without PyTorch;

@@ -21,6 +21,7 @@ from jax import lax
 Dtype = Any
 Array = jax.Array
 
+
 @dataclasses.dataclass(frozen=True)
 class Init:
     """One initial distribution of the original, drawn two ways: as a Flax initializer
@@ -268,9 +269,7 @@ class BatchNorm(nn.Module):
     def __call__(self, x: Array) -> Array:
         v = declare(self, batch_norm_specs(x.shape[-1], self.zero_init))
         train = not self.use_running_average
-        y, mean, var = batch_norm(
-            x, v["scale"], v["bias"], v["mean"].value, v["var"].value, train, self.axis_name
-        )
+        y, mean, var = batch_norm(x, v["scale"], v["bias"], v["mean"].value, v["var"].value, train, self.axis_name)
         if train and not self.is_initializing():
             v["mean"].value, v["var"].value = mean, var
         return y

@@ -56,9 +56,7 @@ class ArchSpec:
 
     @property
     def stage_channels(self) -> tuple[int, ...]:
-        return tuple(
-            self.planes * 2**i * EXPANSION[kind] for i, kind in enumerate(self.block_types)
-        )
+        return tuple(self.planes * 2**i * EXPANSION[kind] for i, kind in enumerate(self.block_types))
 
     @property
     def num_features(self) -> int:
@@ -179,7 +177,12 @@ class Shortcut(nn.Module):
         if self.stride == 2:
             x = avg_pool_shortcut(x)
         return ConvNormAct(
-            self.features, 1, None, train=self.train, dtype=self.dtype, axis_name=self.axis_name,
+            self.features,
+            1,
+            None,
+            train=self.train,
+            dtype=self.dtype,
+            axis_name=self.axis_name,
             name=SHORTCUT_NAME[self.stride],
         )(x)
 

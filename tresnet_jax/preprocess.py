@@ -59,7 +59,9 @@ class Preprocessing:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Preprocessing:
         return cls(
-            int(values["input_size"]), float(values["crop_pct"]), str(values["interpolation"]),
+            int(values["input_size"]),
+            float(values["crop_pct"]),
+            str(values["interpolation"]),
             bool(values.get("squish", False)),
         )
 

@@ -14,8 +14,14 @@ class ProgressBar:
             from tqdm import tqdm
 
             self._bar = tqdm(
-                total=total, initial=initial, desc=description, unit="img", unit_scale=True,
-                dynamic_ncols=True, file=sys.stderr, smoothing=0.1,
+                total=total,
+                initial=initial,
+                desc=description,
+                unit="img",
+                unit_scale=True,
+                dynamic_ncols=True,
+                file=sys.stderr,
+                smoothing=0.1,
             )
         self._done = initial
 

@@ -405,8 +405,9 @@ def _prepared_versions(directory: Path) -> dict[tuple[int, ...], Path]:
 
 def _only_config_versions(base: Path, name: str) -> dict[tuple[int, ...], Path]:
     """The prepared versions of the one config prepared under ``base`` (``name`` names none)."""
-    configs = sorted({info.parent.parent.name for info in base.glob("*/*/dataset_info.json")
-                      if _VERSION.fullmatch(info.parent.name)})
+    configs = sorted(
+        {info.parent.parent.name for info in base.glob("*/*/dataset_info.json") if _VERSION.fullmatch(info.parent.name)}
+    )
     if len(configs) > 1:
         raise InputError(f"dataset {name}: name its config, one of {', '.join(f'{name}/{c}' for c in configs)}")
     return _prepared_versions(base / configs[0]) if configs else {}
@@ -483,8 +484,12 @@ def _shard_name(template: str, info: dict, split: str, index: int, count: int) -
     shard, shards = f"{index:0{digits}d}", f"{count:0{digits}d}"
     try:
         return template.format(
-            DATASET=info.get("name", ""), SPLIT=split, FILEFORMAT=info.get("fileFormat") or "tfrecord",
-            SHARD_INDEX=shard, NUM_SHARDS=shards, SHARD_X_OF_Y=f"{shard}-of-{shards}",
+            DATASET=info.get("name", ""),
+            SPLIT=split,
+            FILEFORMAT=info.get("fileFormat") or "tfrecord",
+            SHARD_INDEX=shard,
+            NUM_SHARDS=shards,
+            SHARD_X_OF_Y=f"{shard}-of-{shards}",
         )
     except (KeyError, IndexError, ValueError) as error:
         raise InputError(f"dataset_info.json: cannot use the shard file name template {template!r}: {error}") from error

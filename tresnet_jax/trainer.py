@@ -53,8 +53,17 @@ VAL_SPLITS = ("validation", "test")
 METRICS_FILE = "metrics.jsonl"
 # Settings that may change when a run is resumed: they do not change what is computed (the
 # device count only changes the order of float additions).
-RESUMABLE = {"workdir", "eval_every", "log_every", "checkpoint_every", "keep_checkpoints", "progress",
-             "eval_batch_size", "compilation_cache", "num_devices"}
+RESUMABLE = {
+    "workdir",
+    "eval_every",
+    "log_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "progress",
+    "eval_batch_size",
+    "compilation_cache",
+    "num_devices",
+}
 
 
 class TrainingDiverged(InputError):
@@ -191,8 +200,9 @@ def check_memory(compiled: Any, mesh: Any, global_batch: int) -> None:
     need = fixed + analysis.temp_size_in_bytes
     if need > stats["bytes_limit"]:
         devices = mesh.devices.size
-        best = suggest_batch_size(analysis.temp_size_in_bytes, fixed, stats["bytes_limit"], global_batch // devices,
-                                  devices)
+        best = suggest_batch_size(
+            analysis.temp_size_in_bytes, fixed, stats["bytes_limit"], global_batch // devices, devices
+        )
         raise InputError(
             f"batch size {global_batch} needs {need / 2**30:.1f} GiB per device, more than the "
             f"{stats['bytes_limit'] / 2**30:.1f} GiB available; the largest that fits is about {best}"
@@ -228,15 +238,26 @@ class Run:
         self.model = TResNet(arch, self.num_classes, dtype=dtype, axis_name=BATCH_AXIS if cfg.sync_bn else None)
         self.eval_model = TResNet(arch, self.num_classes, dtype=dtype)
         self.optim = OptimConfig(
-            total_steps=self.total_steps, lr=cfg.peak_lr(), schedule=cfg.schedule,
-            warmup_fraction=cfg.warmup_fraction, optimizer=cfg.optimizer, momentum=cfg.momentum,
-            weight_decay=cfg.weight_decay, label_smoothing=cfg.label_smoothing, ema_decay=cfg.ema_decay,
-            mixup=cfg.mixup, cutmix=cfg.cutmix, precision=cfg.precision,
+            total_steps=self.total_steps,
+            lr=cfg.peak_lr(),
+            schedule=cfg.schedule,
+            warmup_fraction=cfg.warmup_fraction,
+            optimizer=cfg.optimizer,
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+            label_smoothing=cfg.label_smoothing,
+            ema_decay=cfg.ema_decay,
+            mixup=cfg.mixup,
+            cutmix=cfg.cutmix,
+            precision=cfg.precision,
         )
         self.augment = AugmentConfig(
-            image_size=cfg.image_size, crop_scale=(cfg.crop_min_scale, 1.0), flip=cfg.flip,
+            image_size=cfg.image_size,
+            crop_scale=(cfg.crop_min_scale, 1.0),
+            flip=cfg.flip,
             randaugment_ops=cfg.randaugment_ops,
-            randaugment_magnitude=cfg.randaugment_magnitude, cutout=cfg.cutout,
+            randaugment_magnitude=cfg.randaugment_magnitude,
+            cutout=cfg.cutout,
         )
         self.tx = make_optimizer(self.optim)
 
@@ -296,9 +317,11 @@ class Run:
         manager = self.checkpoint_manager()
         state, how = self.initial_state(manager)
         start = int(host_copy(state.step))
-        self.log(f"{how}; {self.train_source.name}: {len(self.train_source)} images, {self.num_classes} classes, "
-                 f"{self.steps_per_epoch} steps/epoch, {self.total_steps} steps, batch {cfg.batch_size} on "
-                 f"{self.mesh.devices.size} device(s), {cfg.precision}, peak lr {cfg.peak_lr():g}")
+        self.log(
+            f"{how}; {self.train_source.name}: {len(self.train_source)} images, {self.num_classes} classes, "
+            f"{self.steps_per_epoch} steps/epoch, {self.total_steps} steps, batch {cfg.batch_size} on "
+            f"{self.mesh.devices.size} device(s), {cfg.precision}, peak lr {cfg.peak_lr():g}"
+        )
         metrics_log = MetricsLog(self.workdir, start, self.lead)
         if start >= self.total_steps:
             self.log(f"already trained: step {start} of {self.total_steps}")
@@ -312,8 +335,9 @@ class Run:
 
         checkpoint_every = cfg.checkpoint_every or self.steps_per_epoch
         batches = train_batches(self.train_source, self.spec, self.augment, start, self.label_map, self.passed_over)
-        bar = ProgressBar(self.total_steps * cfg.batch_size, "train", self.lead and cfg.progress,
-                          initial=start * cfg.batch_size)
+        bar = ProgressBar(
+            self.total_steps * cfg.batch_size, "train", self.lead and cfg.progress, initial=start * cfg.batch_size
+        )
         lagged = LaggedMetrics()
         window_start = time.perf_counter()
         last_eval: dict[str, float] = {}
@@ -376,8 +400,15 @@ class Run:
             if self.cfg.precision == "fp16" and row["loss_scale"] <= 1.0 and row["finite"] < 1:
                 raise TrainingDiverged(f"fp16 gradients overflow even with loss scale 1 at step {step}")
         step, row = values[-1]
-        metrics_log.write({"step": step, "epoch": step / self.steps_per_epoch, **row, "images_per_second": rate,
-                           "unreadable_images": self.unreadable})
+        metrics_log.write(
+            {
+                "step": step,
+                "epoch": step / self.steps_per_epoch,
+                **row,
+                "images_per_second": rate,
+                "unreadable_images": self.unreadable,
+            }
+        )
         return row
 
     def validate(self, state: TrainState, step: int, metrics_log) -> dict[str, float]:
@@ -390,8 +421,11 @@ class Run:
         if state.ema_params is not None:
             weights["ema_"] = {"params": state.ema_params, "batch_stats": state.ema_batch_stats}
         results = evaluate_many(self.eval_model, weights, self.val_source, prep, labels, batch, self.mesh)
-        row = {f"{prefix}val_{k}": getattr(result, k) for prefix, result in results.items()
-               for k in ("top1", "top5", "loss")}
+        row = {
+            f"{prefix}val_{k}": getattr(result, k)
+            for prefix, result in results.items()
+            for k in ("top1", "top5", "loss")
+        }
         metrics_log.write({"step": step, "epoch": step / self.steps_per_epoch, **row})
         ema = f" (EMA {row['ema_val_top1']:.2f})" if "ema_val_top1" in row else ""
         self.log(f"epoch {step / self.steps_per_epoch:g}: validation top-1 {row['val_top1']:.2f}{ema}")
@@ -421,8 +455,12 @@ class Run:
             "tag": None,
             "preprocessing": {k: v for k, v in prep.to_dict().items() if k != "resize_size"},
             "reported": None,
-            "source": {"trained_in": str(self.workdir), "step": step, "ema": bool(prefix),
-                       "val_top1": final.get(f"{prefix}val_top1")},
+            "source": {
+                "trained_in": str(self.workdir),
+                "step": step,
+                "ema": bool(prefix),
+                "val_top1": final.get(f"{prefix}val_top1"),
+            },
             "class_names": self.model_class_names(),
         }
 
