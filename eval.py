@@ -26,14 +26,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from tresnet_jax.cli import add_run_arguments, command, start_run
-from tresnet_jax.datasets import FolderSource, Source, SyntheticSource, model_labels
+from tresnet_jax.data.preprocess import INTERPOLATIONS, Preprocessing, check_image_size
+from tresnet_jax.data.sources import FolderSource, Source, SyntheticSource, model_labels
+from tresnet_jax.data.tfds_reader import open_split
 from tresnet_jax.evaluation import EvalResult, evaluate
-from tresnet_jax.factory import fingerprint, load_any
-from tresnet_jax.parallel import data_mesh, select_devices
-from tresnet_jax.preprocess import INTERPOLATIONS, Preprocessing, check_image_size
 from tresnet_jax.progress import ProgressBar
-from tresnet_jax.storage import write_file_atomically
-from tresnet_jax.tfds_reader import open_split
+from tresnet_jax.runtime.parallel import data_mesh, select_devices
+from tresnet_jax.weights.factory import fingerprint, load_any
+from tresnet_jax.weights.storage import write_file_atomically
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # Images per device when --batch-size is not given, by backend: a GPU needs large batches to

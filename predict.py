@@ -21,12 +21,12 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from tresnet_jax.classes import imagenet_classes
 from tresnet_jax.cli import command, enable_compilation_cache
-from tresnet_jax.compile import jit
+from tresnet_jax.data.classes import imagenet_classes
+from tresnet_jax.data.preprocess import Preprocessing, check_image_size, load_image
 from tresnet_jax.errors import InputError
-from tresnet_jax.factory import load_any
-from tresnet_jax.preprocess import Preprocessing, check_image_size, load_image
+from tresnet_jax.runtime.compile import jit
+from tresnet_jax.weights.factory import load_any
 
 TOP = 5
 

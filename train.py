@@ -23,11 +23,11 @@ from collections.abc import Sequence
 import jax
 
 from tresnet_jax.cli import add_run_arguments, command, start_run
-from tresnet_jax.preemption import exit_code, signals_for_the_main_thread
-from tresnet_jax.registry import ARCHITECTURES
-from tresnet_jax.trainer import Run, Stopped, TrainConfig
-from tresnet_jax.training import PRECISIONS
-from tresnet_jax.xla_options import request_deterministic_gpu_ops
+from tresnet_jax.model.registry import ARCHITECTURES
+from tresnet_jax.runtime.xla_options import request_deterministic_gpu_ops
+from tresnet_jax.train.preemption import exit_code, signals_for_the_main_thread
+from tresnet_jax.train.run import Run, Stopped, TrainConfig
+from tresnet_jax.train.step import PRECISIONS
 
 DEFAULTS = TrainConfig(workdir="")
 SYNTHETIC_IMAGES = 1_281_167  # as many as ImageNet's training set

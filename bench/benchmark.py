@@ -49,7 +49,7 @@ from bench.timing import Runner, time_runners
 from bench.timm_side import TIMM_VARIANTS, timm_runner, torch_device
 from tresnet_jax.cli import command, enable_compilation_cache
 from tresnet_jax.errors import InputError
-from tresnet_jax.xla_options import compiler_options
+from tresnet_jax.runtime.xla_options import compiler_options
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -26,9 +26,9 @@ from PIL import Image, ImageOps
 import tresnet_jax
 from bench.photos import generated_image
 from tresnet_jax.evaluation import compiled_eval_step, pad_batch
-from tresnet_jax.parallel import BATCH_AXIS, data_mesh, host_copy, prefetch_to_devices, replicate
-from tresnet_jax.trainer import LaggedMetrics, TrainConfig
-from tresnet_jax.training import PRECISIONS, OptimConfig, create_state, make_optimizer, make_train_step
+from tresnet_jax.runtime.parallel import BATCH_AXIS, data_mesh, host_copy, prefetch_to_devices, replicate
+from tresnet_jax.train.run import LaggedMetrics, TrainConfig
+from tresnet_jax.train.step import PRECISIONS, OptimConfig, create_state, make_optimizer, make_train_step
 
 LOG_EVERY = TrainConfig(workdir="").log_every  # train.py's default
 

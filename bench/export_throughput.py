@@ -38,7 +38,7 @@ from bench.timing import Runner, time_runners
 from tresnet_jax.cli import command
 from tresnet_jax.errors import InputError
 from tresnet_jax.export import INPUT_NAME, onnx_model, stablehlo_export
-from tresnet_jax.xla_options import compiler_options
+from tresnet_jax.runtime.xla_options import compiler_options
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

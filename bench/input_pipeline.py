@@ -60,12 +60,12 @@ from timm.data import create_transform
 from timm.data.transforms_factory import transforms_imagenet_eval, transforms_imagenet_train
 
 from bench.photos import BUNDLED, generated_image
-from tresnet_jax.augment import AugmentConfig
-from tresnet_jax.datasets import FolderSource
+from tresnet_jax.data.augment import AugmentConfig
+from tresnet_jax.data.host_pool import THREADS_UP_TO, host_threads, ordered_map, stack_rows
+from tresnet_jax.data.preprocess import Preprocessing
+from tresnet_jax.data.sources import FolderSource
+from tresnet_jax.data.train_stream import AugmentedExample
 from tresnet_jax.evaluation import PreprocessedImage
-from tresnet_jax.loader import THREADS_UP_TO, host_threads, ordered_map, stack_rows
-from tresnet_jax.preprocess import Preprocessing
-from tresnet_jax.train_data import AugmentedExample
 
 SUFFIXES = (".jpg", ".jpeg", ".png")
 # (width, height, weight): roughly ImageNet's training images, whose long side is mostly 500 px,

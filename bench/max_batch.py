@@ -117,7 +117,7 @@ def _probe(framework: str, spec: BenchSpec) -> int:
         import jax
 
         from bench.jax_side import jax_runner
-        from tresnet_jax.xla_options import compiler_options
+        from tresnet_jax.runtime.xla_options import compiler_options
 
         try:
             runner = jax_runner(spec, compiler_options())

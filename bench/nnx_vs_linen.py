@@ -32,16 +32,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+import tresnet_jax.nnx
 from flax import nnx as fnnx
 
-import tresnet_jax.nnx
 from bench.jax_side import TrainState, initialised, jax_runner, memory_notes, train_loop
 from bench.report import device_name, environment, result_row, write_json
 from bench.spec import BenchSpec, synthetic_batch, validate
 from bench.timing import Runner, time_runners, timed
 from tresnet_jax.cli import command
 from tresnet_jax.errors import InputError
-from tresnet_jax.xla_options import compiler_options
+from tresnet_jax.runtime.xla_options import compiler_options
 
 NNX_WAYS = ("nnx_jit", "nnx_jit_tree", "nnx_split_merge")
 

@@ -18,10 +18,10 @@ import numpy as np
 import torch
 
 from tests.reference import parity_error, random_timm_model
-from tresnet_jax.conversion import convert_state_dict
-from tresnet_jax.model import TResNet
-from tresnet_jax.registry import get_arch
-from tresnet_jax.xla_options import matmul_precision
+from tresnet_jax.model.linen import TResNet
+from tresnet_jax.model.registry import get_arch
+from tresnet_jax.runtime.xla_options import matmul_precision
+from tresnet_jax.weights.conversion import convert_state_dict
 
 # check -> (compute dtype, jax_default_matmul_precision); "fp32" follows the library's rule.
 CHECKS = {

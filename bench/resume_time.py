@@ -21,10 +21,10 @@ if __package__ in (None, ""):
 import numpy as np
 
 from bench.input_pipeline import write_synthetic
-from tresnet_jax.augment import AugmentConfig
-from tresnet_jax.datasets import FolderSource
-from tresnet_jax.tfds_reader import open_split
-from tresnet_jax.train_data import StreamSpec, steps_per_epoch, train_batches
+from tresnet_jax.data.augment import AugmentConfig
+from tresnet_jax.data.sources import FolderSource
+from tresnet_jax.data.tfds_reader import open_split
+from tresnet_jax.data.train_stream import StreamSpec, steps_per_epoch, train_batches
 
 EPOCHS = (0, 1, 10, 100, 300)  # where the stream is resumed, in epochs (plus a few steps)
 

@@ -6,9 +6,9 @@ import dataclasses
 
 import numpy as np
 
+from tresnet_jax.data.preprocess import check_image_size
 from tresnet_jax.errors import InputError
-from tresnet_jax.preprocess import check_image_size
-from tresnet_jax.registry import get_arch
+from tresnet_jax.model.registry import get_arch
 
 MODES = ("infer", "train")
 PRECISIONS = ("fp32", "bf16", "fp16")

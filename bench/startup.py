@@ -30,7 +30,7 @@ import timm
 from safetensors.torch import load_file, save_file
 
 import tresnet_jax
-from tresnet_jax.storage import save_weights
+from tresnet_jax.weights.storage import save_weights
 
 
 def timed_call(fn: Callable[[], Any]) -> tuple[float, Any]:

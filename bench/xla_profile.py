@@ -34,7 +34,7 @@ import tresnet_jax
 from bench.jax_side import COMPUTE_DTYPES, TrainState, make_train_step
 from bench.spec import MODES, PRECISIONS, BenchSpec, synthetic_batch, validate
 from tresnet_jax.cli import command, enable_compilation_cache
-from tresnet_jax.xla_options import compiler_options
+from tresnet_jax.runtime.xla_options import compiler_options
 
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\S+?)(?:\{[^}]*\})? ([\w-]+)\((.*)$")
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) \(.*\{$")

@@ -28,7 +28,7 @@ from tresnet_jax.export import (
     stablehlo_export,
     write_output,
 )
-from tresnet_jax.factory import load
+from tresnet_jax.weights.factory import load
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

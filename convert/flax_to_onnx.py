@@ -32,7 +32,7 @@ from tresnet_jax.export import (
     onnx_properties,
     write_output,
 )
-from tresnet_jax.factory import load
+from tresnet_jax.weights.factory import load
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

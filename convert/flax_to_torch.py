@@ -16,9 +16,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tresnet_jax.cli import command
-from tresnet_jax.conversion import variables_to_state_dict
-from tresnet_jax.factory import load, load_metadata
-from tresnet_jax.torch_io import write_state_dict
+from tresnet_jax.weights.conversion import variables_to_state_dict
+from tresnet_jax.weights.factory import load, load_metadata
+from tresnet_jax.weights.torch_io import write_state_dict
 
 TIMM_NAMES = {"tresnet_l_v2": "tresnet_v2_l"}
 

@@ -18,11 +18,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tresnet_jax.cli import command
-from tresnet_jax.conversion import convert_checkpoint
-from tresnet_jax.hub import HUB_PREFIX, HubRepo, convert_fetched, fetch
-from tresnet_jax.registry import ARCHITECTURES, PRETRAINED
-from tresnet_jax.storage import check_writable, save_weights, weights_root
-from tresnet_jax.torch_io import read_state_dict
+from tresnet_jax.model.registry import ARCHITECTURES, PRETRAINED
+from tresnet_jax.weights.conversion import convert_checkpoint
+from tresnet_jax.weights.hub import HUB_PREFIX, HubRepo, convert_fetched, fetch
+from tresnet_jax.weights.storage import check_writable, save_weights, weights_root
+from tresnet_jax.weights.torch_io import read_state_dict
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

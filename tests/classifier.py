@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from tests.reference import random_timm_model, torch_logits
-from tresnet_jax.datasets import FolderSource
+from tresnet_jax.data.sources import FolderSource
 
 
 def pil_preprocess(path, size: int, crop_pct: float = 0.875, squish: bool = False, resample=Image.BILINEAR):

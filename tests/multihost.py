@@ -10,7 +10,7 @@ job runs one process per host, for tests of multi-host code on CPU.
     assert all(r.returncode == 0 for r in results), describe(results)
 
 Each copy gets ``--coordinator 127.0.0.1:PORT --num-processes N --process-id I`` appended,
-the flags of ``tresnet_jax.parallel.initialize_distributed``; ``flags=`` changes that, e.g. to
+the flags of ``tresnet_jax.runtime.parallel.initialize_distributed``; ``flags=`` changes that, e.g. to
 give each process its own arguments as well:
 
     flags=lambda address, n, i: coordinator_flags(address, n, i) + ["--workdir", f"run/{i}"]

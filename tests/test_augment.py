@@ -9,16 +9,9 @@ import pytest
 from PIL import Image
 
 from tests.images import generated
-from tresnet_jax.augment import (
-    RANDAUGMENT_OPS,
-    AugmentConfig,
-    crop_box,
-    cutout,
-    decode_crop,
-    train_transform,
-)
+from tresnet_jax.data.augment import RANDAUGMENT_OPS, AugmentConfig, crop_box, cutout, decode_crop, train_transform
+from tresnet_jax.data.host_pool import ordered_map
 from tresnet_jax.errors import InputError
-from tresnet_jax.loader import ordered_map
 
 DEFAULT = AugmentConfig()
 PLAIN = AugmentConfig(flip=False, randaugment_ops=0, cutout=0.0)  # the crop alone

@@ -13,7 +13,7 @@ from bench.max_batch import largest_fitting
 from bench.report import add_speedups
 from bench.spec import BenchSpec
 from bench.xla_profile import program_ops
-from tresnet_jax.layers import conv2d
+from tresnet_jax.model.layers import conv2d
 
 TINY = ["--image-size", "64", "--warmup", "1", "--windows", "2", "--steps", "1", "--no-compilation-cache"]
 ROW_FIELDS = {
@@ -145,7 +145,7 @@ def test_pointwise_matmul_path_equals_the_convolution_with_gradients(kernel_size
 
 def test_cpu_steps_compile_convolutions_with_xla_unless_defaults_are_asked_for(monkeypatch):
     """The library's compiled steps keep XLA:CPU's convolutions off YNNPACK (BENCHMARKS.md)."""
-    from tresnet_jax.xla_options import DEFAULTS_VARIABLE, compiler_options
+    from tresnet_jax.runtime.xla_options import DEFAULTS_VARIABLE, compiler_options
 
     x, w = jnp.ones((1, 16, 16, 32)), jnp.ones((3, 3, 32, 32))  # large enough for YNNPACK to take it
 

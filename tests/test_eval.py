@@ -18,8 +18,8 @@ from tests.blocked_imports import run_without
 from tests.classifier import fitted_classifier, pil_preprocess
 from tests.images import image_folder, photo_files
 from tests.tfds_folders import corrupt_record, prepare_from_folders
-from tresnet_jax.preprocess import Preprocessing, load_image
-from tresnet_jax.tfds_reader import open_split
+from tresnet_jax.data.preprocess import Preprocessing, load_image
+from tresnet_jax.data.tfds_reader import open_split
 
 SIZE = 64  # small inputs keep the model cheap on CPU; the preprocessing test also runs 224
 # eval.py's pixels equal the reference's (both are PIL's), so its logits differ from timm's only
@@ -276,7 +276,7 @@ def test_predict_reports_unreadable_images(folder, classifier, capsys):
 
 
 def test_imagenet_class_names_are_shipped():
-    from tresnet_jax.classes import imagenet_classes, imagenet_index
+    from tresnet_jax.data.classes import imagenet_classes, imagenet_index
 
     classes = imagenet_classes()
     assert len(classes) == 1000

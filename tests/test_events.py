@@ -8,7 +8,7 @@ from tests.blocked_imports import REPO
 WRITE = """
 import sys
 from pathlib import Path
-from tresnet_jax.events import ScalarWriter
+from tresnet_jax.train.events import ScalarWriter
 writer = ScalarWriter(Path(sys.argv[1]))
 writer.add(3, {"loss": 1.5, "lr": 0.125}, 100.0)
 writer.add(4, {"loss": 1.25}, 101.0)

@@ -25,8 +25,8 @@ import tresnet_jax
 from convert import export_stablehlo, flax_to_onnx
 from tests.blocked_imports import run_without
 from tests.reference import parity_error, random_images, random_timm_model
-from tresnet_jax.conversion import convert_state_dict
-from tresnet_jax.storage import save_weights
+from tresnet_jax.weights.conversion import convert_state_dict
+from tresnet_jax.weights.storage import save_weights
 
 SIZE, CLASSES = 64, 10
 IMAGES = random_images(3, SIZE, SIZE, seed=21)

@@ -25,12 +25,12 @@ from bench.numerics import agreement
 from tests.blocked_imports import blocker
 from tests.tiny_model import SPEC as TINY  # one block a stage
 from tresnet_jax.evaluation import batch_spec, make_eval_step
-from tresnet_jax.initialization import random_variables
-from tresnet_jax.model import TResNet
-from tresnet_jax.parallel import BATCH_AXIS, data_mesh, replicate, shard_batch
-from tresnet_jax.trainer import LaggedMetrics, TrainConfig, check_resumable
-from tresnet_jax.training import OptimConfig, create_state, make_optimizer, make_train_step
-from tresnet_jax.xla_options import DETERMINISTIC_GPU_FLAG, TF32_VARIABLE, request_deterministic_gpu_ops
+from tresnet_jax.model.initialization import random_variables
+from tresnet_jax.model.linen import TResNet
+from tresnet_jax.runtime.parallel import BATCH_AXIS, data_mesh, replicate, shard_batch
+from tresnet_jax.runtime.xla_options import DETERMINISTIC_GPU_FLAG, TF32_VARIABLE, request_deterministic_gpu_ops
+from tresnet_jax.train.run import LaggedMetrics, TrainConfig, check_resumable
+from tresnet_jax.train.step import OptimConfig, create_state, make_optimizer, make_train_step
 
 REPO = Path(__file__).resolve().parent.parent
 PARITY_BOUND = 1e-4  # tests/test_parity.py's bound on max |diff| / max(1, max |timm|)

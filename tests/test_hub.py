@@ -16,8 +16,8 @@ from convert import torch_to_flax
 from tests.blocked_imports import run_without
 from tests.hub_cache import COMMIT, add_repo, timm_files
 from tests.reference import parity_error, random_images, random_timm_model, torch_logits
-from tresnet_jax.factory import choose_weights
-from tresnet_jax.storage import save_weights
+from tresnet_jax.weights.factory import choose_weights
+from tresnet_jax.weights.storage import save_weights
 
 PARITY_BOUND = 1e-4  # as for converted files (test_parity): float32 rounding, far below a wrong tensor
 DEFAULT_TAG = "tresnet_m.miil_in21k_ft_in1k"  # timm's default weights of tresnet_m

@@ -8,7 +8,7 @@ import torch
 from jax.sharding import Mesh, PartitionSpec
 from timm.layers import BlurPool2d, SpaceToDepth
 
-from tresnet_jax.layers import BatchNorm, avg_pool_shortcut, blur_downsample, space_to_depth
+from tresnet_jax.model.layers import BatchNorm, avg_pool_shortcut, blur_downsample, space_to_depth
 
 
 def nchw(x: np.ndarray) -> torch.Tensor:

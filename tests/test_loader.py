@@ -10,14 +10,14 @@ import pytest
 
 from tests.images import photo_files
 from tests.tfds_folders import prepare_from_folders
-from tresnet_jax.augment import AugmentConfig
-from tresnet_jax.datasets import FolderSource
+from tresnet_jax.data.augment import AugmentConfig
+from tresnet_jax.data.host_pool import ordered_map, server_preload
+from tresnet_jax.data.preprocess import Preprocessing
+from tresnet_jax.data.sources import FolderSource
+from tresnet_jax.data.tfds_reader import open_split
+from tresnet_jax.data.train_stream import AugmentedExample
 from tresnet_jax.errors import UnreadableImage
 from tresnet_jax.evaluation import PreprocessedImage
-from tresnet_jax.loader import ordered_map, server_preload
-from tresnet_jax.preprocess import Preprocessing
-from tresnet_jax.tfds_reader import open_split
-from tresnet_jax.train_data import AugmentedExample
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,9 @@ import pytest
 from flax import traverse_util
 
 import tresnet_jax
-from tresnet_jax.model import TResNet, variable_shapes
-from tresnet_jax.registry import ARCHITECTURES, get_arch
+from tresnet_jax.model.architecture import variable_shapes
+from tresnet_jax.model.linen import TResNet
+from tresnet_jax.model.registry import ARCHITECTURES, get_arch
 
 # Parameter counts of the 1000-class models (TRESNET.md, = timm's).
 PARAMS_1000 = {
@@ -154,7 +155,7 @@ def test_fresh_variables_are_seeded_and_on_the_default_device(fresh_m):
 
 def test_flax_init_draws_the_same_distributions():
     """Module.init (Flax's initializers) and create_model (host draws) share one definition."""
-    from tresnet_jax.layers import Conv, Dense, Init
+    from tresnet_jax.model.layers import Conv, Dense, Init
 
     kernel = Conv(256, 3).init(jax.random.key(1), jnp.zeros((1, 8, 8, 256)))["params"]["kernel"]
     assert float(kernel.std()) == pytest.approx(np.sqrt(2 / (256 * 9)), rel=0.02)

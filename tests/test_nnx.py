@@ -8,16 +8,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import tresnet_jax.nnx
 from flax import nnx as fnnx
 from flax import traverse_util
 
 import tresnet_jax
-import tresnet_jax.nnx
 from bench.nnx_vs_linen import train_step
-from tresnet_jax.initialization import random_variables
-from tresnet_jax.model import FEATURE_STRIDES, TResNet, block_units, stage_plan
-from tresnet_jax.registry import get_arch
-from tresnet_jax.storage import save_weights
+from tresnet_jax.model.architecture import FEATURE_STRIDES, block_units, stage_plan
+from tresnet_jax.model.initialization import random_variables
+from tresnet_jax.model.linen import TResNet
+from tresnet_jax.model.registry import get_arch
+from tresnet_jax.weights.storage import save_weights
 
 ARCH = get_arch("tresnet_m")
 CLASSES = 10

@@ -14,7 +14,7 @@ from nbclient import NotebookClient
 
 from tests.hub_cache import add_repo, timm_files
 from tests.reference import random_timm_model
-from tresnet_jax.classes import imagenet_index
+from tresnet_jax.data.classes import imagenet_index
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "quickstart.ipynb"

@@ -27,7 +27,7 @@ from tests.reference import (
     torch_logits,
     torch_stage_features,
 )
-from tresnet_jax.conversion import convert_state_dict, variables_to_state_dict
+from tresnet_jax.weights.conversion import convert_state_dict, variables_to_state_dict
 
 PARITY_BOUND = 1e-4
 IMAGES = random_images(2, 64, 64, seed=7)

@@ -5,7 +5,7 @@ import signal
 import threading
 import time
 
-from tresnet_jax.preemption import signals_for_the_main_thread
+from tresnet_jax.train.preemption import signals_for_the_main_thread
 
 
 def wait_for(condition, seconds=5.0):

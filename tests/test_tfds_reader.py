@@ -23,9 +23,9 @@ from PIL import Image
 
 from tests.blocked_imports import run_without
 from tests.images import generated
-from tresnet_jax import tfds_reader
+from tresnet_jax.data import tfds_reader
+from tresnet_jax.data.tfds_reader import PreparedSplit, open_split, parse_example, prepare_command
 from tresnet_jax.errors import InputError
-from tresnet_jax.tfds_reader import PreparedSplit, open_split, parse_example, prepare_command
 
 NAME = "reader_shards"
 SHARDS, TRAIN, TEST = 4, 80, 8  # 20 train records a shard: more than TFDS's interleave block of 16
@@ -190,7 +190,7 @@ def test_reads_without_tensorflow_or_tfds(prepared, expected):
     code = f"""
 import hashlib, sys
 from tresnet_jax.errors import InputError
-from tresnet_jax.tfds_reader import open_split
+from tresnet_jax.data.tfds_reader import open_split
 split = open_split("{NAME}:train", {str(prepared["tfrecord"])!r})
 records = map(split.record, range(len(split)))
 print(hashlib.sha256(b"".join(image + bytes([label]) for image, label in records)).hexdigest())

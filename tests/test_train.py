@@ -21,11 +21,11 @@ from tests.reference import random_timm_model
 from tests.tfds_folders import prepare_from_folders
 from tests.training_runs import SIZE, TINY, assert_trees_equal, metrics, subset, tiny_args
 from tresnet_jax.errors import InputError
-from tresnet_jax.initialization import random_variables
-from tresnet_jax.model import TResNet
-from tresnet_jax.parallel import BATCH_AXIS, data_mesh, replicate, shard_batch
-from tresnet_jax.trainer import TrainConfig, check_memory, initial_variables, suggest_batch_size
-from tresnet_jax.training import OptimConfig, create_state, make_optimizer, make_train_step
+from tresnet_jax.model.initialization import random_variables
+from tresnet_jax.model.linen import TResNet
+from tresnet_jax.runtime.parallel import BATCH_AXIS, data_mesh, replicate, shard_batch
+from tresnet_jax.train.run import TrainConfig, check_memory, initial_variables, suggest_batch_size
+from tresnet_jax.train.step import OptimConfig, create_state, make_optimizer, make_train_step
 
 # The runs train tresnet_tiny (tests/tiny_model.py), the digits learning one included.
 pytestmark = pytest.mark.usefixtures("tiny_model")

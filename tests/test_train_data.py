@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tresnet_jax.augment import AugmentConfig, train_transform
+from tresnet_jax.data.augment import AugmentConfig, train_transform
+from tresnet_jax.data.train_stream import MAX_CONSECUTIVE_UNREADABLE, StreamSpec, host_indices, train_batches
 from tresnet_jax.errors import InputError
-from tresnet_jax.train_data import MAX_CONSECUTIVE_UNREADABLE, StreamSpec, host_indices, train_batches
 
 SIZE = 32
 AUGMENT = AugmentConfig(image_size=SIZE)

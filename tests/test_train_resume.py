@@ -18,7 +18,7 @@ import train as train_cli
 from tests import tiny_model
 from tests.multihost import describe, run_processes
 from tests.training_runs import assert_trees_equal, exported, metrics, tiny_args, train_command
-from tresnet_jax.trainer import TrainConfig, initial_variables
+from tresnet_jax.train.run import TrainConfig, initial_variables
 
 pytestmark = pytest.mark.usefixtures("tiny_model")  # the runs train tresnet_tiny (tests/tiny_model.py)
 

@@ -13,9 +13,9 @@ import optax
 import pytest
 from jax.sharding import Mesh, PartitionSpec
 
-from tresnet_jax.layers import KAIMING, BatchNorm, Conv, Dense
-from tresnet_jax.parallel import BATCH_AXIS, data_mesh, replicate, select_devices, shard_batch
-from tresnet_jax.training import (
+from tresnet_jax.model.layers import KAIMING, BatchNorm, Conv, Dense
+from tresnet_jax.runtime.parallel import BATCH_AXIS, data_mesh, replicate, select_devices, shard_batch
+from tresnet_jax.train.step import (
     OptimConfig,
     applied_updates,
     create_state,

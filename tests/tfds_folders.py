@@ -8,7 +8,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image, UnidentifiedImageError
 
-from tresnet_jax.datasets import FolderSource
+from tresnet_jax.data.sources import FolderSource
 
 
 def prepare_from_folders(

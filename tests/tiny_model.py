@@ -11,8 +11,8 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from tresnet_jax.model import ArchSpec
-from tresnet_jax.registry import ARCHITECTURES
+from tresnet_jax.model.architecture import ArchSpec
+from tresnet_jax.model.registry import ARCHITECTURES
 
 NAME = "tresnet_tiny"
 SPEC = ArchSpec(layers=(1, 1, 1, 1), width_factor=0.25)

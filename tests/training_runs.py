@@ -11,7 +11,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from tests import tiny_model
-from tresnet_jax.storage import read_variables
+from tresnet_jax.weights.storage import read_variables
 
 SIZE = 32
 VAL_IMAGES = 400

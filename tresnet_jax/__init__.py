@@ -1,12 +1,13 @@
 """TResNet in JAX/Flax: the model, its variants and published configurations, and weights
 converted from PyTorch."""
 
-from tresnet_jax.compile import jit
 from tresnet_jax.errors import InputError
-from tresnet_jax.factory import create_model, load, load_metadata
-from tresnet_jax.model import ArchSpec, TResNet
-from tresnet_jax.registry import ARCHITECTURES, PRETRAINED, PretrainedConfig, default_config, list_models
-from tresnet_jax.storage import weights_root
+from tresnet_jax.model.architecture import ArchSpec
+from tresnet_jax.model.linen import TResNet
+from tresnet_jax.model.registry import ARCHITECTURES, PRETRAINED, PretrainedConfig, default_config, list_models
+from tresnet_jax.runtime.compile import jit
+from tresnet_jax.weights.factory import create_model, load, load_metadata
+from tresnet_jax.weights.storage import weights_root
 
 __all__ = [
     "ARCHITECTURES",

@@ -29,7 +29,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 def start_run(args: argparse.Namespace) -> None:
     """Join the multi-host job if asked, then turn on the compilation cache unless disabled."""
-    from tresnet_jax.parallel import initialize_distributed
+    from tresnet_jax.runtime.parallel import initialize_distributed
 
     initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     if not args.no_compilation_cache:

@@ -19,11 +19,11 @@ from jax import lax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from tresnet_jax.datasets import SyntheticSource
-from tresnet_jax.loader import ordered_map, stack_rows
-from tresnet_jax.parallel import BATCH_AXIS, local_batch_size, local_rows, prefetch_to_devices, replicate
-from tresnet_jax.preprocess import Preprocessing, decode_pil, pil_transform
-from tresnet_jax.xla_options import compiler_options, precision_scope
+from tresnet_jax.data.host_pool import ordered_map, stack_rows
+from tresnet_jax.data.preprocess import Preprocessing, decode_pil, pil_transform
+from tresnet_jax.data.sources import SyntheticSource
+from tresnet_jax.runtime.parallel import BATCH_AXIS, local_batch_size, local_rows, prefetch_to_devices, replicate
+from tresnet_jax.runtime.xla_options import compiler_options, precision_scope
 
 Batch = dict[str, np.ndarray]
 TOTALS = ("count", "top1", "top5", "loss")

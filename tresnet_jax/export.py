@@ -30,9 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jax_core
 
-from tresnet_jax.model import TResNet
-from tresnet_jax.preprocess import check_image_size
-from tresnet_jax.storage import write_file_atomically
+from tresnet_jax.data.preprocess import check_image_size
+from tresnet_jax.model.linen import TResNet
+from tresnet_jax.weights.storage import write_file_atomically
 
 BATCH = "batch"  # the symbolic batch dimension of both exports
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
@@ -57,8 +57,8 @@ def add_export_arguments(parser: argparse.ArgumentParser, output_help: str) -> N
 
 def check_export_arguments(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
     """(weights metadata, image size), every argument checked before any work is done."""
-    from tresnet_jax.factory import load_metadata
-    from tresnet_jax.storage import check_output_file
+    from tresnet_jax.weights.factory import load_metadata
+    from tresnet_jax.weights.storage import check_output_file
 
     if args.image_size is not None:
         check_image_size(args.image_size)

@@ -17,7 +17,7 @@ from typing import Protocol
 
 import numpy as np
 
-from tresnet_jax.classes import imagenet_index
+from tresnet_jax.data.classes import imagenet_index
 from tresnet_jax.errors import InputError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")

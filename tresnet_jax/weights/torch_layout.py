@@ -12,7 +12,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from tresnet_jax.errors import InputError
-from tresnet_jax.model import ArchSpec
+from tresnet_jax.model.architecture import ArchSpec
 
 INPLACE_ABN_EPS = 1e-5
 

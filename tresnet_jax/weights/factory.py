@@ -20,11 +20,13 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from tresnet_jax.errors import InputError
-from tresnet_jax.hub import HUB_PREFIX, HubRepo, pretrained_directory
-from tresnet_jax.initialization import Seed, random_variables, replace_head
-from tresnet_jax.model import TResNet, variable_shapes
-from tresnet_jax.registry import ARCHITECTURES, PRETRAINED, closest, default_tag, get_arch
-from tresnet_jax.storage import find, read_metadata, read_variables, stored_names, weights_root
+from tresnet_jax.model import nnx
+from tresnet_jax.model.architecture import variable_shapes
+from tresnet_jax.model.initialization import Seed, random_variables, replace_head
+from tresnet_jax.model.linen import TResNet
+from tresnet_jax.model.registry import ARCHITECTURES, PRETRAINED, closest, default_tag, get_arch
+from tresnet_jax.weights.hub import HUB_PREFIX, HubRepo, pretrained_directory
+from tresnet_jax.weights.storage import find, read_metadata, read_variables, stored_names, weights_root
 
 Variables = dict[str, Any]
 
@@ -162,8 +164,8 @@ def load_any(
     when the tensors fit two). For a weights name, ``model_name`` must agree with them."""
     path = Path(weights).expanduser()
     if path.suffix in TORCH_SUFFIXES:
-        from tresnet_jax.conversion import convert_checkpoint
-        from tresnet_jax.torch_io import read_state_dict
+        from tresnet_jax.weights.conversion import convert_checkpoint
+        from tresnet_jax.weights.torch_io import read_state_dict
 
         converted, metadata = convert_checkpoint(read_state_dict(path), path, model_name)
         model = TResNet(get_arch(converted.model_name), converted.num_classes, dtype=dtype, axis_name=axis_name)
@@ -186,3 +188,21 @@ def fingerprint(variables: Variables) -> str:
         digest.update("/".join(path).encode())
         digest.update(np.ascontiguousarray(np.asarray(value, np.float32)).tobytes())
     return digest.hexdigest()
+
+
+def create_nnx_model(
+    name: str,
+    *,
+    pretrained: bool = False,
+    num_classes: int | None = None,
+    dtype: Any = jnp.float32,
+    seed: Seed = 0,
+) -> nnx.TResNet:
+    """``create_model`` as an NNX module (``tresnet_jax.nnx.create_model``)."""
+    model, variables = create_model(name, num_classes=num_classes, dtype=dtype, seed=seed, pretrained=pretrained)
+    return nnx.from_linen_variables(model, variables)
+
+
+def load_nnx(name_or_path: str | os.PathLike, dtype: Any = jnp.float32) -> nnx.TResNet:
+    """``load`` as an NNX module (``tresnet_jax.nnx.load``)."""
+    return nnx.from_linen_variables(*load(name_or_path, dtype=dtype))

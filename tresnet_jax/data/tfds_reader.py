@@ -29,8 +29,8 @@ from array import array
 from collections.abc import Iterator
 from pathlib import Path
 
+from tresnet_jax.data.tfrecord import FOOTER_SIZE, HEADER, masked_crc32c
 from tresnet_jax.errors import InputError, UnreadableImage
-from tresnet_jax.tfrecord import FOOTER_SIZE, HEADER, masked_crc32c
 
 DEFAULT_SPLITS = {"imagenet2012": "validation", "imagenet_v2": "test"}
 

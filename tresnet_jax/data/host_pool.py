@@ -25,8 +25,8 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 
+from tresnet_jax.data.preprocess import PIL_ERRORS
 from tresnet_jax.errors import InputError, reason_of
-from tresnet_jax.preprocess import PIL_ERRORS
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")

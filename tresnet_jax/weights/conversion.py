@@ -14,10 +14,10 @@ import numpy as np
 from flax import traverse_util
 
 from tresnet_jax.errors import InputError
-from tresnet_jax.initialization import replace_head
-from tresnet_jax.model import ArchSpec, variable_shapes
-from tresnet_jax.registry import ARCHITECTURES, PRETRAINED, PretrainedConfig, default_config, get_arch
-from tresnet_jax.torch_layout import (
+from tresnet_jax.model.architecture import ArchSpec, variable_shapes
+from tresnet_jax.model.initialization import replace_head
+from tresnet_jax.model.registry import ARCHITECTURES, PRETRAINED, PretrainedConfig, default_config, get_arch
+from tresnet_jax.weights.torch_layout import (
     OFFICIAL,
     LayoutError,
     detect_layout,

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tresnet_jax.errors import InputError
-from tresnet_jax.registry import ARCHITECTURES, PRETRAINED
+from tresnet_jax.model.registry import ARCHITECTURES, PRETRAINED
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class HubRepo:
     @property
     def directory(self) -> Path:
         """Where its converted weights are kept: ``weights_root()/<storage_name>``."""
-        from tresnet_jax.storage import weights_root
+        from tresnet_jax.weights.storage import weights_root
 
         return weights_root() / self.storage_name
 
@@ -151,8 +151,8 @@ def convert_fetched(
 ) -> tuple[Any, dict[str, Any]]:
     """(Converted variables, metadata) of a fetched checkpoint, in memory and without PyTorch;
     the tag is the repository's unless ``tag`` is given, the architecture config.json's."""
-    from tresnet_jax.conversion import convert_checkpoint
-    from tresnet_jax.torch_io import read_state_dict
+    from tresnet_jax.weights.conversion import convert_checkpoint
+    from tresnet_jax.weights.torch_io import read_state_dict
 
     if model_name is None and fetched.config.get("architecture") in ARCHITECTURES:
         model_name = fetched.config["architecture"]
@@ -189,7 +189,7 @@ def _config_preprocessing(repo: HubRepo, config: dict[str, Any]) -> dict[str, An
 def pretrained_directory(repo: HubRepo) -> Path:
     """The weights directory of a hub repository: the stored one, or fetched, converted and
     stored now (atomically: a failure leaves nothing)."""
-    from tresnet_jax.storage import METADATA_FILE, save_weights
+    from tresnet_jax.weights.storage import METADATA_FILE, save_weights
 
     directory = repo.directory
     if (directory / METADATA_FILE).is_file():

@@ -31,8 +31,8 @@ import optax
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec
 
-from tresnet_jax.parallel import BATCH_AXIS
-from tresnet_jax.xla_options import compiler_options, precision_scope
+from tresnet_jax.runtime.parallel import BATCH_AXIS
+from tresnet_jax.runtime.xla_options import compiler_options, precision_scope
 
 PRECISIONS = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
 # fp16: consecutive overflowing steps apply_if_finite skips before it gives up and applies a

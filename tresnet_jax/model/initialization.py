@@ -10,8 +10,8 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from tresnet_jax.layers import Specs, nested
-from tresnet_jax.model import ArchSpec, head_specs, variable_specs
+from tresnet_jax.model.architecture import ArchSpec, head_specs, variable_specs
+from tresnet_jax.model.layers import Specs, nested
 
 Variables = dict[str, Any]
 Seed = int | jax.Array

@@ -13,7 +13,7 @@ from typing import Any
 
 import jax
 
-from tresnet_jax.xla_options import compiler_options
+from tresnet_jax.runtime.xla_options import compiler_options
 
 
 def jit(fun: Callable[..., Any], **kwargs: Any) -> Any:

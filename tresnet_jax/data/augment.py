@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
-from tresnet_jax.preprocess import named_decoding_errors
+from tresnet_jax.data.preprocess import named_decoding_errors
 
 GREY = (128, 128, 128)  # what the geometric operations fill uncovered pixels with
 MAX_MAGNITUDE = 10.0

@@ -21,16 +21,19 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from tresnet_jax.augment import AugmentConfig
-from tresnet_jax.classes import imagenet_index
-from tresnet_jax.datasets import FolderSource, Source, SyntheticSource, model_labels
+from tresnet_jax.data.augment import AugmentConfig
+from tresnet_jax.data.classes import imagenet_index
+from tresnet_jax.data.preprocess import Preprocessing, check_image_size
+from tresnet_jax.data.sources import FolderSource, Source, SyntheticSource, model_labels
+from tresnet_jax.data.tfds_reader import open_split
+from tresnet_jax.data.train_stream import StreamSpec, steps_per_epoch, train_batches
 from tresnet_jax.errors import InputError
 from tresnet_jax.evaluation import evaluate_many
-from tresnet_jax.events import ScalarWriter
-from tresnet_jax.factory import create_model, load_any
-from tresnet_jax.initialization import replace_head
-from tresnet_jax.model import TResNet
-from tresnet_jax.parallel import (
+from tresnet_jax.model.initialization import replace_head
+from tresnet_jax.model.linen import TResNet
+from tresnet_jax.model.registry import get_arch
+from tresnet_jax.progress import ProgressBar
+from tresnet_jax.runtime.parallel import (
     BATCH_AXIS,
     data_mesh,
     host_copy,
@@ -39,14 +42,11 @@ from tresnet_jax.parallel import (
     replicate,
     select_devices,
 )
-from tresnet_jax.preemption import StopRequests
-from tresnet_jax.preprocess import Preprocessing, check_image_size
-from tresnet_jax.progress import ProgressBar
-from tresnet_jax.registry import get_arch
-from tresnet_jax.storage import save_weights, write_file_atomically
-from tresnet_jax.tfds_reader import open_split
-from tresnet_jax.train_data import StreamSpec, steps_per_epoch, train_batches
-from tresnet_jax.training import PRECISIONS, OptimConfig, TrainState, create_state, make_optimizer, make_train_step
+from tresnet_jax.train.events import ScalarWriter
+from tresnet_jax.train.preemption import StopRequests
+from tresnet_jax.train.step import PRECISIONS, OptimConfig, TrainState, create_state, make_optimizer, make_train_step
+from tresnet_jax.weights.factory import create_model, load_any
+from tresnet_jax.weights.storage import save_weights, write_file_atomically
 
 CONFIG_FILE = "config.json"
 VAL_SPLITS = ("validation", "test")

@@ -18,10 +18,10 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from tresnet_jax.augment import AugmentConfig, train_transform
-from tresnet_jax.datasets import Source, SyntheticSource
+from tresnet_jax.data.augment import AugmentConfig, train_transform
+from tresnet_jax.data.host_pool import UNREADABLE, ordered_map, stack_rows
+from tresnet_jax.data.sources import Source, SyntheticSource
 from tresnet_jax.errors import InputError, reason_of
-from tresnet_jax.loader import UNREADABLE, ordered_map, stack_rows
 
 # Consecutive unreadable images after which the dataset is taken to be broken, not the image.
 MAX_CONSECUTIVE_UNREADABLE = 32

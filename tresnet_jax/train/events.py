@@ -8,7 +8,7 @@ import socket
 import time
 from pathlib import Path
 
-from tresnet_jax.tfrecord import framed
+from tresnet_jax.data.tfrecord import framed
 
 
 class ScalarWriter:

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from tresnet_jax.errors import InputError
-from tresnet_jax.storage import check_output_file, write_file_atomically
-from tresnet_jax.torch_layout import unwrap_state_dict
+from tresnet_jax.weights.storage import check_output_file, write_file_atomically
+from tresnet_jax.weights.torch_layout import unwrap_state_dict
 
 SAFETENSORS_SUFFIX = ".safetensors"
 

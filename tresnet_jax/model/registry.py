@@ -6,7 +6,7 @@ import dataclasses
 import difflib
 
 from tresnet_jax.errors import InputError
-from tresnet_jax.model import ArchSpec
+from tresnet_jax.model.architecture import ArchSpec
 
 ARCHITECTURES: dict[str, ArchSpec] = {
     "tresnet_m": ArchSpec(layers=(3, 4, 11, 3), width_factor=1.0),

@@ -1,0 +1,6 @@
+"""Images into batches: evaluation preprocessing (PIL-exact), the sources read by index (folders,
+TFDS splits without TensorFlow, tfrecord framing), the host pool of decoding workers, training
+augmentation and the resumable, device-count-invariant training stream, and class names.
+
+May import: ``tresnet_jax.errors``. Nothing here knows the model or JAX's devices.
+"""
