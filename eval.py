@@ -30,6 +30,7 @@ from tresnet_jax.data.preprocess import INTERPOLATIONS, Preprocessing, check_ima
 from tresnet_jax.data.sources import FolderSource, Source, SyntheticSource, model_labels
 from tresnet_jax.data.tfds_reader import open_split
 from tresnet_jax.evaluation import EvalResult, evaluate
+from tresnet_jax.model.registry import resolve
 from tresnet_jax.progress import ProgressBar
 from tresnet_jax.runtime.parallel import data_mesh, select_devices
 from tresnet_jax.weights.factory import fingerprint, load_any
@@ -167,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     dtype = compute_dtype(args.dtype)
     # The data before the weights: a missing dataset is reported at once.
     source = None if args.synthetic_data else open_source(args)
-    loaded = load_any(weights_argument(args), args.model if args.weights else None, dtype=dtype)
+    loaded = load_any(weights_argument(args), resolve(args.model) if args.weights and args.model else None, dtype=dtype)
     model, variables, metadata = loaded.model, loaded.variables, loaded.metadata
     source = source or SyntheticSource(args.synthetic_data, model.num_classes)
     prep = preprocessing(args, metadata)

@@ -25,6 +25,7 @@ from tresnet_jax.cli import command, enable_compilation_cache
 from tresnet_jax.data.classes import imagenet_classes
 from tresnet_jax.data.preprocess import Preprocessing, check_image_size, load_image
 from tresnet_jax.errors import InputError
+from tresnet_jax.model.registry import resolve
 from tresnet_jax.runtime.compile import jit
 from tresnet_jax.weights.factory import load_any
 
@@ -61,7 +62,9 @@ def class_names(num_classes: int, stored: list[str] | None = None) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     enable_compilation_cache()
-    loaded = load_any(args.weights or args.model or "tresnet_m", args.model if args.weights else None)
+    loaded = load_any(
+        args.weights or args.model or "tresnet_m", resolve(args.model) if args.weights and args.model else None
+    )
     model, variables, metadata = loaded.model, loaded.variables, loaded.metadata
     print(f"weights: {loaded.origin}")
     if model.num_classes == 0:

@@ -8,7 +8,7 @@ import numpy as np
 
 from tresnet_jax.data.preprocess import check_image_size
 from tresnet_jax.errors import InputError
-from tresnet_jax.model.registry import get_arch
+from tresnet_jax.model.registry import resolve
 
 MODES = ("infer", "train")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -38,7 +38,7 @@ class BenchSpec:
 
 def validate(spec: BenchSpec) -> BenchSpec:
     """Raise InputError (one line) for a configuration no framework can run."""
-    get_arch(spec.model)
+    resolve(spec.model)  # an unknown name is refused with the closest known ones
     if spec.mode not in MODES:
         raise InputError(f"unknown mode {spec.mode!r}; known: {', '.join(MODES)}")
     if spec.precision not in PRECISIONS:

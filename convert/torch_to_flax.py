@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tresnet_jax.cli import command
-from tresnet_jax.model.registry import ARCHITECTURES, PRETRAINED
+from tresnet_jax.model.registry import ARCHITECTURES, PRETRAINED, resolve
 from tresnet_jax.weights.conversion import convert_checkpoint
 from tresnet_jax.weights.hub import HUB_PREFIX, HubRepo, convert_fetched, fetch
 from tresnet_jax.weights.storage import check_writable, save_weights, weights_root
@@ -54,7 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.output is not None:
         check_writable(args.output.absolute(), args.force)
-    conversion = (args.model, args.num_classes, args.tag)
+    model = resolve(args.model) if args.model else None  # the name looked up once, here
+    conversion = (model, args.num_classes, args.tag)
     if args.checkpoint.startswith(HUB_PREFIX):
         repo = HubRepo.parse(args.checkpoint)
         print(f"fetching {repo} from the Hugging Face hub")

@@ -25,6 +25,7 @@ import tresnet_jax
 from convert import export_stablehlo, flax_to_onnx
 from tests.blocked_imports import run_without
 from tests.reference import parity_error, random_images, random_timm_model
+from tresnet_jax.model.registry import resolve
 from tresnet_jax.weights.conversion import convert_state_dict
 from tresnet_jax.weights.storage import save_weights
 
@@ -53,7 +54,7 @@ def weights(tmp_path_factory):
     """(weights directory, the Flax model's float32 logits of IMAGES)."""
     directory = tmp_path_factory.mktemp("export") / "tresnet_m_random"
     reference = with_measured_statistics(random_timm_model("tresnet_m", CLASSES, seed=3), random_images(8, SIZE, SIZE))
-    converted = convert_state_dict({k: v.numpy() for k, v in reference.state_dict().items()}, "tresnet_m")
+    converted = convert_state_dict({k: v.numpy() for k, v in reference.state_dict().items()}, resolve("tresnet_m"))
     preprocessing = {"input_size": SIZE, "crop_pct": 0.875, "interpolation": "bilinear"}
     save_weights(
         directory, converted.variables, {"model": "tresnet_m", "num_classes": CLASSES, "preprocessing": preprocessing}

@@ -9,7 +9,7 @@ from flax import traverse_util
 import tresnet_jax
 from tresnet_jax.model.architecture import variable_shapes
 from tresnet_jax.model.linen import TResNet
-from tresnet_jax.model.registry import ARCHITECTURES, get_arch
+from tresnet_jax.model.registry import ARCHITECTURES, resolve
 
 # Parameter counts of the 1000-class models (TRESNET.md, = timm's).
 PARAMS_1000 = {
@@ -23,7 +23,7 @@ PARAMS_1000 = {
 
 @pytest.mark.parametrize("name", list(ARCHITECTURES))
 def test_parameter_count_equals_published(name):
-    shapes = variable_shapes(get_arch(name), 1000)
+    shapes = variable_shapes(resolve(name).arch, 1000)
     count = sum(int(np.prod(shape)) for path, shape in shapes.items() if path[0] == "params")
     assert count == PARAMS_1000[name]
 
@@ -38,7 +38,7 @@ def test_parameter_count_equals_published(name):
     ],
 )
 def test_stage_feature_shapes_any_multiple_of_32(name, channels):
-    model = TResNet(get_arch(name), 10)
+    model = TResNet(resolve(name).arch, 10)
     x = jax.ShapeDtypeStruct((2, 96, 160, 3), jnp.float32)
     variables = jax.eval_shape(model.init, jax.random.key(0), x)
     stages = jax.eval_shape(lambda v, x: model.apply(v, x, method="stage_features"), variables, x)
@@ -56,7 +56,7 @@ def test_stage_feature_shapes_any_multiple_of_32(name, channels):
 
 def test_no_head_returns_pooled_features_and_any_class_count():
     for classes, width in ((0, 2048), (11221, 11221), (3, 3)):
-        model = TResNet(get_arch("tresnet_m"), classes)
+        model = TResNet(resolve("tresnet_m").arch, classes)
         x = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
         variables = jax.eval_shape(model.init, jax.random.key(0), x)
         assert ("head" in variables["params"]) == (classes > 0)
@@ -131,10 +131,10 @@ def test_registry_holds_the_published_configurations():
 def test_variable_specs_are_the_modules_variables(name):
     """The shapes create_model draws without tracing are exactly those Flax's init creates."""
     for classes in (10, 0):
-        model = TResNet(get_arch(name), classes)
+        model = TResNet(resolve(name).arch, classes)
         traced = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))
         shapes = {path: leaf.shape for path, leaf in traverse_util.flatten_dict(traced).items()}
-        assert shapes == variable_shapes(get_arch(name), classes)
+        assert shapes == variable_shapes(resolve(name).arch, classes)
 
 
 def test_fresh_variables_are_seeded_and_on_the_default_device(fresh_m):

@@ -8,19 +8,19 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import tresnet_jax.nnx
 from flax import nnx as fnnx
 from flax import traverse_util
 
 import tresnet_jax
+import tresnet_jax.nnx
 from bench.nnx_vs_linen import train_step
 from tresnet_jax.model.architecture import FEATURE_STRIDES, block_units, stage_plan
 from tresnet_jax.model.initialization import random_variables
 from tresnet_jax.model.linen import TResNet
-from tresnet_jax.model.registry import get_arch
+from tresnet_jax.model.registry import resolve
 from tresnet_jax.weights.storage import save_weights
 
-ARCH = get_arch("tresnet_m")
+ARCH = resolve("tresnet_m").arch
 CLASSES = 10
 IMAGES = np.random.default_rng(1).uniform(size=(4, 64, 64, 3)).astype(np.float32)
 LABELS = np.arange(4, dtype=np.int32)

@@ -27,6 +27,7 @@ from tests.reference import (
     torch_logits,
     torch_stage_features,
 )
+from tresnet_jax.model.registry import resolve
 from tresnet_jax.weights.conversion import convert_state_dict, variables_to_state_dict
 
 PARITY_BOUND = 1e-4
@@ -103,7 +104,7 @@ def test_round_trip_flax_torch_flax_is_exact_and_timm_loads_strictly(variant, tm
     for key, value in reference.state_dict().items():
         if not key.endswith("num_batches_tracked"):
             assert torch.equal(loaded[key], value), key
-    again = convert_state_dict({k: v.numpy() for k, v in state_dict.items()}, name).variables
+    again = convert_state_dict({k: v.numpy() for k, v in state_dict.items()}, resolve(name)).variables
     jax.tree_util.tree_map(np.testing.assert_array_equal, again, jax.tree_util.tree_map(np.asarray, variables))
 
 

@@ -23,6 +23,7 @@ from tests.training_runs import SIZE, TINY, assert_trees_equal, metrics, subset,
 from tresnet_jax.errors import InputError
 from tresnet_jax.model.initialization import random_variables
 from tresnet_jax.model.linen import TResNet
+from tresnet_jax.model.registry import resolve
 from tresnet_jax.runtime.parallel import BATCH_AXIS, data_mesh, replicate, shard_batch
 from tresnet_jax.train.run import TrainConfig, check_memory, initial_variables, suggest_batch_size
 from tresnet_jax.train.step import OptimConfig, create_state, make_optimizer, make_train_step
@@ -188,7 +189,7 @@ def test_fine_tuning_keeps_the_backbone_and_replaces_the_head(tmp_path):
     checkpoint = tmp_path / "tresnet_m.pth"
     torch.save(reference.state_dict(), checkpoint)
     cfg = TrainConfig(workdir=str(tmp_path / "run"), init=str(checkpoint), num_classes=10)
-    variables, how = initial_variables(cfg, 10)
+    variables, how = initial_variables(cfg, resolve(cfg.model), 10)
     assert "backbone loaded, a new 10-class head (it had 1000)" in how
     np.testing.assert_array_equal(
         variables["params"]["body"]["layer3"]["2"]["conv2"]["conv"]["kernel"],
@@ -199,7 +200,7 @@ def test_fine_tuning_keeps_the_backbone_and_replaces_the_head(tmp_path):
     )
     assert variables["params"]["head"]["fc"]["kernel"].shape == (2048, 10)
     with pytest.raises(InputError, match="checkpoint does not match tresnet_l"):
-        initial_variables(TrainConfig(workdir="x", model="tresnet_l", init=str(checkpoint)), 10)
+        initial_variables(TrainConfig(workdir="x", model="tresnet_l", init=str(checkpoint)), resolve("tresnet_l"), 10)
 
 
 def test_out_of_memory_names_the_batch_and_the_largest_that_fits():

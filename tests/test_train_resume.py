@@ -18,6 +18,7 @@ import train as train_cli
 from tests import tiny_model
 from tests.multihost import describe, run_processes
 from tests.training_runs import assert_trees_equal, exported, metrics, tiny_args, train_command
+from tresnet_jax.model.registry import resolve
 from tresnet_jax.train.run import TrainConfig, initial_variables
 
 pytestmark = pytest.mark.usefixtures("tiny_model")  # the runs train tresnet_tiny (tests/tiny_model.py)
@@ -58,7 +59,7 @@ def distance_relative_to_training(got: dict, want: dict, start: dict) -> float:
 
 def initial(workdir: Path) -> dict:
     """The variables the tiny run starts from."""
-    return initial_variables(TrainConfig(workdir=str(workdir), model=tiny_model.NAME), 10)[0]
+    return initial_variables(TrainConfig(workdir=str(workdir), model=tiny_model.NAME), resolve(tiny_model.NAME), 10)[0]
 
 
 def test_two_devices_follow_the_same_loss_curve(digits, tmp_path, reference_run):

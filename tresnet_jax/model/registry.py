@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+from typing import Any
 
 from tresnet_jax.errors import InputError
 from tresnet_jax.model.architecture import ArchSpec
@@ -68,12 +69,48 @@ def closest(name: str, known: list[str], count: int = 5) -> str:
     return ", ".join(difflib.get_close_matches(name, known, n=count, cutoff=0.0))
 
 
-def get_arch(name: str) -> ArchSpec:
-    """The architecture of a model name or pretrained tag (``tresnet_m.miil_in1k`` works too)."""
-    arch = name.split(".")[0]
-    if arch not in ARCHITECTURES or ("." in name and name not in PRETRAINED):
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """A model name looked up in the tables once, where it enters (a command line's ``--model``,
+    a weights directory's metadata, a checkpoint's tensors), and handed down from there: the
+    architecture's name and numbers and the configuration (tag, preprocessing, classes)."""
+
+    name: str  # the architecture, as weights metadata records it: tresnet_m
+    arch: ArchSpec
+    config: PretrainedConfig  # a published tag's, or an untagged one (source "none")
+
+    @property
+    def tag(self) -> str | None:
+        """The published tag, None for weights that are not (or no longer) a published set."""
+        return None if self.config.source == "none" else self.config.tag
+
+    def preprocessing(self) -> dict[str, Any]:
+        """The ``preprocessing`` record of weights metadata: size, crop, interpolation; inputs
+        are RGB in [0, 1] without mean/std (the original's convention)."""
+        return {
+            "input_size": self.config.input_size,
+            "crop_pct": self.config.crop_pct,
+            "interpolation": self.config.interpolation,
+            "mean": [0.0, 0.0, 0.0],
+            "std": [1.0, 1.0, 1.0],
+        }
+
+
+def resolve(name: str, num_classes: int | None = None) -> ModelSpec:
+    """An architecture (``tresnet_m``) or pretrained tag (``tresnet_m.miil_in1k``) with its
+    configuration: a tag's own; for an architecture its first tag with ``num_classes`` classes,
+    else a generic untagged 224/0.875/bilinear one. InputError naming the closest known names."""
+    architecture = name.split(".")[0]
+    if architecture not in ARCHITECTURES or ("." in name and name not in PRETRAINED):
         raise InputError(f"unknown model {name!r}; closest known: {closest(name, [*ARCHITECTURES, *PRETRAINED])}")
-    return ARCHITECTURES[arch]
+    arch = ARCHITECTURES[architecture]
+    if name in PRETRAINED:
+        return ModelSpec(architecture, arch, PRETRAINED[name])
+    for cfg in PRETRAINED.values():
+        if cfg.architecture == name and num_classes in (None, cfg.num_classes):
+            return ModelSpec(architecture, arch, cfg)
+    classes = 1000 if num_classes is None else num_classes
+    return ModelSpec(architecture, arch, PretrainedConfig(f"{name}.untrained", num_classes=classes, source="none"))
 
 
 def default_tag(architecture: str) -> str | None:
@@ -84,11 +121,4 @@ def default_tag(architecture: str) -> str | None:
 def default_config(name: str, num_classes: int | None = None) -> PretrainedConfig:
     """The pretrained configuration of a tag, or of an architecture's first tag with
     ``num_classes`` classes; a generic 224/0.875/bilinear one when none is published."""
-    if name in PRETRAINED:
-        return PRETRAINED[name]
-    get_arch(name)
-    for cfg in PRETRAINED.values():
-        if cfg.architecture == name and num_classes in (None, cfg.num_classes):
-            return cfg
-    classes = 1000 if num_classes is None else num_classes
-    return PretrainedConfig(f"{name}.untrained", num_classes=classes, source="none")
+    return resolve(name, num_classes).config

@@ -29,9 +29,9 @@ from tresnet_jax.data.tfds_reader import open_split
 from tresnet_jax.data.train_stream import StreamSpec, steps_per_epoch, train_batches
 from tresnet_jax.errors import InputError
 from tresnet_jax.evaluation import evaluate_many
-from tresnet_jax.model.initialization import replace_head
+from tresnet_jax.model.initialization import random_variables, replace_head
 from tresnet_jax.model.linen import TResNet
-from tresnet_jax.model.registry import get_arch
+from tresnet_jax.model.registry import ModelSpec, resolve
 from tresnet_jax.progress import ProgressBar
 from tresnet_jax.runtime.parallel import (
     BATCH_AXIS,
@@ -45,7 +45,7 @@ from tresnet_jax.runtime.parallel import (
 from tresnet_jax.train.events import ScalarWriter
 from tresnet_jax.train.preemption import StopRequests
 from tresnet_jax.train.step import PRECISIONS, OptimConfig, TrainState, create_state, make_optimizer, make_train_step
-from tresnet_jax.weights.factory import create_model, load_any
+from tresnet_jax.weights.factory import load_any
 from tresnet_jax.weights.storage import save_weights, write_file_atomically
 
 CONFIG_FILE = "config.json"
@@ -152,15 +152,15 @@ def open_train_sources(cfg: TrainConfig) -> tuple[Source, Source | None]:
     return train, None
 
 
-def initial_variables(cfg: TrainConfig, num_classes: int) -> tuple[dict[str, Any], str]:
+def initial_variables(cfg: TrainConfig, model: ModelSpec, num_classes: int) -> tuple[dict[str, Any], str]:
     """Fresh variables, or the backbone of ``cfg.init`` with its head kept when the class count
     matches and newly initialised otherwise; and a line saying which."""
     if cfg.init is None:
-        _, fresh = create_model(cfg.model, num_classes, seed=cfg.seed)
+        fresh = random_variables(model.arch, num_classes, cfg.seed)
         return fresh, f"{cfg.model} initialised from scratch (seed {cfg.seed})"
-    loaded = load_any(cfg.init, cfg.model)
-    if get_arch(loaded.metadata["model"]) != get_arch(cfg.model):
-        raise InputError(f"--init {cfg.init} holds {loaded.metadata['model']} weights, not {cfg.model}")
+    loaded = load_any(cfg.init, model)
+    if loaded.spec.arch != model.arch:
+        raise InputError(f"--init {cfg.init} holds {loaded.spec.name} weights, not {cfg.model}")
     kept = loaded.model.num_classes == num_classes
     variables = loaded.variables if kept else replace_head(loaded.variables, loaded.model.arch, num_classes, cfg.seed)
     head = "its head kept" if kept else f"a new {num_classes}-class head (it had {loaded.model.num_classes})"
@@ -234,7 +234,8 @@ class Run:
         if cfg.precision not in PRECISIONS:
             raise InputError(f"--precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
         dtype = PRECISIONS[cfg.precision]
-        arch = get_arch(cfg.model)
+        self.spec = resolve(cfg.model)  # the model name, looked up once
+        arch = self.spec.arch
         self.model = TResNet(arch, self.num_classes, dtype=dtype, axis_name=BATCH_AXIS if cfg.sync_bn else None)
         self.eval_model = TResNet(arch, self.num_classes, dtype=dtype)
         self.optim = OptimConfig(
@@ -283,13 +284,13 @@ class Run:
             )
             state = manager.restore(latest, args=ocp.args.StandardRestore(abstract))
             return state, f"resumed from the checkpoint at step {latest}"
-        variables, how = initial_variables(self.cfg, self.num_classes)
+        variables, how = initial_variables(self.cfg, self.spec, self.num_classes)
         state = create_state(variables, self.tx, self.optim, self.cfg.seed)
         return replicate(state, self.mesh), how
 
     def fresh_state(self) -> TrainState:
         """A state of the right structure (used abstractly, to restore a checkpoint into)."""
-        _, variables = create_model(self.cfg.model, self.num_classes, seed=self.cfg.seed)
+        variables = random_variables(self.spec.arch, self.num_classes, self.cfg.seed)
         return create_state(variables, self.tx, self.optim, self.cfg.seed)
 
     def save(self, manager, state: TrainState) -> None:

@@ -14,9 +14,9 @@ import numpy as np
 from flax import traverse_util
 
 from tresnet_jax.errors import InputError
-from tresnet_jax.model.architecture import ArchSpec, variable_shapes
+from tresnet_jax.model.architecture import variable_shapes
 from tresnet_jax.model.initialization import replace_head
-from tresnet_jax.model.registry import ARCHITECTURES, PRETRAINED, PretrainedConfig, default_config, get_arch
+from tresnet_jax.model.registry import ARCHITECTURES, PRETRAINED, ModelSpec, resolve
 from tresnet_jax.weights.torch_layout import (
     OFFICIAL,
     LayoutError,
@@ -41,7 +41,7 @@ _HEAD_PREFIX = "head."
 class Converted:
     """The outcome of a conversion: what was found, and the Flax variables (numpy)."""
 
-    model_name: str
+    model: ModelSpec  # the architecture; the configuration is chosen later (``choose_config``)
     layout: str
     checkpoint_classes: int
     num_classes: int
@@ -49,12 +49,16 @@ class Converted:
     notes: list[str]
 
     @property
+    def model_name(self) -> str:
+        return self.model.name
+
+    @property
     def head_replaced(self) -> bool:
         return self.num_classes != self.checkpoint_classes
 
 
-def identify(state_dict: Mapping[str, np.ndarray], layout: str) -> tuple[str, int, str]:
-    """(model name, classes, note) for a timm-layout state_dict; LayoutError if not TResNet."""
+def identify(state_dict: Mapping[str, np.ndarray], layout: str) -> tuple[ModelSpec, int, str]:
+    """(architecture, classes, note) for a timm-layout state_dict; LayoutError if not TResNet."""
     found, classes = infer_architecture(state_dict)
     names = [name for name, arch in ARCHITECTURES.items() if same_topology(arch, found)]
     if not names:
@@ -63,54 +67,48 @@ def identify(state_dict: Mapping[str, np.ndarray], layout: str) -> tuple[str, in
             f"{list(found.layers)}, {'bottlenecks only' if found.v2 else 'basic+bottleneck blocks'}"
         )
     if len(names) == 1:
-        return names[0], classes, ""
+        return resolve(names[0]), classes, ""
     # The v2 topology: the official TResNet-L-V2 (slopes 1e-6; its only published weights are a
     # 196-class Stanford-Cars model) and the ImageNet-21K TResNet-L (v1 slopes) share tensors.
     name = "tresnet_l_v2" if layout == OFFICIAL and classes == 196 else "tresnet_v2_l"
     other = "tresnet_v2_l" if name == "tresnet_l_v2" else "tresnet_l_v2"
-    return (
-        name,
-        classes,
-        (
-            f"the tensors fit both {name} and {other} (only their LeakyReLU slopes differ): "
-            f"chose {name}; pass --model {other} for the other"
-        ),
+    note = (
+        f"the tensors fit both {name} and {other} (only their LeakyReLU slopes differ): "
+        f"chose {name}; pass --model {other} for the other"
     )
+    return resolve(name), classes, note
 
 
 def convert_state_dict(
     raw: Mapping[str, np.ndarray],
-    model_name: str | None = None,
+    model: ModelSpec | None = None,
     num_classes: int | None = None,
     head_seed: int = 0,
 ) -> Converted:
     """Flax variables from a PyTorch state_dict of either layout.
 
-    ``model_name`` None infers the variant; ``num_classes`` None keeps the checkpoint's head, a
+    ``model`` None infers the variant; ``num_classes`` None keeps the checkpoint's head, a
     different count replaces it by a freshly initialised one (0: no head).
     """
     layout = detect_layout(raw)
     state_dict = official_to_timm(raw) if layout == OFFICIAL else dict(raw)
     inferred, classes, note = identify(state_dict, layout)
     notes = [note] if note else []
-    if model_name is None:
-        model_name = inferred
-    else:
-        arch = get_arch(model_name)
-        if not same_topology(arch, ARCHITECTURES[inferred]):
-            _to_variables(state_dict, arch, classes, model_name, inferred, True)  # names the mismatch
-            raise LayoutError(f"--model {model_name} contradicts the checkpoint, which holds {inferred}")
+    if model is None:
+        model = inferred
+    elif not same_topology(model.arch, inferred.arch):
+        _to_variables(state_dict, model, classes, inferred, True)  # names the mismatch
+        raise LayoutError(f"--model {model.name} contradicts the checkpoint, which holds {inferred.name}")
     num_classes = classes if num_classes is None else num_classes
-    arch = get_arch(model_name)
-    variables = _to_variables(state_dict, arch, classes, model_name, inferred, keep_head=num_classes == classes)
+    variables = _to_variables(state_dict, model, classes, inferred, keep_head=num_classes == classes)
     if num_classes != classes:
-        variables = replace_head(variables, arch, num_classes, head_seed)
+        variables = replace_head(variables, model.arch, num_classes, head_seed)
         notes.append(
             f"replaced the checkpoint's {classes}-class head by a new {num_classes}-class one (seed {head_seed})"
             if num_classes
             else f"dropped the checkpoint's {classes}-class head: the model outputs pooled features"
         )
-    return Converted(model_name, layout, classes, num_classes, variables, notes)
+    return Converted(model, layout, classes, num_classes, variables, notes)
 
 
 def _fit(value: np.ndarray, shape: tuple[int, ...]) -> np.ndarray | None:
@@ -126,11 +124,11 @@ def _fit(value: np.ndarray, shape: tuple[int, ...]) -> np.ndarray | None:
 
 
 def _to_variables(
-    state_dict: Mapping[str, np.ndarray], arch: ArchSpec, classes: int, model_name: str, inferred: str, keep_head: bool
+    state_dict: Mapping[str, np.ndarray], model: ModelSpec, classes: int, inferred: ModelSpec, keep_head: bool
 ) -> Variables:
     """Every Flax variable from its torch tensor, or a LayoutError naming the first missing,
     unexpected and mis-shaped tensors."""
-    shapes = variable_shapes(arch, classes)
+    shapes = variable_shapes(model.arch, classes)
     keys = {path: torch_key(path) for path in shapes}
     expected = set(keys.values())
     flat, missing, mismatched = {}, [], []
@@ -153,8 +151,8 @@ def _to_variables(
         if items
     ]
     if problems:
-        looks = f" (it looks like {inferred})" if inferred != model_name else ""
-        raise LayoutError(f"checkpoint does not match {model_name}{looks}: " + "; ".join(problems))
+        looks = f" (it looks like {inferred.name})" if inferred.name != model.name else ""
+        raise LayoutError(f"checkpoint does not match {model.name}{looks}: " + "; ".join(problems))
     return traverse_util.unflatten_dict(flat)
 
 
@@ -171,10 +169,8 @@ def variables_to_state_dict(variables: Mapping[str, Any]) -> dict[str, np.ndarra
     return out
 
 
-def choose_config(
-    model_name: str, num_classes: int, source: str, layout: str, tag: str | None = None
-) -> PretrainedConfig:
-    """The pretrained configuration of converted weights.
+def choose_config(model: ModelSpec, num_classes: int, source: str, tag: str | None = None) -> ModelSpec:
+    """The architecture with the pretrained configuration of converted weights.
 
     A published tag only when it is known: ``tag`` when given (``--tag``, a hub repository),
     else a tag named in full in the file path. Otherwise an untagged configuration (no reported
@@ -185,20 +181,22 @@ def choose_config(
         if tag not in PRETRAINED:
             raise InputError(f"unknown tag {tag!r}; known: {', '.join(PRETRAINED)}")
         cfg = PRETRAINED[tag]
-        if cfg.architecture != model_name or cfg.num_classes != num_classes:
+        if cfg.architecture != model.name or cfg.num_classes != num_classes:
             raise InputError(
                 f"tag {tag} is a {cfg.num_classes}-class {cfg.architecture}, the weights are a "
-                f"{num_classes}-class {model_name}"
+                f"{num_classes}-class {model.name}"
             )
-        return cfg
-    candidates = [c for c in PRETRAINED.values() if c.architecture == model_name and c.num_classes == num_classes]
+        return dataclasses.replace(model, config=cfg)
+    candidates = [c for c in PRETRAINED.values() if c.architecture == model.name and c.num_classes == num_classes]
     named = [c for c in candidates if c.tag in source]
     if named:
-        return max(named, key=lambda c: len(c.tag))
+        return dataclasses.replace(model, config=max(named, key=lambda c: len(c.tag)))
     at_448 = "448" in Path(source).name
     size = next((c.input_size for c in candidates if (c.input_size == 448) == at_448), None)
-    base = default_config(model_name, num_classes)
-    return dataclasses.replace(base, tag=f"{model_name}.untagged", input_size=size or base.input_size, source="none")
+    base = resolve(model.name, num_classes).config
+    size = size or base.input_size
+    untagged = dataclasses.replace(base, tag=f"{model.name}.untagged", input_size=size, source="none")
+    return dataclasses.replace(model, config=untagged)
 
 
 def file_sha256(path: str | Path) -> str:
@@ -209,18 +207,18 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def weights_metadata(converted: Converted, cfg: PretrainedConfig, source: Path) -> dict[str, Any]:
+def weights_metadata(converted: Converted, chosen: ModelSpec, source: Path) -> dict[str, Any]:
     """What ``metadata.json`` records about converted weights: the tag and its reported accuracy
     only for published weights with their own head."""
-    published = cfg.source != "none" and not converted.head_replaced
+    cfg = chosen.config
+    published = chosen.tag is not None and not converted.head_replaced
+    reported = {"top1": cfg.top1, "top5": cfg.top5, "imagenet_v2_top1": cfg.imagenet_v2_top1}
     return {
         "model": converted.model_name,
         "num_classes": converted.num_classes,
         "tag": cfg.tag if published else None,
-        "preprocessing": preprocessing_of(cfg),
-        "reported": None
-        if not published
-        else {"top1": cfg.top1, "top5": cfg.top5, "imagenet_v2_top1": cfg.imagenet_v2_top1},
+        "preprocessing": chosen.preprocessing(),
+        "reported": reported if published else None,
         "source": {
             "file": source.name,
             "sha256": file_sha256(source),
@@ -235,28 +233,18 @@ def weights_metadata(converted: Converted, cfg: PretrainedConfig, source: Path) 
 def convert_checkpoint(
     state_dict: Mapping[str, np.ndarray],
     source: Path,
-    model_name: str | None = None,
+    model: ModelSpec | None = None,
     num_classes: int | None = None,
     tag: str | None = None,
 ) -> tuple[Converted, dict[str, Any]]:
     """(Converted variables, their ``metadata.json``) of a checkpoint read from ``source``;
     errors name the source."""
     try:
-        converted = convert_state_dict(state_dict, model_name, num_classes)
+        converted = convert_state_dict(state_dict, model, num_classes)
     except InputError as err:
         message = str(err)
         raise InputError(message if message.startswith(str(source)) else f"{source}: {message}") from None
     # The tag describes the checkpoint as published: its preprocessing still applies under a new
     # head (the metadata then records no tag).
-    cfg = choose_config(converted.model_name, converted.checkpoint_classes, str(source), converted.layout, tag)
-    return converted, weights_metadata(converted, cfg, source)
-
-
-def preprocessing_of(cfg: PretrainedConfig) -> dict[str, Any]:
-    return {
-        "input_size": cfg.input_size,
-        "crop_pct": cfg.crop_pct,
-        "interpolation": cfg.interpolation,
-        "mean": [0.0, 0.0, 0.0],
-        "std": [1.0, 1.0, 1.0],
-    }
+    chosen = choose_config(converted.model, converted.checkpoint_classes, str(source), tag)
+    return converted, weights_metadata(converted, chosen, source)

@@ -24,9 +24,9 @@ from tresnet_jax.model import nnx
 from tresnet_jax.model.architecture import variable_shapes
 from tresnet_jax.model.initialization import Seed, random_variables, replace_head
 from tresnet_jax.model.linen import TResNet
-from tresnet_jax.model.registry import ARCHITECTURES, PRETRAINED, closest, default_tag, get_arch
+from tresnet_jax.model.registry import ARCHITECTURES, PRETRAINED, ModelSpec, closest, default_tag, resolve
 from tresnet_jax.weights.hub import HUB_PREFIX, HubRepo, pretrained_directory
-from tresnet_jax.weights.storage import find, read_metadata, read_variables, stored_names, weights_root
+from tresnet_jax.weights.storage import find, model_spec, read_metadata, read_variables, stored_names, weights_root
 
 Variables = dict[str, Any]
 
@@ -102,11 +102,11 @@ def create_model(
             return model, variables
         variables = replace_head(variables, model.arch, num_classes, seed)
         return model.clone(num_classes=num_classes), _on_device(variables)
-    arch = get_arch(name)
-    if num_classes is None:
-        num_classes = PRETRAINED[name].num_classes if name in PRETRAINED else 1000
-    model = TResNet(arch, num_classes, dtype=dtype, axis_name=axis_name)
-    return model, _on_device(random_variables(arch, num_classes, seed))
+    spec = resolve(name)
+    if num_classes is None:  # a tag's own count; an architecture's classifier is ImageNet's
+        num_classes = spec.config.num_classes if spec.config.tag == name else 1000
+    model = TResNet(spec.arch, num_classes, dtype=dtype, axis_name=axis_name)
+    return model, _on_device(random_variables(spec.arch, num_classes, seed))
 
 
 def load(
@@ -116,8 +116,8 @@ def load(
     trained before, a pretrained tag, ``hf-hub:OWNER/NAME``, or an architecture (its default
     tag). Returns ``(model, variables)``, the variables on the default device; what the weights
     are (source, preprocessing, classes) is in ``load_metadata``."""
-    model, variables, _ = _read(choose_weights(name_or_path).directory_now(), dtype, axis_name)
-    return model, variables
+    loaded = _read(choose_weights(name_or_path).directory_now(), dtype, axis_name)
+    return loaded.model, loaded.variables
 
 
 def load_metadata(name_or_path: str | os.PathLike) -> dict[str, Any]:
@@ -125,17 +125,18 @@ def load_metadata(name_or_path: str | os.PathLike) -> dict[str, Any]:
     return read_metadata(choose_weights(name_or_path).directory_now())
 
 
-def _read(directory: Path, dtype: Any, axis_name: str | None) -> tuple[TResNet, Variables, dict[str, Any]]:
+def _read(directory: Path, dtype: Any, axis_name: str | None, origin: str = "") -> Loaded:
     metadata = read_metadata(directory)
-    model = TResNet(get_arch(metadata["model"]), int(metadata["num_classes"]), dtype=dtype, axis_name=axis_name)
+    spec = model_spec(metadata, directory)
+    model = TResNet(spec.arch, spec.config.num_classes, dtype=dtype, axis_name=axis_name)
     variables = read_variables(directory)
     expected = variable_shapes(model.arch, model.num_classes)
     found = {path: getattr(leaf, "shape", None) for path, leaf in traverse_util.flatten_dict(variables).items()}
     if found != expected:
         wrong = sorted(set(found.items()) ^ set(expected.items()))[:1]
         where = "/".join(wrong[0][0]) if wrong else "?"
-        raise InputError(f"{directory}: variables do not fit {metadata['model']} (first difference at {where})")
-    return model, _on_device(variables), metadata
+        raise InputError(f"{directory}: variables do not fit {spec.name} (first difference at {where})")
+    return Loaded(model, _on_device(variables), metadata, spec, origin or str(directory))
 
 
 def _on_device(variables: Variables) -> Variables:
@@ -147,34 +148,36 @@ TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 
 @dataclasses.dataclass
 class Loaded:
-    """What ``load_any`` found: the model, its variables, the weights' metadata, and one line
-    saying where they came from."""
+    """What ``load_any`` found: the model, its variables, the weights' metadata, what they are
+    (architecture, tag, preprocessing: ``spec``), and one line saying where they came from."""
 
     model: TResNet
     variables: Variables
     metadata: dict[str, Any]
+    spec: ModelSpec
     origin: str
 
 
 def load_any(
-    weights: str | os.PathLike, model_name: str | None = None, dtype: Any = jnp.float32, axis_name: str | None = None
+    weights: str | os.PathLike, model: ModelSpec | None = None, dtype: Any = jnp.float32, axis_name: str | None = None
 ) -> Loaded:
     """Weights by anything ``load`` takes or, converted in memory, a PyTorch checkpoint file
-    (``.pth``/``.pt``/``.bin``/``.safetensors``; ``model_name`` then picks the architecture
-    when the tensors fit two). For a weights name, ``model_name`` must agree with them."""
+    (``.pth``/``.pt``/``.bin``/``.safetensors``; ``model`` then picks the architecture when the
+    tensors fit two). For a weights name, ``model`` must agree with them."""
     path = Path(weights).expanduser()
     if path.suffix in TORCH_SUFFIXES:
         from tresnet_jax.weights.conversion import convert_checkpoint
         from tresnet_jax.weights.torch_io import read_state_dict
 
-        converted, metadata = convert_checkpoint(read_state_dict(path), path, model_name)
-        model = TResNet(get_arch(converted.model_name), converted.num_classes, dtype=dtype, axis_name=axis_name)
-        return Loaded(model, _on_device(converted.variables), metadata, f"{path}, converted in memory")
+        converted, metadata = convert_checkpoint(read_state_dict(path), path, model)
+        spec = model_spec(metadata, path)
+        network = TResNet(spec.arch, converted.num_classes, dtype=dtype, axis_name=axis_name)
+        return Loaded(network, _on_device(converted.variables), metadata, spec, f"{path}, converted in memory")
     choice = choose_weights(weights)
-    model, variables, metadata = _read(choice.directory_now(), dtype, axis_name)
-    if model_name is not None and get_arch(model_name) != model.arch:
-        raise InputError(f"{weights}: holds {metadata['model']} weights, not {model_name}")
-    return Loaded(model, variables, metadata, choice.description)
+    loaded = _read(choice.directory_now(), dtype, axis_name, choice.description)
+    if model is not None and model.arch != loaded.spec.arch:
+        raise InputError(f"{weights}: holds {loaded.spec.name} weights, not {model.name}")
+    return loaded
 
 
 def fingerprint(variables: Variables) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tresnet_jax.errors import InputError
-from tresnet_jax.model.registry import ARCHITECTURES, PRETRAINED
+from tresnet_jax.model.registry import ARCHITECTURES, PRETRAINED, ModelSpec, resolve
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ def fetch(repo: HubRepo) -> Fetched:
 def convert_fetched(
     repo: HubRepo,
     fetched: Fetched,
-    model_name: str | None = None,
+    model: ModelSpec | None = None,
     num_classes: int | None = None,
     tag: str | None = None,
 ) -> tuple[Any, dict[str, Any]]:
@@ -154,11 +154,11 @@ def convert_fetched(
     from tresnet_jax.weights.conversion import convert_checkpoint
     from tresnet_jax.weights.torch_io import read_state_dict
 
-    if model_name is None and fetched.config.get("architecture") in ARCHITECTURES:
-        model_name = fetched.config["architecture"]
+    if model is None and fetched.config.get("architecture") in ARCHITECTURES:
+        model = resolve(fetched.config["architecture"])
     try:
         converted, metadata = convert_checkpoint(
-            read_state_dict(fetched.checkpoint), fetched.checkpoint, model_name, num_classes, tag or repo.tag
+            read_state_dict(fetched.checkpoint), fetched.checkpoint, model, num_classes, tag or repo.tag
         )
     except InputError as err:
         raise InputError(f"{repo}: {err}") from None

@@ -8,6 +8,7 @@ and ``metadata.json`` (model, classes, preprocessing, source). Converted weights
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -20,6 +21,7 @@ import numpy as np
 from flax import traverse_util
 
 from tresnet_jax.errors import InputError
+from tresnet_jax.model.registry import PRETRAINED, ModelSpec, PretrainedConfig, resolve
 
 WEIGHTS_ENV = "TRESNET_JAX_WEIGHTS"
 VARIABLES_DIR = "variables"
@@ -156,6 +158,31 @@ def read_metadata(directory: Path) -> dict[str, Any]:
         if field not in metadata:
             raise InputError(f"{directory / METADATA_FILE}: no {field!r} entry")
     return metadata
+
+
+def model_spec(metadata: dict[str, Any], where: Path) -> ModelSpec:
+    """What stored weights are, from their metadata: the architecture (looked up once, here),
+    the tag, the classes and the preprocessing they were made for."""
+    try:
+        spec = resolve(str(metadata["model"]))
+        tag = metadata.get("tag")
+        published = PRETRAINED.get(tag) if isinstance(tag, str) else None
+        prep = metadata.get("preprocessing") or {}
+        reported = metadata.get("reported") or {}
+        config = PretrainedConfig(
+            tag if published else f"{spec.name}.untagged",
+            input_size=int(prep.get("input_size", 224)),
+            crop_pct=float(prep.get("crop_pct", 0.875)),
+            interpolation=str(prep.get("interpolation", "bilinear")),
+            num_classes=int(metadata["num_classes"]),
+            top1=reported.get("top1"),
+            top5=reported.get("top5"),
+            imagenet_v2_top1=reported.get("imagenet_v2_top1"),
+            source=published.source if published else "none",
+        )
+    except (InputError, TypeError, ValueError, AttributeError) as err:
+        raise InputError(f"{where / METADATA_FILE}: {err}") from None
+    return dataclasses.replace(spec, config=config)
 
 
 def read_variables(directory: Path) -> dict[str, Any]:
