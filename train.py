@@ -25,8 +25,9 @@ import jax
 from tresnet_jax.cli import add_run_arguments, command, start_run
 from tresnet_jax.model.registry import ARCHITECTURES
 from tresnet_jax.runtime.xla_options import request_deterministic_gpu_ops
+from tresnet_jax.train.config import TrainConfig
 from tresnet_jax.train.preemption import exit_code, signals_for_the_main_thread
-from tresnet_jax.train.run import Run, Stopped, TrainConfig
+from tresnet_jax.train.run import Run, Stopped
 from tresnet_jax.train.step import PRECISIONS
 
 DEFAULTS = TrainConfig(workdir="")

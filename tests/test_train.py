@@ -25,7 +25,9 @@ from tresnet_jax.model.initialization import random_variables
 from tresnet_jax.model.linen import TResNet
 from tresnet_jax.model.registry import resolve
 from tresnet_jax.runtime.parallel import BATCH_AXIS, data_mesh, replicate, shard_batch
-from tresnet_jax.train.run import TrainConfig, check_memory, initial_variables, suggest_batch_size
+from tresnet_jax.train.checkpoints import initial_variables
+from tresnet_jax.train.config import TrainConfig
+from tresnet_jax.train.run import check_memory, suggest_batch_size
 from tresnet_jax.train.step import OptimConfig, create_state, make_optimizer, make_train_step
 
 # The runs train tresnet_tiny (tests/tiny_model.py), the digits learning one included.

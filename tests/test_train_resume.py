@@ -19,7 +19,8 @@ from tests import tiny_model
 from tests.multihost import describe, run_processes
 from tests.training_runs import assert_trees_equal, exported, metrics, tiny_args, train_command
 from tresnet_jax.model.registry import resolve
-from tresnet_jax.train.run import TrainConfig, initial_variables
+from tresnet_jax.train.checkpoints import initial_variables
+from tresnet_jax.train.config import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("tiny_model")  # the runs train tresnet_tiny (tests/tiny_model.py)
 

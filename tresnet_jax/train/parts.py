@@ -1,0 +1,139 @@
+"""What a run is made of, built once from its TrainConfig before anything is read or written:
+its data (sources, label map, stream of global batches), the device mesh, the models, the
+optimizer and the augmentation."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import jax
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from tresnet_jax.data.augment import AugmentConfig
+from tresnet_jax.data.preprocess import check_image_size
+from tresnet_jax.data.sources import FolderSource, Source, SyntheticSource, model_labels
+from tresnet_jax.data.tfds_reader import open_split
+from tresnet_jax.data.train_stream import StreamSpec, steps_per_epoch
+from tresnet_jax.errors import InputError
+from tresnet_jax.model.linen import TResNet
+from tresnet_jax.model.registry import ModelSpec, resolve
+from tresnet_jax.runtime.parallel import BATCH_AXIS, data_mesh, local_batch_size, select_devices
+from tresnet_jax.train.config import TrainConfig
+from tresnet_jax.train.step import PRECISIONS, OptimConfig, make_optimizer
+
+VAL_SPLITS = ("validation", "test")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunParts:
+    """A run's fixed parts (``build``); its state lives in checkpoints."""
+
+    cfg: TrainConfig  # as given, but with the device count set when it is a setting (no sync_bn)
+    workdir: Path
+    lead: bool  # process 0: it prints, writes the config, the metrics and the exports
+    train_source: Source
+    val_source: Source | None
+    num_classes: int
+    label_map: np.ndarray  # training set label -> model class
+    mesh: Mesh
+    stream: StreamSpec
+    steps_per_epoch: int
+    total_steps: int
+    model_spec: ModelSpec
+    model: TResNet  # the training step's (BatchNorm over the global batch with sync_bn)
+    eval_model: TResNet
+    optim: OptimConfig
+    tx: optax.GradientTransformation
+    augment: AugmentConfig
+
+    def log(self, line: str) -> None:
+        """Print a line of the run's log (on the lead process)."""
+        if self.lead:
+            print(line, flush=True)
+
+
+def build(cfg: TrainConfig) -> RunParts:
+    """The parts of the run ``cfg`` describes; every flag is checked here, before anything is
+    read or written."""
+    check_image_size(cfg.image_size)
+    train_source, val_source = open_train_sources(cfg)
+    num_classes = cfg.num_classes or len(train_source.class_names)
+    label_map = model_labels(train_source.class_names, num_classes, train_source.name)
+    devices = select_devices(cfg.num_devices)
+    if not cfg.sync_bn:  # the devices' shards decide the statistics: the count is a setting
+        cfg = dataclasses.replace(cfg, num_devices=len(devices) // jax.process_count())
+    mesh = data_mesh(devices)
+    local_batch_size(cfg.batch_size, mesh)
+    if cfg.eval_batch_size is not None:
+        local_batch_size(cfg.eval_batch_size, mesh)
+    stream = StreamSpec(cfg.batch_size, jax.process_index(), jax.process_count(), cfg.seed)
+    epoch_steps = steps_per_epoch(train_source, stream)
+    total_steps = cfg.max_steps or cfg.epochs * epoch_steps
+    if cfg.precision not in PRECISIONS:
+        raise InputError(f"--precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
+    dtype = PRECISIONS[cfg.precision]
+    model_spec = resolve(cfg.model)  # the model name, looked up once
+    optim = OptimConfig(
+        total_steps=total_steps,
+        lr=cfg.peak_lr(),
+        schedule=cfg.schedule,
+        warmup_fraction=cfg.warmup_fraction,
+        optimizer=cfg.optimizer,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        label_smoothing=cfg.label_smoothing,
+        ema_decay=cfg.ema_decay,
+        mixup=cfg.mixup,
+        cutmix=cfg.cutmix,
+        precision=cfg.precision,
+    )
+    augment = AugmentConfig(
+        image_size=cfg.image_size,
+        crop_scale=(cfg.crop_min_scale, 1.0),
+        flip=cfg.flip,
+        randaugment_ops=cfg.randaugment_ops,
+        randaugment_magnitude=cfg.randaugment_magnitude,
+        cutout=cfg.cutout,
+    )
+    return RunParts(
+        cfg=cfg,
+        workdir=Path(cfg.workdir).expanduser().absolute(),
+        lead=jax.process_index() == 0,
+        train_source=train_source,
+        val_source=val_source,
+        num_classes=num_classes,
+        label_map=label_map,
+        mesh=mesh,
+        stream=stream,
+        steps_per_epoch=epoch_steps,
+        total_steps=total_steps,
+        model_spec=model_spec,
+        model=TResNet(model_spec.arch, num_classes, dtype=dtype, axis_name=BATCH_AXIS if cfg.sync_bn else None),
+        eval_model=TResNet(model_spec.arch, num_classes, dtype=dtype),
+        optim=optim,
+        tx=make_optimizer(optim),
+        augment=augment,
+    )
+
+
+def open_train_sources(cfg: TrainConfig) -> tuple[Source, Source | None]:
+    """(training set, validation set or None)."""
+    if cfg.synthetic_data:
+        return SyntheticSource(cfg.synthetic_data, cfg.num_classes or 1000), None
+    if cfg.train_dir:
+        train = FolderSource.scan(cfg.train_dir)
+    elif cfg.dataset:
+        train = open_split(cfg.dataset, cfg.data_dir, default_split="train")
+    else:
+        raise InputError("no training data: pass --train_dir DIR or --dataset NAME")
+    if cfg.val_dir:
+        return train, FolderSource.scan(cfg.val_dir)
+    if cfg.val_dataset:
+        return train, open_split(cfg.val_dataset, cfg.data_dir)
+    if cfg.dataset:  # the dataset's validation (or test) split, if it has one
+        name = cfg.dataset.partition(":")[0]
+        return train, next((open_split(f"{name}:{s}", cfg.data_dir) for s in VAL_SPLITS if s in train.splits), None)
+    return train, None

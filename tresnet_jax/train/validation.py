@@ -1,0 +1,34 @@
+"""Validation during and at the end of a run: top-1, top-5 and loss of the weights (and of their
+EMA) on the validation set, logged as a metrics row and a line."""
+
+from __future__ import annotations
+
+from tresnet_jax.data.preprocess import Preprocessing
+from tresnet_jax.data.sources import model_labels
+from tresnet_jax.evaluation import evaluate_many
+from tresnet_jax.train.metrics import MetricsLog
+from tresnet_jax.train.parts import RunParts
+from tresnet_jax.train.step import TrainState
+
+
+def validate(parts: RunParts, state: TrainState, step: int, metrics_log: MetricsLog) -> dict[str, float]:
+    """The metrics row of ``state`` at ``step`` on the validation set (``ema_``-prefixed for the
+    EMA); empty when the run has no validation set."""
+    if parts.val_source is None:
+        return {}
+    cfg = parts.cfg
+    prep = Preprocessing(cfg.image_size)
+    labels = model_labels(parts.val_source.class_names, parts.num_classes, parts.val_source.name)
+    batch = cfg.eval_batch_size or cfg.batch_size
+    weights = {"": {"params": state.params, "batch_stats": state.batch_stats}}
+    if state.ema_params is not None:
+        weights["ema_"] = {"params": state.ema_params, "batch_stats": state.ema_batch_stats}
+    results = evaluate_many(parts.eval_model, weights, parts.val_source, prep, labels, batch, parts.mesh)
+    row = {
+        f"{prefix}val_{k}": getattr(result, k) for prefix, result in results.items() for k in ("top1", "top5", "loss")
+    }
+    epoch = step / parts.steps_per_epoch
+    metrics_log.write({"step": step, "epoch": epoch, **row})
+    ema = f" (EMA {row['ema_val_top1']:.2f})" if "ema_val_top1" in row else ""
+    parts.log(f"epoch {epoch:g}: validation top-1 {row['val_top1']:.2f}{ema}")
+    return row
