@@ -1,6 +1,6 @@
 """Exact, data-parallel evaluation: every image counted once on any number of devices, hosts
 and any batch size (the last batch is padded and masked), corrupt images skipped and listed.
-Images are read by index (tresnet_jax/datasets.py) and preprocessed by a pool of host threads;
+Images are read by index (``data.sources``) and preprocessed by a pool of host threads;
 several sets of weights (a model and its EMA) are evaluated in one pass over the data."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Training augmentation of TResNet with PIL and NumPy, run per image on the host's threads or
-processes (``loader.ordered_map``; PIL releases the GIL while it decodes, resizes and transforms).
+processes (``host_pool.ordered_map``; PIL releases the GIL while it decodes, resizes and transforms).
 
 The recipe: inception crop (a random box of ``crop_scale`` of the area with a log-uniform aspect
 ratio in ``crop_ratio``, resized to the input size with antialiased bilinear resampling),

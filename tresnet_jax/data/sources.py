@@ -1,5 +1,5 @@
 """Labelled image sources for evaluation and training: a folder per class, or a TFDS dataset
-prepared on disk (read without TensorFlow, tresnet_jax/tfds_reader.py). Both are random
+prepared on disk (read without TensorFlow, ``data.tfds_reader``). Both are random
 access: index i is the i-th image of the split in its own order (sorted files; TFDS's split
 order), the one numbering of batches, logits rows, skip reports and resumed training streams.
 

@@ -1,7 +1,7 @@
 """The training input stream: deterministic per (seed, step), resumable at any step in O(1), and
 split across processes so that every process count sees the same global batches.
 
-Every source is read by index (folders and TFDS splits alike, tresnet_jax/datasets.py): each
+Every source is read by index (folders and TFDS splits alike, ``data.sources``): each
 epoch is a seeded permutation of the images, global batch ``k`` is its ``k``-th slice, process
 ``p`` takes the ``p``-th part of that slice, and an image's augmentation is drawn from (run
 seed, epoch, image index). Resuming at step ``s`` starts at the right slice of the right

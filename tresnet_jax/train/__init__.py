@@ -1,6 +1,8 @@
-"""Training: the compiled step (optimizer, schedule, EMA, fp16 loss scaling: ``step``), the run in
-its workdir (``run``: build, resume and checkpoints, the step loop, validation, export),
-preemption by signals, and TensorBoard event files.
+"""Training: the compiled step (optimizer, schedule, EMA, fp16 loss scaling: ``step``) and a run
+in its workdir, by job: the configuration and its resume check (``config``), what a run is made
+of (``parts``), resume and checkpoints (``checkpoints``), the step loop (``run``) with what it
+records (``metrics``), ``validation``, the ``export`` of the final weights; preemption by
+signals (``preemption``) and TensorBoard event files (``events``).
 
 May import everything below it: ``model``, ``weights``, ``data``, ``runtime``, ``evaluation``,
 ``errors``, ``progress``.
