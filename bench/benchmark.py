@@ -31,8 +31,8 @@ from typing import Any
 import jax
 import torch
 
+from bench.gpu.max_batch import largest_fitting, probe_fits
 from bench.jax_side import jax_runner
-from bench.max_batch import largest_fitting, probe_fits
 from bench.report import (
     add_speedups,
     cpu_cores,

@@ -59,7 +59,7 @@ from PIL import Image, ImageOps, features
 from timm.data import create_transform
 from timm.data.transforms_factory import transforms_imagenet_eval, transforms_imagenet_train
 
-from bench.photos import BUNDLED, generated_image
+from bench.gpu.photos import BUNDLED, generated_image
 from tresnet_jax.data.augment import AugmentConfig
 from tresnet_jax.data.host_pool import THREADS_UP_TO, host_threads, ordered_map, stack_rows
 from tresnet_jax.data.preprocess import Preprocessing

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from bench import benchmark
-from bench.max_batch import largest_fitting
+from bench.gpu.max_batch import largest_fitting
 from bench.report import add_speedups
 from bench.spec import BenchSpec
 from bench.xla_profile import program_ops

@@ -1,4 +1,4 @@
-"""The GPU device suite (``bench/gpu_suite.py --smoke``, on the CPU, in a process where
+"""The GPU device suite (``bench/gpu/gpu_suite.py --smoke``, on the CPU, in a process where
 TensorFlow cannot be imported, as on the lent GPU machines) and the parts of the GPU path a
 CPU can check: true float32 in the compiled steps, BatchNorm per device or synchronised,
 metrics read one step late, deterministic GPU kernels on request, eval's default batch."""
@@ -18,10 +18,10 @@ import pytest
 import eval as eval_cli
 import train as train_cli
 import tresnet_jax
-from bench import gpu_suite, photos
-from bench.flops import bf16_peak_tflops, flops_per_image
-from bench.max_batch import bounded_search
-from bench.numerics import agreement
+from bench.gpu import gpu_suite, photos
+from bench.gpu.flops import bf16_peak_tflops, flops_per_image
+from bench.gpu.max_batch import bounded_search
+from bench.gpu.numerics import agreement
 from tests.blocked_imports import blocker
 from tests.tiny_model import SPEC as TINY  # one block a stage
 from tresnet_jax.evaluation import batch_spec, make_eval_step
@@ -51,7 +51,7 @@ def smoke(tmp_path_factory):
         "PYTHONPATH": os.pathsep.join([str(root / "site"), str(REPO)]),
         "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
     }
-    command = [sys.executable, str(REPO / "bench" / "gpu_suite.py"), "--smoke", "--output", str(root / "out"),
+    command = [sys.executable, str(REPO / "bench" / "gpu" / "gpu_suite.py"), "--smoke", "--output", str(root / "out"),
                "--cache-dir", str(root / "cache")]  # fmt: skip
     done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
     results = {p.stem: json.loads(p.read_text()) for p in (root / "out").glob("*.json")}

@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 import tresnet_jax
-from bench.photos import generated_image
+from bench.gpu.photos import generated_image
 from tresnet_jax.evaluation import compiled_eval_step, pad_batch
 from tresnet_jax.runtime.parallel import BATCH_AXIS, data_mesh, host_copy, prefetch_to_devices, replicate
 from tresnet_jax.train.run import LaggedMetrics, TrainConfig

@@ -19,7 +19,7 @@ import torch
 
 from tests.reference import parity_error, random_timm_model
 from tresnet_jax.model.linen import TResNet
-from tresnet_jax.model.registry import get_arch
+from tresnet_jax.model.registry import resolve
 from tresnet_jax.runtime.xla_options import matmul_precision
 from tresnet_jax.weights.conversion import convert_state_dict
 
@@ -43,7 +43,7 @@ def check_numerics(
     variables = jax.device_put(convert_state_dict({k: v.numpy() for k, v in reference.state_dict().items()}).variables)
     with true_float32_torch():
         expected = timm_logits(reference, images, device)
-    model = TResNet(get_arch(MODEL), expected.shape[-1])
+    model = TResNet(resolve(MODEL).arch, expected.shape[-1])
     float32 = None
     for name in checks:
         dtype, precision = CHECKS[name]

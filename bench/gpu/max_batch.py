@@ -6,7 +6,7 @@ training steps, prints what it measured as one JSON line (compile time, peak dev
 device's capacity) and exits 0, or 3 when the device ran out of memory. JAX is told not to
 preallocate and may grow to 95 % of the device, as PyTorch's caching allocator may.
 
-    python -m bench.max_batch --framework jax --model tresnet_m --precision bf16 --batch-size 256
+    python -m bench.gpu.max_batch --framework jax --model tresnet_m --precision bf16 --batch-size 256
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from bench.spec import MODES, PRECISIONS, BenchSpec
 
 EXIT_FITS, EXIT_OUT_OF_MEMORY = 0, 3
 KILLED = -9  # the operating system's out-of-memory killer (host memory on CPU)
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 PROBE_ENV = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false", "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.95"}
 
 
@@ -88,7 +88,7 @@ def probe(framework: str, spec: BenchSpec, timeout_s: float, env: Mapping[str, s
     """Run a training step of ``spec`` in a fresh process (with ``env`` added to its
     environment): ``{"fits": True, ...what it measured}``, or ``{"fits": False}``."""
     command = [
-        sys.executable, "-m", "bench.max_batch", "--framework", framework, "--model", spec.model,
+        sys.executable, "-m", "bench.gpu.max_batch", "--framework", framework, "--model", spec.model,
         "--precision", spec.precision, "--batch-size", str(spec.batch_size), "--image-size", str(spec.image_size),
         "--num-classes", str(spec.num_classes),
     ]  # fmt: skip

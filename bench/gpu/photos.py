@@ -1,4 +1,4 @@
-"""Photographs for the numerical checks of ``bench/gpu_suite.py``, with nothing but PIL.
+"""Photographs for the numerical checks of ``bench/gpu/gpu_suite.py``, with nothing but PIL.
 
 Reduced precision is judged on real photographs, whose statistics random pixels do not have.
 The suite takes them from a folder (``--photos DIR``), else from scikit-image's sample
@@ -6,7 +6,7 @@ photographs when scikit-image is installed, else from the four the notebook ship
 (``notebooks/images``), else it generates images; it says which. A machine without
 scikit-image (the lent GPU machines) gets all twelve from a folder written here:
 
-    python -m bench.photos runs/photos     # scikit-image's photographs as JPEG, about 0.4 MB
+    python -m bench.gpu.photos runs/photos     # scikit-image's photographs as JPEG, about 0.4 MB
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "moon", 
                   "hubble_deep_field", "immunohistochemistry", "retina")  # fmt: skip
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 WRITTEN_SIDE = 320  # shorter side of the photographs ``main`` writes
-BUNDLED = Path(__file__).resolve().parents[1] / "notebooks" / "images"
+BUNDLED = Path(__file__).resolve().parents[2] / "notebooks" / "images"
 
 
 def photographs(size: int, folder: Path | None = None, limit: int = 16) -> tuple[np.ndarray, str]:

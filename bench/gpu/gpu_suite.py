@@ -1,7 +1,7 @@
 """Every figure the project needs from a GPU, in one command that fits a short lease.
 
-    python bench/gpu_suite.py --output $OUT/gpu --photos runs/photos     # on the GPU: about 8 min
-    python bench/gpu_suite.py --output runs/smoke --smoke                 # every code path at toy sizes, CPU
+    python bench/gpu/gpu_suite.py --output $OUT/gpu --photos runs/photos     # on the GPU: about 8 min
+    python bench/gpu/gpu_suite.py --output runs/smoke --smoke                 # every code path at toy sizes, CPU
 
 Sections, in this order; each runs on its own (an error is recorded with its traceback and the
 next section runs), within its time budget (what does not fit is recorded as skipped), and
@@ -10,7 +10,7 @@ every section:
 
   environment   GPU, driver, CUDA, cuDNN, JAX/jaxlib/PyTorch/timm versions, the bf16 peak used below
   correctness   tresnet_m against timm on the same device in true float32 (and with TF32), its
-                bf16 and fp16 logits against float32 on photographs (bench/numerics.py)
+                bf16 and fp16 logits against float32 on photographs (bench/gpu/numerics.py)
   inference     images/s of M, L, XL in bf16 and fp16 at a batch that fills the GPU: JAX against
                 timm AMP eager (NCHW and channels_last) and torch.compile, interleaved in one process
   training      the training step of M, bf16, batch 256, compared the same way; compile time
@@ -19,7 +19,7 @@ every section:
                 probes and time), the compile time from the persistent cache, peak memory per image
   end_to_end    the library's compiled evaluation and training steps (what eval.py and train.py
                 run) on synthetic batches fed from the host, and the host's JPEG decoding rate
-                (bench/end_to_end.py; the input pipeline itself: bench/input_pipeline.py)
+                (bench/gpu/end_to_end.py; the input pipeline itself: bench/input_pipeline.py)
 
 JAX's persistent compilation cache lives in --cache-dir (default runs/gpu_suite_cache, kept
 between calls on a warm lent machine, so a second run compiles nothing).
@@ -35,7 +35,7 @@ from pathlib import Path
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import argparse
 import dataclasses
@@ -52,13 +52,13 @@ from typing import Any
 import jax
 import torch
 
-from bench import end_to_end, flops, numerics
 from bench.benchmark import measure
-from bench.max_batch import bounded_search, probe
-from bench.photos import photographs
+from bench.gpu import end_to_end, flops, numerics
+from bench.gpu.max_batch import bounded_search, probe
+from bench.gpu.photos import photographs
+from bench.gpu.suite_report import markdown
 from bench.report import add_speedups, environment
 from bench.spec import BenchSpec
-from bench.suite_report import markdown
 from bench.timm_side import torch_device
 from tresnet_jax.cli import COMPILATION_CACHE_ENV, command, enable_compilation_cache
 from tresnet_jax.errors import InputError
@@ -336,7 +336,7 @@ def ratios(rows: list[dict[str, Any]]) -> dict[str, float | None]:
 
 
 def _with_flops(result: dict[str, Any], spec: BenchSpec, ctx: Context) -> dict[str, Any]:
-    """Each row's fraction of the card's bf16 peak (stated FLOPs, bench/flops.py), and XLA's
+    """Each row's fraction of the card's bf16 peak (stated FLOPs, bench/gpu/flops.py), and XLA's
     own count of the JAX step per image."""
     name = _device_name(ctx)
     per_image = flops.flops_per_image(spec.model, spec.image_size, spec.mode)
@@ -449,7 +449,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--output", type=Path, required=True, help="directory for the JSON files and summary.md")
     parser.add_argument("--smoke", action="store_true", help="toy sizes, every code path (CI runs it on the CPU)")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, of: {', '.join(SECTIONS)}")
-    parser.add_argument("--photos", type=Path, help="folder of photographs for the checks (see bench/photos.py)")
+    parser.add_argument("--photos", type=Path, help="folder of photographs for the checks (see bench/gpu/photos.py)")
     parser.add_argument(
         "--time-limit", type=float, help="seconds for the sections, after start-up (default: 480; none with --smoke)"
     )

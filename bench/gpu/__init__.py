@@ -1,0 +1,9 @@
+"""The one-call GPU suite and the sections it runs: ``gpu_suite`` (``python bench/gpu/gpu_suite.py``,
+every figure the project needs from a lent GPU, in sections with time budgets), ``numerics``
+(parity with timm and reduced precision on photographs), ``end_to_end`` (the compiled steps
+that train.py and eval.py run, fed from the host), ``flops`` (FLOPs per image, the cards' bf16
+peaks, for the MFU), ``photos`` (the photographs for the checks), ``max_batch`` (the largest
+training batch that fits, one fresh process per probe) and ``suite_report`` (its summary.md).
+These modules may import ``bench``'s shared helpers (``timing``, ``spec``, ``jax_side``,
+``timm_side``, ``report``, ``benchmark``) and ``tresnet_jax``, and each other.
+"""
