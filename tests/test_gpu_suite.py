@@ -29,7 +29,8 @@ from tresnet_jax.model.initialization import random_variables
 from tresnet_jax.model.linen import TResNet
 from tresnet_jax.runtime.parallel import BATCH_AXIS, data_mesh, replicate, shard_batch
 from tresnet_jax.runtime.xla_options import DETERMINISTIC_GPU_FLAG, TF32_VARIABLE, request_deterministic_gpu_ops
-from tresnet_jax.train.run import LaggedMetrics, TrainConfig, check_resumable
+from tresnet_jax.train.config import TrainConfig, check_resumable
+from tresnet_jax.train.metrics import LaggedMetrics
 from tresnet_jax.train.step import OptimConfig, create_state, make_optimizer, make_train_step
 
 REPO = Path(__file__).resolve().parent.parent

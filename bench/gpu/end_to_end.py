@@ -27,7 +27,8 @@ import tresnet_jax
 from bench.gpu.photos import generated_image
 from tresnet_jax.evaluation import compiled_eval_step, pad_batch
 from tresnet_jax.runtime.parallel import BATCH_AXIS, data_mesh, host_copy, prefetch_to_devices, replicate
-from tresnet_jax.train.run import LaggedMetrics, TrainConfig
+from tresnet_jax.train.config import TrainConfig
+from tresnet_jax.train.metrics import LaggedMetrics
 from tresnet_jax.train.step import PRECISIONS, OptimConfig, create_state, make_optimizer, make_train_step
 
 LOG_EVERY = TrainConfig(workdir="").log_every  # train.py's default
