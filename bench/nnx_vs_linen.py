@@ -32,9 +32,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
-import tresnet_jax.nnx
 from flax import nnx as fnnx
 
+import tresnet_jax.nnx
 from bench.jax_side import TrainState, initialised, jax_runner, memory_notes, train_loop
 from bench.report import device_name, environment, result_row, write_json
 from bench.spec import BenchSpec, synthetic_batch, validate

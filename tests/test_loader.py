@@ -82,4 +82,4 @@ def test_the_fork_server_preloads_the_function_s_module_and_the_main_script_s_im
     fn = PreprocessedImage(None, Preprocessing(64))
     assert server_preload(fn) == ["tresnet_jax.evaluation"]  # a notebook: workers do not run it again
     main.__file__ = "eval.py"
-    assert server_preload(fn) == ["numpy", "tresnet_jax.augment", "tresnet_jax.evaluation"]
+    assert server_preload(fn) == ["numpy", "tresnet_jax.data.augment", "tresnet_jax.evaluation"]
