@@ -3,8 +3,10 @@ prepared on disk (read without TensorFlow, ``data.tfds_reader``). Both are rando
 access: index i is the i-th image of the split in its own order (sorted files; TFDS's split
 order), the one numbering of batches, logits rows, skip reports and resumed training streams.
 
-A source has ``name``, ``class_names``, ``len()``, ``record(i) -> (encoded bytes, label)`` and
-``describe(i)`` (how a message names image i).
+A source has ``name``, ``class_names``, ``multi_label``, ``len()``, ``record(i) -> (encoded
+bytes, label)`` and ``describe(i)`` (how a message names image i). A label is a class index of
+``class_names`` (``int``) for a single-label source, a tuple of them (possibly empty) for a
+multi-label one; ``label_rows`` turns a batch of either into the model's targets.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import numpy as np
 from tresnet_jax.data.classes import imagenet_index
 from tresnet_jax.errors import InputError
 
+Label = int | tuple[int, ...]  # one class, or the classes present (multi-label)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
@@ -31,6 +34,7 @@ class FolderSource:
     class_names: list[str]
     files: list[str]
     labels: np.ndarray
+    multi_label = False
 
     @classmethod
     def scan(cls, root: str | os.PathLike) -> FolderSource:
@@ -74,6 +78,7 @@ class SyntheticSource:
 
     size: int
     num_classes: int = 1000
+    multi_label = False
 
     @property
     def name(self) -> str:
@@ -103,10 +108,11 @@ class Source(Protocol):
     def name(self) -> str: ...
 
     class_names: list[str]
+    multi_label: bool  # labels are tuples of classes present, not one class
 
     def __len__(self) -> int: ...
 
-    def record(self, index: int) -> tuple[bytes, int]: ...
+    def record(self, index: int) -> tuple[bytes, Label]: ...
 
     def describe(self, index: int) -> str: ...
 

@@ -11,6 +11,9 @@ from tresnet_jax.errors import InputError
 from tresnet_jax.weights.storage import write_file_atomically
 
 CONFIG_FILE = "config.json"
+LOSSES = ("cross_entropy", "asl", "bce")
+MULTI_LABEL_LOSSES = ("asl", "bce")
+RESIZES = ("crop", "squish")
 # Settings that may change when a run is resumed: they do not change what is computed (the
 # device count only changes the order of float additions).
 RESUMABLE = {
@@ -31,6 +34,7 @@ class TrainConfig:
     """Everything that defines a run; written to ``workdir/config.json``."""
 
     workdir: str
+    recipe: str | None = None  # the recipe (train/recipes) the other values started from
     model: str = "tresnet_m"
     num_classes: int | None = None  # default: the training set's classes
     init: str | None = None  # converted weights (name, directory or PyTorch file) to fine-tune
@@ -39,18 +43,26 @@ class TrainConfig:
     train_dir: str | None = None
     val_dir: str | None = None
     data_dir: str | None = None
+    train_labels: str | None = None  # multi-label CSV (image,labels), images relative to its folder
+    val_labels: str | None = None
+    classes: str | None = None  # class names, one a line (default: the sorted names the CSVs use)
     synthetic_data: int | None = None  # random images as an epoch of this many, instead of a dataset
     image_size: int = 224
+    resize: str = "crop"  # crop: inception crop / resize + centre crop; squish: whole image to size x size
     epochs: int = 300
     max_steps: int | None = None
     batch_size: int = 256
-    lr: float | None = None  # default: 0.1 * batch / 256 (sgd), 2e-4 * batch / 256 * 4 (adamw)
+    lr: float | None = None  # default: 0.1 * batch / 256 (sgd), 8e-4 * batch / 256 (adam, adamw)
     schedule: str = "onecycle"
     warmup_fraction: float = 0.2
     optimizer: str = "sgd"
     momentum: float = 0.9
     weight_decay: float = 1e-4
     label_smoothing: float = 0.1
+    loss: str = "cross_entropy"  # softmax cross-entropy (single-label) | asl | bce (multi-label)
+    asl_gamma_neg: float = 4.0  # asl: focusing exponent of the negatives
+    asl_gamma_pos: float = 0.0  # asl: of the positives
+    asl_clip: float = 0.05  # asl: probability margin shifted off the negatives
     crop_min_scale: float = 0.08  # inception crop: smallest fraction of the image area
     flip: bool = True
     randaugment_ops: int = 2
@@ -74,7 +86,12 @@ class TrainConfig:
     def peak_lr(self) -> float:
         if self.lr is not None:
             return self.lr
-        return (8e-4 if self.optimizer == "adamw" else 0.1) * self.batch_size / 256
+        return (0.1 if self.optimizer == "sgd" else 8e-4) * self.batch_size / 256
+
+    @property
+    def multi_label(self) -> bool:
+        """Sigmoid outputs and multi-hot targets (the loss says so)."""
+        return self.loss in MULTI_LABEL_LOSSES
 
 
 def check_resumable(workdir: Path, cfg: TrainConfig) -> None:
@@ -84,7 +101,9 @@ def check_resumable(workdir: Path, cfg: TrainConfig) -> None:
     resumable = RESUMABLE if cfg.sync_bn else RESUMABLE - {"num_devices"}
     current = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in resumable}
     if path.exists():
-        stored = {k: v for k, v in json.loads(path.read_text()).items() if k not in resumable}
+        # A setting added after the run was written has its default there.
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+        stored = {k: v for k, v in {**defaults, **json.loads(path.read_text())}.items() if k not in resumable}
         changed = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
         if changed:
             details = ", ".join(f"{k} {stored.get(k)!r} -> {current.get(k)!r}" for k in changed[:4])

@@ -50,7 +50,7 @@ class OptimConfig:
     lr: float = 0.2  # peak learning rate
     schedule: str = "onecycle"  # onecycle | cosine | constant
     warmup_fraction: float = 0.2  # of the steps, rising to the peak
-    optimizer: str = "sgd"  # sgd (Nesterov momentum) | adamw
+    optimizer: str = "sgd"  # sgd (Nesterov momentum) | adam (L2 on kernels) | adamw (decoupled decay)
     momentum: float = 0.9
     weight_decay: float = 1e-4  # decoupled, not applied to norms and biases
     label_smoothing: float = 0.1
@@ -97,6 +97,12 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
     schedule = learning_rate(cfg)
     if cfg.optimizer == "adamw":
         tx = optax.adamw(schedule, weight_decay=cfg.weight_decay, mask=decay_mask)
+    elif cfg.optimizer == "adam":  # L2 added to the gradients before Adam, as ASL's torch.optim.Adam
+        tx = optax.chain(
+            optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask),
+            optax.scale_by_adam(),
+            optax.scale_by_learning_rate(schedule),
+        )
     else:
         tx = optax.chain(
             optax.trace(cfg.momentum, nesterov=True),
