@@ -1,9 +1,12 @@
-"""ImageNet (or any labelled image set) top-1/top-5 of TResNet weights, on every local device.
+"""ImageNet (or any labelled image set) top-1/top-5 of TResNet weights, on every local device;
+the mAP of multi-label weights on multi-label data.
 
     python eval.py --model tresnet_m                          # TFDS imagenet2012 validation
     python eval.py --model tresnet_m --val_dir /data/imagenet/val
     python eval.py --weights tresnet_m_448.pth --squish --dataset imagenet_v2
     python eval.py --model tresnet_m --output results.json --save-logits logits.npz
+    python eval.py --model tresnet_l.asl_coco_448 --dataset coco/2014     # mAP, per-class AP in --output
+    python eval.py --model runs/ml/export --val-labels val.csv --classes classes.txt
 
 Weights (--model): a name given at conversion or training, a pretrained tag
 (tresnet_m.miil_in1k), hf-hub:OWNER/NAME, or an architecture (its default pretrained tag);
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -26,9 +30,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from tresnet_jax.cli import add_run_arguments, command, start_run
+from tresnet_jax.data.labels_csv import CsvSource, classes_in, read_class_file
 from tresnet_jax.data.preprocess import INTERPOLATIONS, Preprocessing, check_image_size
-from tresnet_jax.data.sources import FolderSource, Source, SyntheticSource, model_labels
+from tresnet_jax.data.sources import FolderSource, LabelMap, Source, SyntheticSource, model_labels
 from tresnet_jax.data.tfds_reader import open_split
+from tresnet_jax.errors import InputError
 from tresnet_jax.evaluation import EvalResult, evaluate
 from tresnet_jax.model.registry import resolve
 from tresnet_jax.progress import ProgressBar
@@ -55,7 +61,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     data = parser.add_argument_group("data (default: --dataset imagenet2012)")
     source = data.add_mutually_exclusive_group()
     source.add_argument("--val_dir", "--val-dir", type=Path, help="folder per class (sorted WordNet ids)")
-    source.add_argument("--dataset", help="prepared TFDS dataset NAME[:SPLIT], e.g. imagenet_v2, imagenette")
+    source.add_argument("--dataset", help="prepared TFDS dataset NAME[:SPLIT], e.g. imagenet_v2, imagenette, voc/2007")
+    source.add_argument(
+        "--val-labels", type=Path, metavar="CSV", help="multi-label images: a CSV image,labels (space-separated names)"
+    )
     source.add_argument(
         "--synthetic-data",
         type=int,
@@ -66,11 +75,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "compiled evaluation alone",
     )
     data.add_argument("--data_dir", "--data-dir", help="TFDS data directory (default: TFDS's)")
+    data.add_argument(
+        "--classes", type=Path, metavar="FILE", help="--val-labels: class names one a line (default: the CSV's, sorted)"
+    )
     prep = parser.add_argument_group("preprocessing (default: the weights' pretrained configuration)")
     prep.add_argument("--image-size", type=int)
     prep.add_argument("--crop-pct", type=float)
     prep.add_argument("--interpolation", choices=INTERPOLATIONS)
-    prep.add_argument("--squish", action="store_true", help="resize to size x size, no crop (official 448 eval)")
+    prep.add_argument(
+        "--squish",
+        action=argparse.BooleanOptionalAction,
+        help="resize to size x size, no crop (official 448 eval; ASL's weights squish by default)",
+    )
     run = parser.add_argument_group("run")
     run.add_argument(
         "--dtype", choices=[*DTYPES, "auto"], default="auto", help="auto: bfloat16 on GPU/TPU, else float32"
@@ -85,6 +101,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         check_image_size(args.image_size)
     if args.synthetic_data is not None and args.synthetic_data <= 0:
         parser.error("--synthetic-data must be positive")
+    if args.classes is not None and args.val_labels is None:
+        parser.error("--classes goes with --val-labels")
     for path in (args.output, args.save_logits):
         if path is not None and not path.absolute().parent.is_dir():
             parser.error(f"{path.parent}: no such directory")
@@ -106,13 +124,16 @@ def preprocessing(args: argparse.Namespace, metadata: dict) -> Preprocessing:
         input_size=args.image_size or int(base["input_size"]),
         crop_pct=args.crop_pct or float(base["crop_pct"]),
         interpolation=args.interpolation or str(base["interpolation"]),
-        squish=args.squish,
+        squish=bool(base.get("squish", False)) if args.squish is None else args.squish,
     )
 
 
 def open_source(args: argparse.Namespace) -> Source:
     if args.val_dir is not None:
         return FolderSource.scan(args.val_dir)
+    if args.val_labels is not None:
+        names = read_class_file(args.classes) if args.classes else classes_in([args.val_labels])
+        return CsvSource.read(args.val_labels, names, str(args.classes) if args.classes else None)
     return open_split(args.dataset or "imagenet2012", args.data_dir)
 
 
@@ -122,18 +143,57 @@ def compute_dtype(name: str):
     return DTYPES[name]
 
 
-def report(args, result: EvalResult, metadata: dict, weights_hash: str, prep, source, dtype, batch, mesh) -> dict:
+def class_names_of(metadata: dict, label_map: LabelMap, source: Source) -> list[str]:
+    """The model's class names: the weights' own, else the data's (by the label map), else numbers."""
+    stored = metadata.get("class_names")
+    if stored is not None and len(stored) == label_map.num_classes:
+        return [str(name) for name in stored]
+    names = [str(i) for i in range(label_map.num_classes)]
+    for name, model_class in zip(source.class_names, label_map.classes, strict=True):
+        names[model_class] = str(name)
+    return names
+
+
+def check_label_kind(metadata: dict, source: Source) -> None:
+    """Multi-label weights go with multi-label data, single-label with single-label: one line
+    before anything is compiled."""
+    multi_label = bool(metadata.get("multi_label", False))
+    if multi_label and not source.multi_label:
+        raise InputError(
+            f"these weights are multi-label (a sigmoid per class) but {source.name} is single-label; "
+            "evaluate them on multi-label data (--dataset voc/2007, coco/2014, --val-labels CSV)"
+        )
+    if source.multi_label and not multi_label:
+        raise InputError(
+            f"{source.name} is multi-label but these weights are single-label (softmax over the classes); "
+            "evaluate multi-label weights (trained with --loss asl/bce, or ASL's converted with --tag)"
+        )
+
+
+def report(
+    args, result: EvalResult, metadata: dict, weights_hash: str, prep, source, dtype, batch, mesh, label_map
+) -> dict:
     """Everything a results file records, for comparing runs later."""
     device = mesh.devices.flat[0]
+    reported = metadata.get("reported") or {}
+    if result.per_class_ap is not None:
+        names = class_names_of(metadata, label_map, source)
+        per_class = zip(names, result.per_class_ap.tolist(), strict=True)
+        quality = {
+            "per_class_AP": {name: None if math.isnan(ap) else ap for name, ap in per_class},
+            "reported_mAP": reported.get("mAP"),
+        }
+    else:
+        quality = {"reported_top1": reported.get("top1")}
     return {
         **result.metrics(),
+        **quality,
         "model": metadata["model"],
         "num_classes": metadata["num_classes"],
         "weights": weights_argument(args),
         "weights_sha256": weights_hash,
         "source": metadata.get("source"),
         "tag": metadata.get("tag"),
-        "reported_top1": (metadata.get("reported") or {}).get("top1"),
         "dataset": source.name,
         "preprocessing": prep.to_dict(),
         "dtype": jnp.dtype(dtype).name,
@@ -149,7 +209,7 @@ def report(args, result: EvalResult, metadata: dict, weights_hash: str, prep, so
 
 def save_logits(path: Path, result: EvalResult, source) -> None:
     arrays = {"logits": result.logits, "labels": result.labels}
-    if isinstance(source, FolderSource):
+    if isinstance(source, FolderSource | CsvSource):
         arrays["files"] = np.asarray(source.files)
 
     def write(tmp: str) -> None:
@@ -170,9 +230,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     source = None if args.synthetic_data else open_source(args)
     loaded = load_any(weights_argument(args), resolve(args.model) if args.weights and args.model else None, dtype=dtype)
     model, variables, metadata = loaded.model, loaded.variables, loaded.metadata
-    source = source or SyntheticSource(args.synthetic_data, model.num_classes)
+    source = source or SyntheticSource(args.synthetic_data, model.num_classes, bool(metadata.get("multi_label")))
+    check_label_kind(metadata, source)
     prep = preprocessing(args, metadata)
-    label_map = model_labels(source.class_names, model.num_classes, source.name)
+    label_map = model_labels(source, model.num_classes, metadata.get("class_names"))
     devices = select_devices(args.num_devices)
     mesh = data_mesh(devices)
     batch = args.batch_size or default_batch_size(mesh)
@@ -196,9 +257,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = evaluate(model, variables, source, prep, label_map, batch, mesh, args.save_logits is not None, bar.update)
     bar.close()
     if lead:
+        quality = (
+            f"mAP {result.mean_ap:.3f}" if result.top1 is None else f"top-1 {result.top1:.3f} | top-5 {result.top5:.3f}"
+        )
         print(
-            f"images {result.num_images} | top-1 {result.top1:.3f} | top-5 {result.top5:.3f} | "
-            f"loss {result.loss:.4f} | {result.images_per_second:.1f} images/s | skipped {len(result.skipped)}"
+            f"images {result.num_images} | {quality} | loss {result.loss:.4f} | "
+            f"{result.images_per_second:.1f} images/s | skipped {len(result.skipped)}"
         )
         print(
             f"seconds: set-up {setup_seconds:.1f} (weights, data index, devices), "
@@ -210,11 +274,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"skipped {name}: {reason}")
         if len(result.skipped) > 20:
             print(f"... and {len(result.skipped) - 20} more skipped (all listed in --output)")
-        reported = (metadata.get("reported") or {}).get("top1")
-        if reported is not None and metadata.get("tag"):
-            print(f"reported top-1 of {metadata['tag']} (timm, ImageNet-1k val): {reported:.3f}")
+        reported = metadata.get("reported") or {}
+        if reported.get("top1") is not None and metadata.get("tag") and result.top1 is not None:
+            print(f"reported top-1 of {metadata['tag']} (timm, ImageNet-1k val): {reported['top1']:.3f}")
+        if reported.get("mAP") is not None and result.mean_ap is not None:
+            print(f"reported mAP of {metadata.get('tag')} ({reported.get('dataset')}): {reported['mAP']:.1f}")
         if args.output is not None:
-            summary = report(args, result, metadata, weights_hash, prep, source, dtype, batch, mesh)
+            summary = report(args, result, metadata, weights_hash, prep, source, dtype, batch, mesh, label_map)
             summary["setup_seconds"] = setup_seconds
             write_file_atomically(args.output, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2) + "\n"))
             print(f"wrote {args.output}")

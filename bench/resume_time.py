@@ -22,7 +22,7 @@ import numpy as np
 
 from bench.input_pipeline import write_synthetic
 from tresnet_jax.data.augment import AugmentConfig
-from tresnet_jax.data.sources import FolderSource
+from tresnet_jax.data.sources import FolderSource, LabelMap
 from tresnet_jax.data.tfds_reader import open_split
 from tresnet_jax.data.train_stream import StreamSpec, steps_per_epoch, train_batches
 
@@ -31,7 +31,7 @@ EPOCHS = (0, 1, 10, 100, 300)  # where the stream is resumed, in epochs (plus a 
 
 def first_batch_seconds(source, spec: StreamSpec, step: int, classes: int) -> float:
     start = time.perf_counter()
-    stream = train_batches(source, spec, AugmentConfig(), step, np.arange(classes))
+    stream = train_batches(source, spec, AugmentConfig(), step, LabelMap(np.arange(classes), classes))
     next(stream)
     seconds = time.perf_counter() - start
     stream.close()

@@ -24,7 +24,7 @@ ALLOWED = {
     "model": {"errors"},
     "data": {"errors"},
     "weights": {"errors", "model"},
-    "evaluation": BASE | {"data", "runtime"},
+    "evaluation": BASE | {"data", "runtime", "metrics"},
     "train": BASE | {"model", "weights", "data", "runtime", "evaluation"},
     "export": BASE | {"model", "weights", "data", "runtime"},
     "metrics": set(),

@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from tresnet_jax.data.augment import AugmentConfig, train_transform
+from tresnet_jax.data.sources import LabelMap
 from tresnet_jax.data.train_stream import MAX_CONSECUTIVE_UNREADABLE, StreamSpec, host_indices, train_batches
 from tresnet_jax.errors import InputError
 
@@ -43,7 +44,7 @@ class MemorySource:
         return f"memory[{index}]"
 
 
-LABELS = np.arange(5)
+LABELS = LabelMap(np.arange(5), 5)
 
 
 def take(batches, n):

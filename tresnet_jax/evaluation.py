@@ -1,7 +1,12 @@
 """Exact, data-parallel evaluation: every image counted once on any number of devices, hosts
 and any batch size (the last batch is padded and masked), corrupt images skipped and listed.
 Images are read by index (``data.sources``) and preprocessed by a pool of host threads;
-several sets of weights (a model and its EMA) are evaluated in one pass over the data."""
+several sets of weights (a model and its EMA) are evaluated in one pass over the data.
+
+Single-label sources give top-1, top-5 and the softmax cross-entropy, summed on the devices.
+Multi-label ones give the mAP and each class's average precision, computed on the host from
+the logits of every image (gathered from every process: a ranking metric cannot be summed per
+batch), and the sigmoid binary cross-entropy summed over the classes."""
 
 from __future__ import annotations
 
@@ -15,13 +20,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax import lax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tresnet_jax.data.host_pool import ordered_map, stack_rows
 from tresnet_jax.data.preprocess import Preprocessing, decode_pil, pil_transform
-from tresnet_jax.data.sources import SyntheticSource
+from tresnet_jax.data.sources import LabelMap, SyntheticSource
+from tresnet_jax.metrics import average_precision_per_class
 from tresnet_jax.runtime.parallel import BATCH_AXIS, local_batch_size, local_rows, prefetch_to_devices, replicate
 from tresnet_jax.runtime.xla_options import compiler_options, precision_scope
 
@@ -34,25 +41,34 @@ class EvalResult:
     """Metrics over every image that could be read, and what could not."""
 
     num_images: int
-    top1: float  # percent
-    top5: float  # percent
-    loss: float  # mean cross-entropy
+    top1: float | None  # percent; None for a multi-label source
+    top5: float | None  # percent
+    loss: float  # mean cross-entropy (multi-label: binary, summed over the classes)
     compile_seconds: float
     wall_seconds: float  # the evaluation loop, after compilation, first batch included
     first_batch_seconds: float  # from the loop's start until the first batch was preprocessed
     skipped: list[tuple[str, str]]  # (image, reason)
     logits: np.ndarray | None = None  # (dataset size, classes), dataset order, NaN rows for skipped
-    labels: np.ndarray | None = None  # model class of each image
+    labels: np.ndarray | None = None  # model class of each image (multi-label: multi-hot rows, -1 when skipped)
+    per_class_ap: np.ndarray | None = None  # multi-label: AP of each class in percent, NaN without positives
+
+    @property
+    def mean_ap(self) -> float | None:
+        """mAP in percent over the classes with a positive image (None: single-label; NaN: none)."""
+        if self.per_class_ap is None:
+            return None
+        present = ~np.isnan(self.per_class_ap)
+        return float(self.per_class_ap[present].mean()) if present.any() else float("nan")
 
     @property
     def images_per_second(self) -> float:
         return self.num_images / self.wall_seconds if self.wall_seconds > 0 else 0.0
 
     def metrics(self) -> dict[str, Any]:
+        quality = {"top1": self.top1, "top5": self.top5} if self.per_class_ap is None else {"mAP": self.mean_ap}
         return {
             "images": self.num_images,
-            "top1": self.top1,
-            "top5": self.top5,
+            **quality,
             "loss": self.loss,
             "images_per_second": self.images_per_second,
             "compile_seconds": self.compile_seconds,
@@ -62,22 +78,14 @@ class EvalResult:
         }
 
 
-def make_eval_step(model: Any, mesh: Mesh, keep_logits: bool) -> Callable:
+def make_eval_step(model: Any, mesh: Mesh, keep_logits: bool, multi_label: bool = False) -> Callable:
     """The per-device program: logits of its shard, masked sums reduced over all devices."""
 
     def per_device(variables, batch):
         with precision_scope(model.dtype):  # a float32 model in true float32 (not TF32) on a GPU
             logits = model.apply(variables, batch["image"].astype(jnp.float32) / 255.0)
-        labels, mask = batch["label"], batch["mask"].astype(jnp.float32)
-        k = min(5, logits.shape[-1])
-        top = lax.top_k(logits, k)[1]
-        loss = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=-1)[:, 0]
-        sums = {
-            "count": mask.sum(),
-            "top1": ((top[:, 0] == labels) * mask).sum(),
-            "top5": (jnp.any(top == labels[:, None], axis=-1) * mask).sum(),
-            "loss": (loss * mask).sum(),
-        }
+        mask = batch["mask"].astype(jnp.float32)
+        sums = _multi_label_sums(logits, batch["label"], mask) if multi_label else _sums(logits, batch["label"], mask)
         return lax.psum(sums, BATCH_AXIS), ({"logits": logits} if keep_logits else {})
 
     out_specs = (PartitionSpec(), {"logits": PartitionSpec(BATCH_AXIS)} if keep_logits else {})
@@ -87,8 +95,28 @@ def make_eval_step(model: Any, mesh: Mesh, keep_logits: bool) -> Callable:
     return jax.jit(sharded, compiler_options=compiler_options())
 
 
+def _sums(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
+    """Single-label: images, top-1 and top-5 hits, softmax cross-entropy, over the real rows."""
+    top = lax.top_k(logits, min(5, logits.shape[-1]))[1]
+    loss = -jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32)), labels[:, None], axis=-1)[:, 0]
+    return {
+        "count": mask.sum(),
+        "top1": ((top[:, 0] == labels) * mask).sum(),
+        "top5": (jnp.any(top == labels[:, None], axis=-1) * mask).sum(),
+        "loss": (loss * mask).sum(),
+    }
+
+
+def _multi_label_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
+    """Multi-label: images and the binary cross-entropy summed over the classes, over the real rows."""
+    loss = optax.sigmoid_binary_cross_entropy(logits.astype(jnp.float32), labels.astype(jnp.float32)).sum(-1)
+    return {"count": mask.sum(), "loss": (loss * mask).sum()}
+
+
 @functools.lru_cache(maxsize=8)
-def compiled_eval_step(model: Any, mesh: Mesh, keep_logits: bool, local_batch: int, image_size: int):
+def compiled_eval_step(
+    model: Any, mesh: Mesh, keep_logits: bool, local_batch: int, image_size: int, multi_label: bool = False
+):
     """The compiled step, kept for the next evaluation of the same shapes (every epoch of a
     training run)."""
     abstract_variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
@@ -96,17 +124,22 @@ def compiled_eval_step(model: Any, mesh: Mesh, keep_logits: bool, local_batch: i
     abstract_variables = jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract_variables
     )
-    step = make_eval_step(model, mesh, keep_logits)
-    return step.lower(abstract_variables, batch_spec(local_batch, image_size, mesh)).compile()
+    step = make_eval_step(model, mesh, keep_logits, multi_label)
+    labels = (model.num_classes,) if multi_label else ()
+    return step.lower(abstract_variables, batch_spec(local_batch, image_size, mesh, labels)).compile()
 
 
-def batch_spec(local_batch: int, image_size: int, mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
-    """The global shapes of one batch, for compiling ahead of the first batch."""
+def batch_spec(
+    local_batch: int, image_size: int, mesh: Mesh, label_shape: tuple[int, ...] = ()
+) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global shapes of one batch, for compiling ahead of the first batch; ``label_shape``:
+    each row's label, () for a class index, (classes,) for a multi-hot row."""
     sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXIS))
     n = local_batch * jax.process_count()
+    label_dtype = jnp.uint8 if label_shape else jnp.int32
     return {
         "image": jax.ShapeDtypeStruct((n, image_size, image_size, 3), jnp.uint8, sharding=sharding),
-        "label": jax.ShapeDtypeStruct((n,), jnp.int32, sharding=sharding),
+        "label": jax.ShapeDtypeStruct((n, *label_shape), label_dtype, sharding=sharding),
         "mask": jax.ShapeDtypeStruct((n,), jnp.bool_, sharding=sharding),
         "index": jax.ShapeDtypeStruct((n,), jnp.int32, sharding=sharding),
     }
@@ -127,7 +160,7 @@ class PreprocessedImage:
     source: Any
     prep: Preprocessing
 
-    def __call__(self, index: int) -> tuple[np.ndarray, int]:
+    def __call__(self, index: int) -> tuple[np.ndarray, Any]:
         encoded, label = self.source.record(index)
         return pil_transform(decode_pil(encoded, self.source.describe(index)), self.prep), label
 
@@ -137,25 +170,25 @@ def preprocessed_batches(
     prep: Preprocessing,
     start: int,
     end: int,
-    label_map: np.ndarray,
+    label_map: LabelMap,
     local_batch: int,
     steps: int,
     skipped: dict[int, str],
     workers: int | None = None,
 ) -> Iterator[Batch]:
     """Exactly ``steps`` batches of ``local_batch`` rows of images [start, end), preprocessed in
-    parallel, in index order: labels in model classes, a ``mask`` of real rows, each row's
+    parallel, in index order: labels as ``label_map.rows`` makes them, a ``mask`` of real rows, each row's
     dataset ``index``; an image that cannot be read goes into ``skipped`` (index -> reason),
     and empty batches at the end make every process run the same number of steps."""
     if isinstance(source, SyntheticSource):
         images, labels = source.batch(local_batch, prep.input_size, start)
         for first in range(start, start + steps * local_batch, local_batch):
             rows = max(0, min(end - first, local_batch))
-            yield pad_batch(images[:rows], label_map[labels[:rows]], np.arange(first, first + rows), local_batch)
+            yield pad_batch(images[:rows], label_map.rows(labels[:rows]), np.arange(first, first + rows), local_batch)
         return
 
     rows: list[np.ndarray] = []
-    labels: list[int] = []
+    labels: list[Any] = []
     indices: list[int] = []
     emitted = 0
     for outcome in ordered_map(PreprocessedImage(source, prep), range(start, end), workers):
@@ -167,23 +200,25 @@ def preprocessed_batches(
         labels.append(label)
         indices.append(outcome.item)
         if len(rows) == local_batch:
-            yield pad_batch(stack_rows(rows, prep.input_size), label_map[labels], np.asarray(indices), local_batch)
+            yield pad_batch(stack_rows(rows, prep.input_size), label_map.rows(labels), np.asarray(indices), local_batch)
             rows, labels, indices = [], [], []
             emitted += 1
     if rows:
-        yield pad_batch(stack_rows(rows, prep.input_size), label_map[labels], np.asarray(indices), local_batch)
+        yield pad_batch(stack_rows(rows, prep.input_size), label_map.rows(labels), np.asarray(indices), local_batch)
         emitted += 1
     empty = np.zeros((0, prep.input_size, prep.input_size, 3), np.uint8)
     for _ in range(emitted, steps):
-        yield pad_batch(empty, np.zeros(0, np.int64), np.zeros(0, np.int64), local_batch)
+        yield pad_batch(empty, label_map.empty(0), np.zeros(0, np.int64), local_batch)
 
 
 def pad_batch(images: np.ndarray, labels: np.ndarray, indices: np.ndarray, rows: int) -> Batch:
+    """``rows`` rows: the given ones, then zeros masked out."""
     n = len(images)
     pad = rows - n
+    labels = labels if labels.ndim == 2 else labels.astype(np.int32)  # multi-hot rows stay uint8
     return {
         "image": np.concatenate([images, np.zeros((pad, *images.shape[1:]), np.uint8)]),
-        "label": np.concatenate([labels, np.zeros(pad, labels.dtype)]).astype(np.int32),
+        "label": np.concatenate([labels, np.zeros((pad, *labels.shape[1:]), labels.dtype)]),
         "mask": np.arange(rows) < n,
         "index": np.concatenate([indices, np.full(pad, -1, indices.dtype)]).astype(np.int32),
     }
@@ -194,7 +229,7 @@ def evaluate(
     variables: Any,
     source: Any,
     prep: Preprocessing,
-    label_map: np.ndarray,
+    label_map: LabelMap,
     global_batch: int,
     mesh: Mesh,
     keep_logits: bool = False,
@@ -211,23 +246,27 @@ def evaluate_many(
     weights: dict[str, Any],
     source: Any,
     prep: Preprocessing,
-    label_map: np.ndarray,
+    label_map: LabelMap,
     global_batch: int,
     mesh: Mesh,
     keep_logits: bool = False,
     progress: Callable[[int, dict[str, float]], None] | None = None,
 ) -> dict[str, EvalResult]:
     """``evaluate`` for several sets of variables of one model (e.g. the weights and their EMA),
-    reading and preprocessing the data once; ``progress`` follows the first set."""
+    reading and preprocessing the data once; ``progress`` follows the first set. Multi-label
+    sources (``label_map.multi_label``) keep the logits whatever ``keep_logits`` says."""
+    multi_label = label_map.multi_label
+    keep_logits = keep_logits or multi_label
     local_batch = local_batch_size(global_batch, mesh)
     start, end = host_range(len(source))
     steps = math.ceil(math.ceil(len(source) / jax.process_count()) / local_batch)
     weights = {name: replicate(variables, mesh) for name, variables in weights.items()}
     compile_start = time.perf_counter()  # nearly 0 when the same step was compiled before
-    compiled = compiled_eval_step(model, mesh, keep_logits, local_batch, prep.input_size)
+    compiled = compiled_eval_step(model, mesh, keep_logits, local_batch, prep.input_size, multi_label)
     compile_seconds = time.perf_counter() - compile_start
 
-    trackers = {name: _Tracker(len(source), model.num_classes if keep_logits else 0) for name in weights}
+    label_shape = (model.num_classes,) if multi_label else ()
+    trackers = {name: _Tracker(len(source), model.num_classes if keep_logits else 0, label_shape) for name in weights}
     first = next(iter(trackers.values()))
     skipped: dict[int, str] = {}
     loop_start = time.perf_counter()
@@ -254,11 +293,12 @@ def evaluate_many(
 class _Tracker:
     """Accumulates device totals, which images were seen, and (optionally) their logits."""
 
-    def __init__(self, size: int, num_classes: int):
+    def __init__(self, size: int, num_classes: int, label_shape: tuple[int, ...] = ()):
         self.seen = np.zeros(size, bool)
         self.totals: dict[str, jax.Array] | None = None
         self.logits = np.full((size, num_classes), np.nan, np.float32) if num_classes else None
-        self.labels = np.full(size, -1, np.int64)
+        self.labels = np.full((size, *label_shape), -1, np.int8 if label_shape else np.int64)
+        self.multi_label = bool(label_shape)
         self.images = 0
         self.pending: list[tuple[Batch, jax.Array]] = []
 
@@ -286,6 +326,8 @@ class _Tracker:
     def running(self) -> dict[str, float]:
         totals = jax.device_get(self.totals)
         count = max(float(totals["count"]), 1.0)
+        if self.multi_label:
+            return {"loss": float(totals["loss"]) / count}
         return {"top1": 100 * float(totals["top1"]) / count, "top5": 100 * float(totals["top5"]) / count}
 
     def result(
@@ -302,7 +344,7 @@ class _Tracker:
             raise RuntimeError(f"evaluation miscounted: {totals['count']} counted, {seen.sum()} images seen")
         logits, labels = self.logits, self.labels
         if jax.process_count() > 1:  # each image was evaluated by exactly one process
-            labels = multihost_utils.process_allgather(labels).reshape(-1, labels.size).max(0)
+            labels = multihost_utils.process_allgather(labels).reshape(-1, *labels.shape).max(0)
             if logits is not None:
                 logits = np.fmax.reduce(multihost_utils.process_allgather(logits).reshape(-1, *logits.shape), axis=0)
         skipped = [
@@ -310,10 +352,17 @@ class _Tracker:
             for i in np.flatnonzero(~seen.any(0))
         ]
         count = max(totals["count"], 1.0)
+        per_class_ap = None
+        if self.multi_label:  # from every image's row, whichever process evaluated it
+            rows = seen.any(0)
+            scores, targets = logits[rows], labels[rows]
+            per_class_ap = np.full(scores.shape[1], np.nan)  # weights that give NaN rank nothing
+            if np.isfinite(scores).all():
+                per_class_ap = 100 * average_precision_per_class(scores, targets)
         return EvalResult(
             num_images=int(totals["count"]),
-            top1=100 * totals["top1"] / count,
-            top5=100 * totals["top5"] / count,
+            top1=None if self.multi_label else 100 * totals["top1"] / count,
+            top5=None if self.multi_label else 100 * totals["top5"] / count,
             loss=totals["loss"] / count,
             compile_seconds=compile_seconds,
             wall_seconds=wall_seconds,
@@ -321,4 +370,5 @@ class _Tracker:
             skipped=skipped,
             logits=logits,
             labels=labels,
+            per_class_ap=per_class_ap,
         )

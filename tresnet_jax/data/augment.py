@@ -46,6 +46,7 @@ class AugmentConfig:
     """What happens to a training image."""
 
     image_size: int = 224
+    squish: bool = False  # the whole image resized to image_size x image_size instead of a random crop (ASL)
     crop_scale: tuple[float, float] = (0.08, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip: bool = True
@@ -101,11 +102,14 @@ def crop_box(
 def decode_crop(
     encoded: bytes, name: str, rng: np.random.Generator, cfg: AugmentConfig, draft: bool = True
 ) -> Image.Image:
-    """The inception crop of encoded bytes as an RGB PIL image of cfg.image_size, decoding a JPEG
-    at reduced scale where the crop allows it (``draft=False``: always at full scale, exact)."""
+    """The inception crop (``cfg.squish``: the whole image) of encoded bytes as an RGB PIL image
+    of cfg.image_size, decoding a JPEG at reduced scale where the box allows it (``draft=False``:
+    always at full scale, exact). The crop's numbers are drawn either way."""
     with named_decoding_errors(name):
         image = Image.open(io.BytesIO(encoded))
         box = crop_box(image.size, rng, cfg.crop_scale, cfg.crop_ratio)
+        if cfg.squish:
+            box = (0, 0, *image.size)
         reduction = 1
         if draft:
             reduction = _draft(image, box, cfg.image_size)

@@ -78,7 +78,7 @@ class SyntheticSource:
 
     size: int
     num_classes: int = 1000
-    multi_label = False
+    multi_label: bool = False  # labels: 1 to 3 random classes
 
     @property
     def name(self) -> str:
@@ -91,11 +91,14 @@ class SyntheticSource:
     def __len__(self) -> int:
         return self.size
 
-    def batch(self, rows: int, image_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    def batch(self, rows: int, image_size: int, seed: int) -> tuple[np.ndarray, list[Label]]:
         """(uint8 images, labels) of ``rows`` random examples."""
         rng = np.random.default_rng(seed)
         images = rng.integers(0, 256, (rows, image_size, image_size, 3), dtype=np.uint8)
-        return images, rng.integers(0, self.num_classes, rows)
+        if not self.multi_label:
+            return images, rng.integers(0, self.num_classes, rows).tolist()
+        counts = rng.integers(1, 4, rows)
+        return images, [tuple(sorted(set(rng.integers(0, self.num_classes, n).tolist()))) for n in counts]
 
     def describe(self, index: int) -> str:
         return f"synthetic[{index}]"
@@ -117,18 +120,51 @@ class Source(Protocol):
     def describe(self, index: int) -> str: ...
 
 
-def model_labels(class_names: Sequence[str], num_classes: int, source: str) -> np.ndarray:
-    """dataset label -> model class index.
+@dataclasses.dataclass(frozen=True)
+class LabelMap:
+    """A source's labels -> the model's targets: a class index per image (single-label), or a
+    multi-hot row of the model's classes per image (multi-label)."""
 
-    A 1000-class model and classes named by ImageNet WordNet ids (a validation folder, or a
-    subset such as Imagenette) map through the ids; otherwise the class counts must agree.
+    classes: np.ndarray  # the source's class index -> the model's
+    num_classes: int  # the model's
+    multi_label: bool = False
+
+    def rows(self, labels: Sequence[Label]) -> np.ndarray:
+        """int32 (n,) model classes, or uint8 (n, num_classes) multi-hot rows."""
+        if not self.multi_label:
+            return self.classes[np.asarray(labels, np.int64).reshape(-1)].astype(np.int32)
+        hot = np.zeros((len(labels), self.num_classes), np.uint8)
+        for row, present in enumerate(labels):
+            hot[row, self.classes[list(present)]] = 1
+        return hot
+
+    def empty(self, rows: int) -> np.ndarray:
+        """``rows`` rows of padding, shaped as ``rows`` makes them."""
+        return self.rows([()] * rows if self.multi_label else [0] * rows)
+
+
+def model_labels(
+    source: Source | SyntheticSource, num_classes: int, model_class_names: Sequence[str] | None = None
+) -> LabelMap:
+    """How ``source``'s labels become targets of a ``num_classes``-class model.
+
+    Classes named as the model names its own (``model_class_names``, the weights' metadata) map by
+    name; a 1000-class single-label model and classes named by ImageNet WordNet ids (a validation
+    folder, or a subset such as Imagenette) map through the ids; otherwise the class counts must
+    agree and class i is class i.
     """
+    names = list(source.class_names)
+    multi = bool(source.multi_label)
+    if model_class_names is not None and len(model_class_names) == num_classes:
+        index = {name: i for i, name in enumerate(model_class_names)}
+        if all(name in index for name in names) and len(index) == num_classes:
+            return LabelMap(np.asarray([index[name] for name in names], np.int64), num_classes, multi)
     wnids = imagenet_index()
-    if num_classes == len(wnids) and all(name in wnids for name in class_names):
-        return np.asarray([wnids[name] for name in class_names], np.int64)
-    if len(class_names) == num_classes:
-        return np.arange(num_classes, dtype=np.int64)
+    if not multi and num_classes == len(wnids) and all(name in wnids for name in names):
+        return LabelMap(np.asarray([wnids[name] for name in names], np.int64), num_classes)
+    if len(names) == num_classes:
+        return LabelMap(np.arange(num_classes, dtype=np.int64), num_classes, multi)
     raise InputError(
-        f"the model has {num_classes} classes but {source} has {len(class_names)} "
-        f"({', '.join(list(class_names)[:3])}, ...): these weights do not fit this dataset"
+        f"the model has {num_classes} classes but {source.name} has {len(names)} "
+        f"({', '.join(names[:3])}, ...): these weights do not fit this dataset"
     )

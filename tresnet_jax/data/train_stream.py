@@ -20,7 +20,7 @@ import numpy as np
 
 from tresnet_jax.data.augment import AugmentConfig, train_transform
 from tresnet_jax.data.host_pool import UNREADABLE, ordered_map, stack_rows
-from tresnet_jax.data.sources import Source, SyntheticSource
+from tresnet_jax.data.sources import Label, LabelMap, Source, SyntheticSource
 from tresnet_jax.errors import InputError, reason_of
 
 # Consecutive unreadable images after which the dataset is taken to be broken, not the image.
@@ -67,7 +67,7 @@ class Augmented:
     """One training example, and the images that had to be passed over to make it."""
 
     image: np.ndarray
-    label: int
+    label: Label
     unreadable: tuple[tuple[int, str], ...] = ()  # (index, reason)
 
 
@@ -108,17 +108,17 @@ def train_batches(
     spec: StreamSpec,
     augment: AugmentConfig,
     start_step: int,
-    label_map: np.ndarray,
+    label_map: LabelMap,
     on_unreadable: Callable[[str, str], None] | None = None,
     workers: int | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Endless batches {image uint8 (local batch, S, S, 3), label int32} from ``start_step``;
+    """Endless batches {image uint8 (local batch, S, S, 3), label: ``label_map.rows``} from ``start_step``;
     ``on_unreadable(image, reason)`` is called once for each image passed over."""
     steps = steps_per_epoch(source, spec)
     first_epoch, first_step = divmod(start_step, steps)
     if isinstance(source, SyntheticSource):
         images, labels = source.batch(spec.local_batch, augment.image_size, spec.seed + spec.process_index)
-        batch = {"image": images, "label": label_map[labels].astype(np.int32)}
+        batch = {"image": images, "label": label_map.rows(labels)}
         while True:
             yield batch
 
@@ -131,7 +131,7 @@ def train_batches(
 
     reported: set[int] = set()
     images: list[np.ndarray] = []
-    labels: list[int] = []
+    labels: list[Label] = []
     for outcome in ordered_map(AugmentedExample(source, augment, spec.seed), examples(), workers):
         if outcome.error is not None:  # the whole neighbourhood is unreadable
             raise InputError(outcome.error)
@@ -144,5 +144,5 @@ def train_batches(
         images.append(example.image)
         labels.append(example.label)
         if len(images) == spec.local_batch:
-            yield {"image": stack_rows(images, augment.image_size), "label": label_map[labels].astype(np.int32)}
+            yield {"image": stack_rows(images, augment.image_size), "label": label_map.rows(labels)}
             images, labels = [], []

@@ -30,7 +30,7 @@ def export_weights(parts: RunParts, state: TrainState, step: int, final: dict[st
 
 def export_metadata(parts: RunParts, step: int, final: dict[str, float], prefix: str) -> dict[str, Any]:
     """The weights directory's metadata; ``prefix`` is ``ema_`` for the EMA's."""
-    prep = Preprocessing(parts.cfg.image_size)
+    prep = Preprocessing(parts.cfg.image_size, squish=parts.cfg.resize == "squish")
     return {
         "model": parts.cfg.model,
         "num_classes": parts.num_classes,
@@ -41,9 +41,10 @@ def export_metadata(parts: RunParts, step: int, final: dict[str, float], prefix:
             "trained_in": str(parts.workdir),
             "step": step,
             "ema": bool(prefix),
-            "val_top1": final.get(f"{prefix}val_top1"),
+            **{k: final.get(f"{prefix}val_{k}") for k in (("mAP",) if parts.multi_label else ("top1",))},
         },
         "class_names": model_class_names(parts),
+        "multi_label": parts.multi_label,
     }
 
 

@@ -8,20 +8,20 @@ import dataclasses
 from pathlib import Path
 
 import jax
-import numpy as np
 import optax
 from jax.sharding import Mesh
 
 from tresnet_jax.data.augment import AugmentConfig
+from tresnet_jax.data.labels_csv import CsvSource, classes_in, read_class_file
 from tresnet_jax.data.preprocess import check_image_size
-from tresnet_jax.data.sources import FolderSource, Source, SyntheticSource, model_labels
+from tresnet_jax.data.sources import FolderSource, LabelMap, Source, SyntheticSource, model_labels
 from tresnet_jax.data.tfds_reader import open_split
 from tresnet_jax.data.train_stream import StreamSpec, steps_per_epoch
 from tresnet_jax.errors import InputError
 from tresnet_jax.model.linen import TResNet
 from tresnet_jax.model.registry import ModelSpec, resolve
 from tresnet_jax.runtime.parallel import BATCH_AXIS, data_mesh, local_batch_size, select_devices
-from tresnet_jax.train.config import TrainConfig
+from tresnet_jax.train.config import LOSSES, RESIZES, TrainConfig
 from tresnet_jax.train.step import PRECISIONS, OptimConfig, make_optimizer
 
 VAL_SPLITS = ("validation", "test")
@@ -37,7 +37,7 @@ class RunParts:
     train_source: Source
     val_source: Source | None
     num_classes: int
-    label_map: np.ndarray  # training set label -> model class
+    label_map: LabelMap  # training set label -> model target
     mesh: Mesh
     stream: StreamSpec
     steps_per_epoch: int
@@ -49,6 +49,10 @@ class RunParts:
     tx: optax.GradientTransformation
     augment: AugmentConfig
 
+    @property
+    def multi_label(self) -> bool:
+        return self.label_map.multi_label
+
     def log(self, line: str) -> None:
         """Print a line of the run's log (on the lead process)."""
         if self.lead:
@@ -59,9 +63,11 @@ def build(cfg: TrainConfig) -> RunParts:
     """The parts of the run ``cfg`` describes; every flag is checked here, before anything is
     read or written."""
     check_image_size(cfg.image_size)
+    check_choices(cfg)
     train_source, val_source = open_train_sources(cfg)
+    check_label_kind(cfg, train_source, val_source)
     num_classes = cfg.num_classes or len(train_source.class_names)
-    label_map = model_labels(train_source.class_names, num_classes, train_source.name)
+    label_map = model_labels(train_source, num_classes)
     devices = select_devices(cfg.num_devices)
     if not cfg.sync_bn:  # the devices' shards decide the statistics: the count is a setting
         cfg = dataclasses.replace(cfg, num_devices=len(devices) // jax.process_count())
@@ -85,6 +91,10 @@ def build(cfg: TrainConfig) -> RunParts:
         momentum=cfg.momentum,
         weight_decay=cfg.weight_decay,
         label_smoothing=cfg.label_smoothing,
+        loss=cfg.loss,
+        asl_gamma_neg=cfg.asl_gamma_neg,
+        asl_gamma_pos=cfg.asl_gamma_pos,
+        asl_clip=cfg.asl_clip,
         ema_decay=cfg.ema_decay,
         mixup=cfg.mixup,
         cutmix=cfg.cutmix,
@@ -92,6 +102,7 @@ def build(cfg: TrainConfig) -> RunParts:
     )
     augment = AugmentConfig(
         image_size=cfg.image_size,
+        squish=cfg.resize == "squish",
         crop_scale=(cfg.crop_min_scale, 1.0),
         flip=cfg.flip,
         randaugment_ops=cfg.randaugment_ops,
@@ -119,10 +130,41 @@ def build(cfg: TrainConfig) -> RunParts:
     )
 
 
+def check_choices(cfg: TrainConfig) -> None:
+    """The settings with a fixed set of values (a config may come from a file, not the parser)."""
+    for name, allowed in (("loss", LOSSES), ("resize", RESIZES), ("optimizer", ("sgd", "adam", "adamw"))):
+        if getattr(cfg, name) not in allowed:
+            raise InputError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
+
+
+def check_label_kind(cfg: TrainConfig, train: Source, val: Source | None) -> None:
+    """One line, before anything is compiled or written, when the loss and the data disagree on
+    whether an image has one class or several."""
+    recipe = f" (recipe {cfg.recipe})" if cfg.recipe else ""
+    for source in (train, val):
+        if source is None or source.multi_label == cfg.multi_label:
+            continue
+        if cfg.multi_label:
+            raise InputError(
+                f"--loss {cfg.loss}{recipe} trains multi-label, but {source.name} is single-label (one class an "
+                "image): use --loss cross_entropy, or multi-label data (voc/2007, coco/2014, --train-labels CSV)"
+            )
+        raise InputError(
+            f"{source.name} is multi-label (several classes an image) but --loss {cfg.loss}{recipe} is "
+            "single-label: use --loss asl or --loss bce"
+        )
+
+
 def open_train_sources(cfg: TrainConfig) -> tuple[Source, Source | None]:
     """(training set, validation set or None)."""
+    if cfg.classes and not cfg.train_labels:
+        raise InputError("--classes names the classes of --train-labels/--val-labels CSVs: pass --train-labels")
+    if cfg.val_labels and not cfg.train_labels:
+        raise InputError("--val-labels goes with --train-labels (both CSVs share one class list)")
     if cfg.synthetic_data:
-        return SyntheticSource(cfg.synthetic_data, cfg.num_classes or 1000), None
+        return SyntheticSource(cfg.synthetic_data, cfg.num_classes or 1000, cfg.multi_label), None
+    if cfg.train_labels:
+        return open_label_csvs(cfg)
     if cfg.train_dir:
         train = FolderSource.scan(cfg.train_dir)
     elif cfg.dataset:
@@ -137,3 +179,13 @@ def open_train_sources(cfg: TrainConfig) -> tuple[Source, Source | None]:
         name = cfg.dataset.partition(":")[0]
         return train, next((open_split(f"{name}:{s}", cfg.data_dir) for s in VAL_SPLITS if s in train.splits), None)
     return train, None
+
+
+def open_label_csvs(cfg: TrainConfig) -> tuple[Source, Source | None]:
+    """The multi-label CSVs, with the class list of ``--classes`` or the names both use."""
+    if cfg.val_dir or cfg.val_dataset:
+        raise InputError("--train-labels: give the validation images as --val-labels CSV")
+    csvs = [path for path in (cfg.train_labels, cfg.val_labels) if path]
+    names = read_class_file(cfg.classes) if cfg.classes else classes_in(csvs)
+    train = CsvSource.read(cfg.train_labels, names, cfg.classes)
+    return train, CsvSource.read(cfg.val_labels, names, cfg.classes) if cfg.val_labels else None

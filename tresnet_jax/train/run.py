@@ -165,12 +165,14 @@ def compile_step(parts: RunParts, state: TrainState) -> Any:
 
 
 def batch_shapes(parts: RunParts) -> dict[str, jax.ShapeDtypeStruct]:
-    """The global training batch, abstractly: uint8 images and int32 labels split over the mesh."""
+    """The global training batch, abstractly: uint8 images and labels (int32 classes, or uint8
+    multi-hot rows) split over the mesh."""
     sharding = jax.sharding.NamedSharding(parts.mesh, jax.sharding.PartitionSpec(BATCH_AXIS))
     n, size = parts.cfg.batch_size, parts.cfg.image_size
+    label = jax.ShapeDtypeStruct((n, parts.num_classes), jnp.uint8, sharding=sharding)
     return {
         "image": jax.ShapeDtypeStruct((n, size, size, 3), jnp.uint8, sharding=sharding),
-        "label": jax.ShapeDtypeStruct((n,), jnp.int32, sharding=sharding),
+        "label": label if parts.multi_label else jax.ShapeDtypeStruct((n,), jnp.int32, sharding=sharding),
     }
 
 

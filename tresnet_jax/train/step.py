@@ -7,6 +7,11 @@ the device count); one built without normalises each device's shard with its own
 (no per-layer communication, as PyTorch's DistributedDataParallel without SyncBatchNorm) and
 the running statistics are averaged over the devices once per step.
 
+Single-label batches carry a class index per image and train with softmax cross-entropy;
+multi-label ones carry multi-hot rows and train with the asymmetric loss or binary
+cross-entropy (``train.losses``). Label smoothing pulls a one-hot target towards uniform over
+the classes, a multi-hot one towards 1/2 in every class (each class is its own binary problem).
+
 Mixup/CutMix: one draw per step, the same on every device, and the partner of global row r is
 row B-1-r of the global batch (one ``ppermute`` brings each device its partner rows): N devices
 mix exactly as one does.
@@ -33,6 +38,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from tresnet_jax.runtime.parallel import BATCH_AXIS
 from tresnet_jax.runtime.xla_options import compiler_options, precision_scope
+from tresnet_jax.train.losses import asymmetric_loss
 
 PRECISIONS = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
 # fp16: consecutive overflowing steps apply_if_finite skips before it gives up and applies a
@@ -52,14 +58,23 @@ class OptimConfig:
     warmup_fraction: float = 0.2  # of the steps, rising to the peak
     optimizer: str = "sgd"  # sgd (Nesterov momentum) | adam (L2 on kernels) | adamw (decoupled decay)
     momentum: float = 0.9
-    weight_decay: float = 1e-4  # decoupled, not applied to norms and biases
+    weight_decay: float = 1e-4  # kernels only; decoupled (sgd, adamw) or L2 (adam)
     label_smoothing: float = 0.1
+    loss: str = "cross_entropy"  # softmax cross-entropy | asl | bce (multi-hot targets)
+    asl_gamma_neg: float = 4.0
+    asl_gamma_pos: float = 0.0
+    asl_clip: float = 0.05
     ema_decay: float = 0.9997  # 0: no EMA
     mixup: float = 0.0  # Beta(alpha, alpha) mixing; 0: off
     cutmix: float = 0.0
     precision: str = "fp32"
     loss_scale: float = 2.0**15  # fp16 only: initial dynamic loss scale
     loss_scale_period: int = 2000  # fp16: finite steps before the scale doubles
+
+    @property
+    def multi_label(self) -> bool:
+        """Multi-hot targets, sigmoid outputs."""
+        return self.loss in ("asl", "bce")
 
 
 @flax.struct.dataclass
@@ -141,7 +156,21 @@ def create_state(variables: dict[str, Any], tx: optax.GradientTransformation, cf
 
 
 def soft_targets(labels: jax.Array, num_classes: int, smoothing: float) -> jax.Array:
+    """Class indices (batch,) -> one-hot rows smoothed towards uniform; multi-hot rows (batch,
+    classes) -> float rows smoothed towards 1/2."""
+    if labels.ndim == 2:
+        return labels.astype(jnp.float32) * (1.0 - smoothing) + 0.5 * smoothing
     return optax.smooth_labels(jax.nn.one_hot(labels, num_classes), smoothing)
+
+
+def training_loss(logits: jax.Array, targets: jax.Array, cfg: OptimConfig) -> jax.Array:
+    """The batch's mean loss: softmax cross-entropy, or for multi-hot targets the asymmetric loss
+    (bce: without focusing or clipping), summed over the classes."""
+    if cfg.loss == "asl":
+        return asymmetric_loss(logits, targets, cfg.asl_gamma_neg, cfg.asl_gamma_pos, cfg.asl_clip)
+    if cfg.loss == "bce":
+        return asymmetric_loss(logits, targets, 0.0, 0.0, None)
+    return optax.softmax_cross_entropy(logits, targets).mean()
 
 
 def global_partners(tree: Any, axis_name: str) -> Any:
@@ -210,7 +239,7 @@ def make_train_step(model: Any, tx: optax.GradientTransformation, cfg: OptimConf
         def loss_fn(params):
             variables = {"params": params, "batch_stats": state.batch_stats}
             logits, updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
-            loss = optax.softmax_cross_entropy(logits, targets).mean()
+            loss = training_loss(logits, targets, cfg)
             return loss * state.loss_scale, (loss, logits, updates["batch_stats"])
 
         # Differentiate this device's copy of the parameters (marked as varying over the device
@@ -238,15 +267,15 @@ def make_train_step(model: Any, tx: optax.GradientTransformation, cfg: OptimConf
             **statistics,
             **_loss_scale(state, finite, cfg),
         )
-        accuracy = jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(targets, -1))
         metrics = {
             "loss": loss,
-            "accuracy": accuracy,
             "lr": schedule(applied),  # the learning rate this step applies (if it is not skipped)
             "loss_scale": state.loss_scale,
             "finite": finite.astype(jnp.float32),  # the gradients
             "params_finite": all_finite(params).astype(jnp.float32),
         }
+        if not cfg.multi_label:
+            metrics["accuracy"] = jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(targets, -1))
         return new, lax.pmean(metrics, BATCH_AXIS)
 
     replicated = PartitionSpec()
