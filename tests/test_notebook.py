@@ -108,3 +108,12 @@ def test_quickstart_runs_from_the_one_line_pretrained_call(kernel, hub_cache, tm
         assert abs(values[0] - math.log(4)) < 0.5
         assert values[2] < values[0] - 0.05
     assert "pooled features: (1, 2048)" in stdout(nb, "nnx")
+
+    recipe = stdout(nb, "recipe")
+    assert "recipe voc2007, aims at 96.0 mAP" in recipe
+    assert "  loss = asl" in recipe
+    assert "asymmetric loss: {'gamma_neg': 4.0, 'gamma_pos': 0.0, 'clip': 0.05}" in recipe
+    multilabel = stdout(nb, "multilabel")
+    values = losses(multilabel, "asl")
+    assert values[2] < values[0] - 0.05, values  # the asymmetric loss falls on its batch
+    assert 0 < float(re.search(r"mAP on the four: (\d+\.\d)", multilabel)[1]) <= 100
