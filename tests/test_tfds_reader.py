@@ -1,5 +1,6 @@
 """tresnet_jax.tfds_reader against datasets that TFDS itself writes: record i is what TFDS gives
-for ``split[i:i+1]``, from many threads, with neither TensorFlow nor tensorflow_datasets."""
+for ``split[i:i+1]``, from many threads, with neither TensorFlow nor tensorflow_datasets; for
+image classification and for multi-label datasets laid out as TFDS's voc and coco."""
 
 from __future__ import annotations
 
@@ -23,9 +24,11 @@ from PIL import Image
 
 from tests.blocked_imports import run_without
 from tests.images import generated
+from tests.tfds_folders import prepare_multi_label
 from tresnet_jax.data import tfds_reader
 from tresnet_jax.data.tfds_reader import PreparedSplit, open_split, parse_example, prepare_command
-from tresnet_jax.errors import InputError
+from tresnet_jax.data.tfrecord import framed
+from tresnet_jax.errors import InputError, UnreadableImage
 
 NAME = "reader_shards"
 SHARDS, TRAIN, TEST = 4, 80, 8  # 20 train records a shard: more than TFDS's interleave block of 16
@@ -185,7 +188,7 @@ def test_threads_read_what_one_thread_reads(prepared, file_format):
     assert got == wanted
 
 
-def test_reads_without_tensorflow_or_tfds(prepared, expected):
+def test_reads_without_tensorflow_or_tfds(prepared, expected, multi_label, multi_expected):
     digest = hashlib.sha256(b"".join(image + bytes([label]) for image, label in expected)).hexdigest()
     code = f"""
 import hashlib, sys
@@ -198,6 +201,9 @@ try:
     open_split("{NAME}:train", {str(prepared["array_record"])!r})
 except InputError as error:
     print(error)
+for spec in ("voc/2007:train+validation", "coco/2017:train+validation"):
+    split = open_split(spec, {str(multi_label)!r})
+    print([split.record(i)[1] for i in range(len(split))])
 print(sorted(name for name in sys.modules if name.partition(".")[0] in {{"tensorflow", "tensorflow_datasets"}}))
 """
     done = run_without({"tensorflow", "tensorflow_datasets", "array_record"}, code)
@@ -208,7 +214,10 @@ print(sorted(name for name in sys.modules if name.partition(".")[0] in {{"tensor
         f"dataset {NAME}/1.0.0 is stored as array_record files, which need the array_record package: "
         "pip install array_record"
     )
-    assert lines[2] == "[]"
+    for line, layout in zip(lines[2:4], ("voc", "coco"), strict=True):
+        rows = multi_expected[layout]["train"] + multi_expected[layout]["validation"]
+        assert line == str([labels for _, labels in rows])
+    assert lines[4] == "[]"
 
 
 def test_index_reads_only_the_headers(prepared, monkeypatch):
@@ -413,7 +422,8 @@ def test_not_an_image_classification_dataset(prepared, tmp_path):
     _edit_features(version_dir, as_tensor)
     with _raises(
         f"dataset {NAME}/1.0.0 is not an image-classification dataset: it needs an 'image' Image feature "
-        "and a 'label' ClassLabel feature; it has image (Tensor), label (ClassLabel)"
+        "and either a 'label' ClassLabel, a 'labels' Sequence of ClassLabel, or an 'objects' Sequence whose "
+        "items have a 'label' ClassLabel; it has image (Tensor), label (ClassLabel)"
     ):
         open_split(f"{NAME}:train", str(tmp_path))
     (version_dir / "features.json").write_text(features)
@@ -475,3 +485,292 @@ def test_parse_example_agrees_with_tensorflow():
     for bad in (b"\x0a\x05\x0a", b"\xff" * 12, b"\x0b"):
         with pytest.raises(ValueError, match=r"runs past|varint|wire type"):
             parse_example(bad)
+
+
+# Multi-label datasets, laid out as TFDS's voc/2007 and coco/2017 (tests/tfds_folders.py).
+
+VOC_CLASSES = ["aeroplane", "bicycle", "bird", "boat", "bottle"]
+VOC_SPLITS = {  # the objects of each image, by class
+    "train": [[0], [1, 2], [3, 3, 0], [], [4, 1, 2], [2]],
+    "validation": [[1], [0, 4], [2, 2], [3]],
+    "test": [[4], [], [0, 1]],
+}
+COCO_CLASSES = ["person", "bicycle", "car", "motorcycle", "airplane", "bus"]
+COCO_SPLITS = {
+    "train": [[0, 0, 2], [], [5], [1, 3, 1, 0], [2, 2], [4]],
+    "validation": [[0], [], [3, 5], [1, 1]],
+}
+LAYOUTS = {  # layout: (name/config, version folder, splits, class names, the key of the labels read)
+    "voc": ("voc/2007", "voc/2007/5.0.0", VOC_SPLITS, VOC_CLASSES, "labels"),
+    "coco": ("coco/2017", "coco/2017/1.1.0", COCO_SPLITS, COCO_CLASSES, "objects/label"),
+}
+MULTI_SHARDS = 3
+
+
+@pytest.fixture(scope="module")
+def multi_label(tmp_path_factory) -> Path:
+    """A data dir with both datasets, each split in MULTI_SHARDS shards."""
+    root = tmp_path_factory.mktemp("multi_label")
+    for layout, (name, _, splits, classes, _) in LAYOUTS.items():
+        assert prepare_multi_label(layout, root, splits, classes, num_shards=MULTI_SHARDS) == name
+    return root
+
+
+def _tfds_labels(root: Path, layout: str) -> dict[str, list[tuple[bytes, tuple[int, ...], tuple[int, ...]]]]:
+    """{split: (image bytes, classes of 'labels' (voc) or (), classes of the objects) of each
+    record}, as TFDS reads ``split[i:i+1]``."""
+    _, version_dir, splits, _, _ = LAYOUTS[layout]
+    builder = tfds.builder_from_directory(str(root / version_dir))
+    records = {}
+    for split, images in splits.items():
+        records[split] = []
+        for i in range(len(images)):
+            data = builder.as_dataset(split=f"{split}[{i}:{i + 1}]", shuffle_files=False, decoders=SKIP)
+            (example,) = data.as_numpy_iterator()
+            labels = tuple(sorted(set(example["labels"].tolist()))) if layout == "voc" else ()
+            objects = tuple(sorted(set(example["objects"]["label"].tolist())))
+            records[split].append((bytes(example["image"]), labels, objects))
+    return records
+
+
+@pytest.fixture(scope="module")
+def multi_expected(multi_label) -> dict[str, dict[str, list[tuple[bytes, tuple[int, ...]]]]]:
+    """{layout: {split: (image bytes, classes present) of each record}}, as TFDS reads them."""
+    expected = {}
+    for layout in LAYOUTS:
+        records = _tfds_labels(multi_label, layout)
+        expected[layout] = {
+            split: [(image, labels if layout == "voc" else objects) for image, labels, objects in rows]
+            for split, rows in records.items()
+        }
+        if layout == "voc":  # voc's 'labels' are the classes of its objects
+            assert all(labels == objects for rows in records.values() for _, labels, objects in rows)
+    return expected
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_multi_label_records_are_what_tfds_gives(multi_label, multi_expected, layout):
+    name, version_dir, splits, classes, key = LAYOUTS[layout]
+    builder = tfds.builder_from_directory(str(multi_label / version_dir))
+    features = builder.info.features
+    assert (features["labels"].feature if layout == "voc" else features["objects"]["label"]).names == classes
+    for split, images in splits.items():
+        shards = json.loads((multi_label / version_dir / "dataset_info.json").read_text())["splits"]
+        (lengths,) = (entry["shardLengths"] for entry in shards if entry["name"] == split)
+        assert len(lengths) == MULTI_SHARDS
+        source = open_split(f"{name}:{split}", str(multi_label))
+        assert (source.multi_label, source.label_key, source.class_names) == (True, key, classes)
+        assert (source.name, len(source)) == (f"{version_dir}:{split}", len(images))
+        records = [source.record(i) for i in range(len(source))]
+        assert records == multi_expected[layout][split]
+        # What the builder was given, in TFDS's own order: the distinct classes of each image's objects.
+        assert sorted(labels for _, labels in records) == sorted(tuple(sorted(set(i))) for i in images)
+        for image, _ in records:
+            decoded = Image.open(io.BytesIO(image))
+            decoded.load()
+            assert decoded.format == ("PNG" if layout == "voc" else "JPEG")
+    assert open_split(f"{name.partition('/')[0]}:train", str(multi_label)).dataset == version_dir  # the one config
+    assert () in [labels for _, labels in multi_expected[layout]["train"]]
+
+
+def test_single_label_datasets_stay_single_label(prepared):
+    split = open_split(f"{NAME}:train", str(prepared["tfrecord"]))
+    assert (split.multi_label, split.label_key) == (False, "label")
+    assert all(type(label) is int for _, label in map(split.record, range(3)))
+
+
+def test_concatenated_splits(multi_label, multi_expected, prepared, expected):
+    root = str(multi_label)
+    both = open_split("voc/2007:train+validation", root)
+    train, validation = multi_expected["voc"]["train"], multi_expected["voc"]["validation"]
+    assert (both.split, both.name, len(both)) == ("train+validation", "voc/2007/5.0.0:train+validation", 10)
+    assert both.parts == (("train", 6), ("validation", 4))
+    assert len(both.shards) == 2 * MULTI_SHARDS
+    assert [both.record(i) for i in range(len(both))] == train + validation
+    assert [both.describe(i) for i in (0, 5, 6, 9)] == [
+        "voc/2007/5.0.0:train[0]",
+        "voc/2007/5.0.0:train[5]",
+        "voc/2007/5.0.0:validation[0]",
+        "voc/2007/5.0.0:validation[3]",
+    ]
+    with pytest.raises(IndexError, match=r"voc/2007/5.0.0:train\+validation: index 10 outside \[0, 10\)"):
+        both.record(10)
+    reverse = open_split("voc/2007:validation+train", root)
+    assert [reverse.record(i) for i in range(len(reverse))] == validation + train
+    coco = open_split("coco/2017", root, default_split="train + validation")
+    assert coco.split == "train+validation"
+    assert [coco.record(i) for i in range(len(coco))] == (
+        multi_expected["coco"]["train"] + multi_expected["coco"]["validation"]
+    )
+    single = open_split(f"{NAME}:train+test", str(prepared["tfrecord"]))
+    assert (len(single), single.multi_label, single.describe(TRAIN)) == (TRAIN + TEST, False, f"{NAME}/1.0.0:test[0]")
+    assert [single.record(i) for i in range(TRAIN)] == expected
+    assert single.record(TRAIN) == open_split(f"{NAME}:test", str(prepared["tfrecord"])).record(0)
+    with _raises("dataset voc/2007/5.0.0: no split 'val'; it has "):
+        open_split("voc/2007:train+val", root)
+    with _raises("dataset voc/2007/5.0.0: no split ''; it has "):
+        open_split("voc/2007:train+", root)
+    with _raises("dataset voc/2007/5.0.0: split 'train' is named twice in 'train+validation+train'"):
+        open_split("voc/2007:train+validation+train", root)
+
+
+def _voc_copy(multi_label: Path, destination: Path) -> Path:
+    return Path(shutil.copytree(multi_label / "voc/2007/5.0.0", destination / "voc/2007/5.0.0"))
+
+
+def test_labels_come_from_the_first_layout_found(multi_label, multi_expected, prepared, tmp_path):
+    """'labels' before 'objects'; without 'labels', the objects' classes (as for coco); a
+    single-label dataset that also has 'labels' stays single-label."""
+    version_dir = _voc_copy(multi_label, tmp_path)
+    _edit_features(version_dir, lambda features: features.pop("labels"))
+    split = open_split("voc/2007:train", str(tmp_path))
+    assert (split.multi_label, split.label_key, split.class_names) == (True, "objects/label", VOC_CLASSES)
+    assert [split.record(i) for i in range(len(split))] == multi_expected["voc"]["train"]
+
+    single = _copy(prepared["tfrecord"], tmp_path / "single")
+    voc_labels = json.loads((multi_label / "voc/2007/5.0.0/features.json").read_text())["featuresDict"]["features"]
+    _edit_features(single, lambda features: features.update(labels=voc_labels["labels"]))
+    assert open_split(f"{NAME}:train", str(tmp_path / "single")).multi_label is False
+
+
+def test_none_of_the_label_layouts(multi_label, tmp_path):
+    version_dir = _voc_copy(multi_label, tmp_path)
+
+    def rename(features):
+        features["tags"] = features.pop("labels")
+        objects = features["objects"]["sequence"]["feature"]["featuresDict"]["features"]
+        objects["category"] = objects.pop("label")
+
+    _edit_features(version_dir, rename)
+    with _raises(
+        "dataset voc/2007/5.0.0 is not an image-classification dataset: it needs an 'image' Image feature and "
+        "either a 'label' ClassLabel, a 'labels' Sequence of ClassLabel, or an 'objects' Sequence whose items have "
+        "a 'label' ClassLabel; it has image (Image), image/filename (Text), labels_no_difficult (Sequence of "
+        "ClassLabel), objects (Sequence of FeaturesDict), tags (Sequence of ClassLabel)"
+    ):
+        open_split("voc/2007:train", str(tmp_path))
+
+
+def _rewrite_first_record(shard: Path, edit) -> None:
+    """Replace record 0 of a tfrecord shard by its tf.train.Example as ``edit`` changes it."""
+    records = [bytes(record.numpy()) for record in tf.data.TFRecordDataset([str(shard)])]
+    example = tf.train.Example.FromString(records[0])
+    edit(example.features.feature)
+    records[0] = example.SerializeToString()
+    shard.write_bytes(b"".join(map(framed, records)))
+
+
+def test_malformed_label_lists(multi_label, multi_expected, tmp_path):
+    version_dir = _voc_copy(multi_label, tmp_path)
+    shard = version_dir / f"voc-train.tfrecord-00000-of-{MULTI_SHARDS:05d}"
+    original = shard.read_bytes()
+    image = multi_expected["voc"]["train"][0][0]
+    where = f"voc/2007/5.0.0:train[0]: record 0 of {shard}: "
+
+    def labels(**value):
+        def edit(feature):
+            feature["labels"].CopyFrom(tf.train.Feature(**value))
+
+        return edit
+
+    cases = [
+        (labels(int64_list=tf.train.Int64List(value=[3, 1, 3])), (1, 3)),
+        (labels(int64_list=tf.train.Int64List(value=[-1, 2])), (2,)),  # -1: TFDS's "no label"
+        (labels(int64_list=tf.train.Int64List(value=[])), ()),
+        (labels(), ()),
+        (labels(int64_list=tf.train.Int64List(value=[7, 1, 5])), "its 'labels' has class 7, outside [0, 5)"),
+        (labels(int64_list=tf.train.Int64List(value=[-2])), "its 'labels' has class -2, outside [0, 5)"),
+        (labels(float_list=tf.train.FloatList(value=[1.0])), "its 'labels' is not a list of integers"),
+        (labels(bytes_list=tf.train.BytesList(value=[b"bird"])), "its 'labels' is not a list of integers"),
+        (lambda feature: feature.pop("labels"), "it has no 'labels'"),
+        (lambda feature: feature.pop("image"), "its 'image' is not one encoded image"),
+    ]
+    for edit, outcome in cases:
+        shard.write_bytes(original)
+        _rewrite_first_record(shard, edit)
+        split = open_split("voc/2007:train", str(tmp_path))
+        if isinstance(outcome, tuple):
+            assert split.record(0) == (image, outcome)
+        else:
+            with pytest.raises(UnreadableImage, match=re.escape(where + outcome)):
+                split.record(0)
+        assert split.record(1) == multi_expected["voc"]["train"][1]
+
+
+def test_multi_label_reads_only_the_image_and_labels(multi_label, monkeypatch):
+    source = open_split("coco/2017:train", str(multi_label))
+    data = source.shards[0].read(0)
+    full = parse_example(data)
+    assert set(full) == {
+        "image",
+        "image/filename",
+        "image/id",
+        *(f"objects/{k}" for k in ("id", "area", "bbox", "label", "is_crowd")),
+    }
+    assert parse_example(data, {"image", "objects/label"}) == {k: full[k] for k in ("image", "objects/label")}
+    decoded = []
+    feature = tfds_reader._feature
+    monkeypatch.setattr(tfds_reader, "_feature", lambda value: decoded.append(value) or feature(value))
+    source.record(0)
+    assert len(decoded) == 2
+
+
+def test_multi_label_class_names_and_older_features_json(multi_label, tmp_path):
+    """Class names from TFDS's class-name files (labels.labels.txt, objects-label.labels.txt),
+    else the ClassLabel's; features.json as TFDS wrote it before its FeaturesDict proto."""
+    assert {path.name for path in (multi_label / "voc/2007/5.0.0").glob("*.labels.txt")} == {
+        "labels.labels.txt",
+        "labels_no_difficult.labels.txt",
+        "objects-label.labels.txt",
+        "objects-pose.labels.txt",
+    }
+    assert [path.name for path in (multi_label / "coco/2017/1.1.0").glob("*.labels.txt")] == [
+        "objects-label.labels.txt"
+    ]
+
+    def legacy(kind, content):
+        module = {"FeaturesDict": "features_dict", "Sequence": "sequence_feature", "ClassLabel": "class_label_feature"}
+        module.update(Image="image_feature", Text="text_feature", Tensor="tensor_feature", BBoxFeature="bounding_boxes")
+        return {"type": f"tensorflow_datasets.core.features.{module[kind]}.{kind}", "content": content}
+
+    image = legacy("Image", {"shape": [None, None, 3], "dtype": "uint8", "encoding_format": "png"})
+
+    def voc(label):
+        labels = legacy("Sequence", {"feature": legacy("ClassLabel", label), "length": None})
+        return json.dumps(legacy("FeaturesDict", {"image": image, "labels": labels}))
+
+    def names(version_dir, feature):
+        """The class names TFDS reads for ``feature``, which the reader must read too."""
+        features = tfds.builder_from_directory(str(version_dir)).info.features
+        tfds_names = (features["labels"].feature if feature == "labels" else features["objects"]["label"]).names
+        dataset = version_dir.relative_to(tmp_path).parent.as_posix()
+        source = open_split(f"{dataset}:train", str(tmp_path))
+        assert (source.multi_label, source.label_key, source.class_names) == (True, feature, tfds_names)
+        return tfds_names
+
+    version_dir = _voc_copy(multi_label, tmp_path)
+    (version_dir / "features.json").write_text(voc({"num_classes": 5}))
+    assert names(version_dir, "labels") == VOC_CLASSES  # from labels.labels.txt
+    (version_dir / "features.json").write_text(voc({"names": list("vwxyz")}))
+    assert names(version_dir, "labels") == list("vwxyz")  # features.json's names first, as TFDS
+    (version_dir / "features.json").write_text(voc({"num_classes": 5}))
+    (version_dir / "labels.labels.txt").unlink()
+    assert names(version_dir, "labels") == list("01234")
+
+    objects = {
+        "label": legacy("ClassLabel", {"num_classes": 6}),
+        "bbox": legacy("BBoxFeature", {}),
+        "is_crowd": legacy("Tensor", {"shape": [], "dtype": "bool"}),
+    }
+    coco = legacy(
+        "FeaturesDict",
+        {"image": image, "objects": legacy("Sequence", {"feature": legacy("FeaturesDict", objects), "length": None})},
+    )
+    coco_dir = Path(shutil.copytree(multi_label / "coco/2017/1.1.0", tmp_path / "coco/2017/1.1.0"))
+    (coco_dir / "features.json").write_text(json.dumps(coco))
+    assert names(coco_dir, "objects/label") == COCO_CLASSES
+    (coco_dir / "objects-label.labels.txt").unlink()
+    assert names(coco_dir, "objects/label") == list("012345")
+    (coco_dir / "features.json").write_text(json.dumps(legacy("FeaturesDict", {"image": image})))
+    with _raises("dataset coco/2017/1.1.0 is not an image-classification dataset: "):
+        open_split("coco/2017:train", str(tmp_path))

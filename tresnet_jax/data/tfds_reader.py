@@ -7,6 +7,10 @@ order of ``shardLengths`` in ``dataset_info.json`` (0 to N-1), the records of ea
 (A whole-split ``as_dataset(shuffle_files=False)`` does not read in that order: it interleaves 16
 shards in blocks of 16 records, unless ``ReadConfig(interleave_cycle_length=1)``.)
 
+Labels: an image-classification dataset's ``label`` (one class); a multi-label dataset's classes
+present, from ``labels`` (a Sequence of ClassLabel, as ``voc``) or else the distinct ``label``s of
+its ``objects`` (as ``coco``). ``NAME:train+validation`` reads the splits one after the other.
+
 A tfrecord shard is indexed on first use by walking its record headers (12 bytes a record, the
 payloads are skipped), then read with ``os.pread``: any number of threads can read at once.
 """
@@ -26,11 +30,15 @@ import struct
 import threading
 import weakref
 from array import array
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tresnet_jax.data.tfrecord import FOOTER_SIZE, HEADER, masked_crc32c
 from tresnet_jax.errors import InputError, UnreadableImage
+
+if TYPE_CHECKING:
+    from tresnet_jax.data.sources import Label
 
 DEFAULT_SPLITS = {"imagenet2012": "validation", "imagenet_v2": "test"}
 
@@ -147,9 +155,10 @@ def _feature(data: memoryview) -> list[bytes] | list[float] | list[int]:
     return values
 
 
-def parse_example(data: bytes) -> dict[str, list[bytes] | list[float] | list[int]]:
-    """A serialized ``tf.train.Example`` as {feature name: its values}. Raises ValueError when
-    ``data`` is not one."""
+def parse_example(data: bytes, keys: Collection[str] | None = None) -> dict[str, list[bytes] | list[float] | list[int]]:
+    """A serialized ``tf.train.Example`` as {feature name: its values}: every feature, or those of
+    ``keys`` alone (the others' values are skipped, not decoded). Raises ValueError when ``data``
+    is not one."""
     example = {}
     for features in _values(memoryview(data), 1, (_LENGTH_DELIMITED,)):
         for entry in _values(features, 1, (_LENGTH_DELIMITED,)):
@@ -161,7 +170,9 @@ def parse_example(data: bytes) -> dict[str, list[bytes] | list[float] | list[int
                     key = bytes(item)
                 elif number == 2:
                     value = item
-            example[key.decode()] = _feature(value)
+            name = key.decode()
+            if keys is None or name in keys:
+                example[name] = _feature(value)
     return example
 
 
@@ -305,17 +316,25 @@ class _ArrayRecordShard(_Shard):
 
 @dataclasses.dataclass
 class PreparedSplit:
-    """A split of an image-classification dataset prepared by TFDS: (encoded image, label) by
-    position in TFDS's split order."""
+    """A split of an image-classification dataset prepared by TFDS, or several splits read one
+    after the other (``train+validation``): (encoded image, label) by position in TFDS's split
+    order. A label is one class (``int``), or for a multi-label dataset the sorted tuple of the
+    classes present, possibly empty; ``label_key`` is the feature it is read from."""
 
     dataset: str  # name[/config]/version, as found on disk
-    split: str
+    split: str  # one split, or several joined by "+"
     class_names: list[str]
     shards: list[_Shard] = dataclasses.field(repr=False)
     splits: tuple[str, ...] = ()  # every split the dataset has
+    multi_label: bool = False
+    label_key: str = "label"  # the tf.train.Example feature holding the label(s)
+    parts: tuple[tuple[str, int], ...] = ()  # (split, its records) of each split read, in order
 
     def __post_init__(self):
         self._ends = list(itertools.accumulate(shard.size for shard in self.shards))
+        self.parts = self.parts or ((self.split, len(self)),)
+        self._part_ends = list(itertools.accumulate(size for _, size in self.parts))
+        self._keys = frozenset(("image", self.label_key))
 
     def __len__(self) -> int:
         return self._ends[-1] if self._ends else 0
@@ -325,9 +344,14 @@ class PreparedSplit:
         return f"{self.dataset}:{self.split}"
 
     def describe(self, index: int) -> str:
-        return f"{self.name}[{index}]"
+        """``dataset:split[i]``; for several splits, the one that record ``index`` is in and its
+        position there."""
+        if len(self.parts) == 1:
+            return f"{self.name}[{index}]"
+        part = min(bisect.bisect_right(self._part_ends, index), len(self.parts) - 1)
+        return f"{self.dataset}:{self.parts[part][0]}[{index - (self._part_ends[part - 1] if part else 0)}]"
 
-    def record(self, index: int) -> tuple[bytes, int]:
+    def record(self, index: int) -> tuple[bytes, Label]:
         """(encoded image bytes, label) of record ``index`` of the split."""
         index = operator.index(index)
         if not 0 <= index < len(self):
@@ -338,21 +362,39 @@ class PreparedSplit:
         data = shard.read(position)
         where = f"record {position} of {shard.path}"
         try:
-            example = parse_example(data)
+            example = parse_example(data, self._keys)
         except ValueError as error:
             raise UnreadableImage(self.describe(index), f"{where} is not a tf.train.Example: {error}") from error
-        image, label = example.get("image", []), example.get("label", [])
+        image, label = example.get("image", []), example.get(self.label_key)
         if len(image) != 1 or not isinstance(image[0], bytes):
             raise UnreadableImage(self.describe(index), f"{where}: its 'image' is not one encoded image")
-        if len(label) != 1 or not isinstance(label[0], int):
+        if self.multi_label:
+            return image[0], self._classes(label, index, where)
+        if label is None or len(label) != 1 or not isinstance(label[0], int):
             raise UnreadableImage(self.describe(index), f"{where}: its 'label' is not one integer")
         return image[0], label[0]
 
+    def _classes(self, values: list | None, index: int, where: str) -> tuple[int, ...]:
+        """The classes present: a list's distinct values, sorted, less TFDS's -1 (no label)."""
+        if values is None:
+            raise UnreadableImage(self.describe(index), f"{where}: it has no '{self.label_key}'")
+        if not all(type(value) is int for value in values):
+            raise UnreadableImage(self.describe(index), f"{where}: its '{self.label_key}' is not a list of integers")
+        classes = sorted(set(values) - {-1})
+        if classes and (classes[0] < 0 or classes[-1] >= len(self.class_names)):
+            bad = classes[0] if classes[0] < 0 else classes[-1]
+            raise UnreadableImage(
+                self.describe(index),
+                f"{where}: its '{self.label_key}' has class {bad}, outside [0, {len(self.class_names)})",
+            )
+        return tuple(classes)
+
 
 def open_split(spec: str, data_dir: str | None = None, default_split: str = "") -> PreparedSplit:
-    """``spec`` is ``NAME[/CONFIG][/VERSION][:SPLIT]`` (``imagenet2012``,
-    ``imagenet2012/5.1.0:validation``, ``my_dataset:train``): the newest version prepared unless
-    one is named; the split ``default_split``, else the dataset's usual evaluation split."""
+    """``spec`` is ``NAME[/CONFIG][/VERSION][:SPLIT[+SPLIT...]]`` (``imagenet2012``,
+    ``imagenet2012/5.1.0:validation``, ``my_dataset:train``, ``voc/2007:train+validation``): the
+    newest version prepared unless one is named; the split ``default_split``, else the dataset's
+    usual evaluation split. Several splits are read one after the other, in the order named."""
     name, _, split = spec.partition(":")
     root = Path(data_dir).expanduser() if data_dir else default_data_dir()
     directory = _version_directory(root, name, data_dir)
@@ -361,12 +403,32 @@ def open_split(spec: str, data_dir: str | None = None, default_split: str = "") 
     splits = {entry.get("name"): entry for entry in info.get("splits", [])}
     usual = next((s for s in ("validation", "test") if s in splits), "")
     split = split or default_split or DEFAULT_SPLITS.get(name.partition("/")[0]) or usual
-    if split not in splits:
-        asked = f"no split {split!r}" if split else "no validation or test split (name one as NAME:SPLIT)"
-        raise InputError(f"dataset {dataset}: {asked}; it has {', '.join(map(str, splits)) or 'none'}")
-    class_names = _class_names(directory, dataset)
-    shards = _shards(directory, dataset, info, splits[split])
-    return PreparedSplit(dataset, split, class_names, shards, tuple(map(str, splits)))
+    has = ", ".join(map(str, splits)) or "none"
+    if not split:
+        raise InputError(f"dataset {dataset}: no validation or test split (name one as NAME:SPLIT); it has {has}")
+    parts = [part.strip() for part in split.split("+")]
+    for part in parts:
+        if part not in splits:
+            raise InputError(f"dataset {dataset}: no split {part!r}; it has {has}")
+    twice = next((part for i, part in enumerate(parts) if part in parts[:i]), None)
+    if twice is not None:
+        raise InputError(f"dataset {dataset}: split {twice!r} is named twice in {split!r}")
+    labels = _labels(directory, dataset)
+    shards, sizes = [], []
+    for part in parts:
+        part_shards = _shards(directory, dataset, info, splits[part])
+        shards += part_shards
+        sizes.append((part, sum(shard.size for shard in part_shards)))
+    return PreparedSplit(
+        dataset,
+        "+".join(parts),
+        labels.class_names,
+        shards,
+        tuple(map(str, splits)),
+        labels.multi_label,
+        labels.key,
+        tuple(sizes),
+    )
 
 
 def _version_directory(root: Path, name: str, data_dir: str | None) -> Path:
@@ -422,39 +484,123 @@ def _read_json(path: Path) -> dict:
         raise InputError(f"{path} is not JSON: {error}") from error
 
 
-def _feature_specs(path: Path) -> dict[str, tuple[str, dict]]:
-    """{feature name: (its class, its settings)} from features.json: a FeaturesDict proto as
-    JSON (TFDS 4.5 and later) or the earlier {"type": ..., "content": ...} form."""
-    top = _read_json(path)
-    if "type" in top:
-        return {k: (v.get("type", "").rpartition(".")[2], v.get("content", {})) for k, v in top["content"].items()}
-    features = top.get("featuresDict", {}).get("features", {})
-    specs = {}
-    for key, feature in features.items():
-        kind = feature.get("pythonClassName", "").rpartition(".")[2]
-        settings = feature.get({"Image": "image", "ClassLabel": "classLabel"}.get(kind, ""), {})
-        specs[key] = kind, {re.sub(r"([A-Z])", r"_\1", k).lower(): v for k, v in settings.items()}
-    return specs
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    """One feature as features.json describes it: its TFDS class, its settings (snake_case
+    keys), and the features it holds (a Sequence's element as ``inner``, a FeaturesDict's by
+    name as ``features``)."""
+
+    kind: str
+    settings: dict = dataclasses.field(default_factory=dict)
+    inner: _Spec | None = None
+    features: dict[str, _Spec] = dataclasses.field(default_factory=dict)
+
+    def describe(self) -> str:
+        return f"Sequence of {self.inner.describe()}" if self.kind == "Sequence" and self.inner else self.kind
 
 
-def _class_names(directory: Path, dataset: str) -> list[str]:
-    """From label.labels.txt, else the ClassLabel's names, else "0", "1", ..."""
-    specs = _feature_specs(directory / "features.json")
-    kinds = {key: kind for key, (kind, _) in specs.items()}
-    if kinds.get("image") != "Image" or kinds.get("label") != "ClassLabel":
-        found = ", ".join(f"{key} ({kind})" for key, kind in kinds.items())
+# Keys of a feature's proto JSON beside its one settings message (FeaturesDict, Sequence, Image,
+# ClassLabel, ...; tensorflow_datasets/core/proto/feature.proto).
+_BESIDE_SETTINGS = frozenset({"pythonClassName", "description", "valueRange"})
+
+
+def _spec(node: object, path: Path) -> _Spec:
+    """A feature of features.json in either form TFDS wrote: since TFDS 4.5, a Feature proto as
+    JSON ({"pythonClassName": ..., "featuresDict" | "sequence" | "image" | "classLabel" | ...:
+    {...}}); before, {"type": "module.Class", "content": {...}}, the content of a FeaturesDict
+    being {name: feature} and of a Sequence {"feature": feature, "length": n}, unless a
+    "proto_cls" says it is a proto's JSON (possibly as a string)."""
+    if not isinstance(node, dict):
+        return _Spec("")
+    proto = "type" not in node or "proto_cls" in node
+    if "type" in node:
+        kind, content = str(node["type"]), node.get("content")
+        if isinstance(content, str):
+            try:
+                content = json.loads(content)
+            except json.JSONDecodeError as error:
+                raise InputError(f"{path}: the settings of a {kind} are not JSON: {error}") from error
+    else:
+        kind = str(node.get("pythonClassName", ""))
+        content = next((v for k, v in node.items() if k not in _BESIDE_SETTINGS and isinstance(v, dict)), None)
+    kind = kind.rpartition(".")[2]
+    content = content if isinstance(content, dict) else {}
+    if kind == "FeaturesDict":
+        children = content.get("features", {}) if proto else content
+        children = children if isinstance(children, dict) else {}
+        return _Spec(kind, features={str(k): _spec(v, path) for k, v in children.items()})
+    if kind == "Sequence":
+        return _Spec(kind, {"length": content.get("length")}, inner=_spec(content.get("feature"), path))
+    return _Spec(kind, {re.sub(r"([A-Z])", r"_\1", k).lower(): v for k, v in content.items()})
+
+
+@dataclasses.dataclass(frozen=True)
+class _Labels:
+    """Where a dataset's labels are: the tf.train.Example feature, whether it lists the classes
+    present (multi-label), and the class names."""
+
+    key: str
+    multi_label: bool
+    class_names: list[str]
+
+
+# The label layouts read, in order of preference: (the tf.train.Example key, multi-label, the
+# ClassLabel's path in the FeaturesDict, the file TFDS writes its class names to). TFDS flattens
+# nested features into "parent/child" keys (core/utils/py_utils.py, flatten_nest_dict); a
+# Sequence's values are one flat list; a nested ClassLabel's names go to "parent-child.labels.txt"
+# (core/features/feature.py, convert_feature_name_to_filename; class_label_feature.py,
+# get_names_filepath).
+_LAYOUTS = (
+    ("label", False, ("label",), "label.labels.txt"),  # image classification
+    ("labels", True, ("labels", "[]"), "labels.labels.txt"),  # voc: the classes present
+    ("objects/label", True, ("objects", "[]", "label"), "objects-label.labels.txt"),  # coco, voc: each object's
+)
+_SHAPES = (
+    "either a 'label' ClassLabel, a 'labels' Sequence of ClassLabel, "
+    "or an 'objects' Sequence whose items have a 'label' ClassLabel"
+)
+
+
+def _find(specs: dict[str, _Spec], path: tuple[str, ...]) -> _Spec | None:
+    """The feature at ``path`` ("[]": a Sequence's element), or None."""
+    spec = _Spec("FeaturesDict", features=specs)
+    for step in path:
+        if step == "[]":
+            spec = spec.inner if spec.kind == "Sequence" else None
+        else:
+            spec = spec.features.get(step) if spec.kind == "FeaturesDict" else None
+        if spec is None:
+            return None
+    return spec
+
+
+def _labels(directory: Path, dataset: str) -> _Labels:
+    """The dataset's label layout, the first of ``_LAYOUTS`` it has; its class names as TFDS
+    reads them: the ClassLabel's names in features.json (only its form before TFDS 4.5 has any),
+    else its class-name file, else "0", "1", ..."""
+    path = directory / "features.json"
+    top = _spec(_read_json(path), path)
+    specs = top.features if top.kind == "FeaturesDict" else {}
+    image = specs.get("image")
+    layout = next((layout for layout in _LAYOUTS if getattr(_find(specs, layout[2]), "kind", "") == "ClassLabel"), None)
+    if image is None or image.kind != "Image" or layout is None:
+        found = ", ".join(f"{key} ({spec.describe()})" for key, spec in specs.items())
         raise InputError(
             f"dataset {dataset} is not an image-classification dataset: it needs an 'image' Image feature "
-            f"and a 'label' ClassLabel feature; it has {found}"
+            f"and {_SHAPES}; it has {found}"
         )
-    dtype = str(specs["image"][1].get("dtype", "uint8")).removeprefix("tf.")
+    dtype = str(image.settings.get("dtype", "uint8")).removeprefix("tf.")
     if dtype != "uint8":
         raise InputError(f"dataset {dataset}: its images are {dtype} arrays, not encoded 8-bit images")
-    labels_file = directory / "label.labels.txt"
-    if labels_file.is_file():
-        return [line.strip() for line in labels_file.read_text().splitlines() if line.strip()]
-    label = specs["label"][1]
-    return list(label.get("names") or map(str, range(int(label.get("num_classes", 0)))))
+    key, multi_label, where, names_file = layout
+    label, names_path = _find(specs, where).settings, directory / names_file
+    if label.get("names"):
+        names = list(label["names"])
+    elif names_path.is_file():
+        names = [line.strip() for line in names_path.read_text().splitlines() if line.strip()]
+    else:
+        names = [str(i) for i in range(int(label.get("num_classes", 0)))]
+    return _Labels(key, multi_label, names)
 
 
 def _shards(directory: Path, dataset: str, info: dict, split: dict) -> list[_Shard]:
