@@ -1,13 +1,18 @@
-"""Top-5 classes of images, with probabilities.
+"""Top-5 classes of images, with probabilities; for multi-label weights, every class above a
+threshold.
 
     python predict.py cat.jpg dog.png                              # tresnet_m's pretrained weights
     python predict.py photo.jpg --model tresnet_l.miil_in1k_448
     python predict.py photo.jpg --model runs/f1/export             # weights trained on your classes
     python predict.py photo.jpg --weights tresnet_m.miil_in1k.safetensors
+    python predict.py street.jpg --model tresnet_l.asl_coco_448 --threshold 0.7   # ASL's COCO model
 
 --model takes what eval.py's does: a weights name or directory, a pretrained tag (fetched from
-the Hugging Face hub the first time), hf-hub:OWNER/NAME or an architecture (its default tag).
-Class names: the weights' own (training exports keep their dataset's), ImageNet's for
+the Hugging Face hub the first time; ASL's are converted from their files first),
+hf-hub:OWNER/NAME or an architecture (its default tag). Single-label weights: the five most
+probable classes (softmax). Multi-label weights (metadata "multi_label", e.g. ASL's): a sigmoid
+per class, and the classes above --threshold (default 0.5), most probable first. Class names:
+the weights' own (ASL's checkpoints and training exports carry them), ImageNet's for
 1000-class weights, else class indices.
 """
 
@@ -30,6 +35,7 @@ from tresnet_jax.runtime.compile import jit
 from tresnet_jax.weights.factory import load_any
 
 TOP = 5
+THRESHOLD = 0.5  # multi-label: a class is predicted when its sigmoid probability is above this
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -43,9 +49,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--weights", help="weights directory, or a .pth/.pt/.bin/.safetensors file (--model: its architecture)"
     )
     parser.add_argument("--image-size", type=int, help="default: the weights' pretrained input size")
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        help=f"multi-label weights only: print the classes whose probability is above this (default {THRESHOLD})",
+    )
     args = parser.parse_args(argv)
     if args.image_size is not None:
         check_image_size(args.image_size)
+    if args.threshold is not None and not 0.0 < args.threshold < 1.0:
+        parser.error(f"--threshold must be between 0 and 1 (exclusive), got {args.threshold:g}")
     return args
 
 
@@ -56,6 +69,22 @@ def class_names(num_classes: int, stored: list[str] | None = None) -> list[str]:
     if num_classes == len(imagenet_classes()):
         return [f"{names.split(',')[0]} ({wnid})" for wnid, names in imagenet_classes()]
     return [f"class {i}" for i in range(num_classes)]
+
+
+def top_classes(probabilities: np.ndarray, labels: list[str]) -> list[str]:
+    """The TOP most probable classes, most probable first."""
+    return [f"  {100 * probabilities[i]:6.2f}%  {labels[i]}" for i in np.argsort(-probabilities)[:TOP]]
+
+
+def above_threshold(probabilities: np.ndarray, labels: list[str], threshold: float) -> list[str]:
+    """The classes whose probability is above ``threshold``, most probable first; else one line
+    saying none is, with the most probable class."""
+    order = np.argsort(-probabilities, kind="stable")
+    lines = [f"  {100 * probabilities[i]:6.2f}%  {labels[i]}" for i in order if probabilities[i] > threshold]
+    if lines:
+        return lines
+    best = order[0]
+    return [f"  no class above {100 * threshold:g}% (highest: {100 * probabilities[best]:.2f}%  {labels[best]})"]
 
 
 @command
@@ -69,9 +98,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"weights: {loaded.origin}")
     if model.num_classes == 0:
         raise InputError(f"{metadata['model']} weights without a classifier head cannot predict classes")
+    multi_label = bool(metadata.get("multi_label", False))
+    if args.threshold is not None and not multi_label:
+        raise InputError(
+            f"--threshold is for multi-label weights; these ({metadata['model']}, {model.num_classes} classes) "
+            f"are single-label: predict.py prints their top {TOP} classes"
+        )
     prep = Preprocessing.from_dict(metadata["preprocessing"])
     if args.image_size:
-        prep = Preprocessing(args.image_size, prep.crop_pct, prep.interpolation)
+        prep = Preprocessing(args.image_size, prep.crop_pct, prep.interpolation, prep.squish)
     images, names, failures = [], [], 0
     for path in args.images:
         try:
@@ -81,12 +116,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {err}", file=sys.stderr)
             failures += 1
     if images:
-        probabilities = np.asarray(jax.nn.softmax(jit(model.apply)(variables, np.stack(images)), axis=-1))
+        logits = jit(model.apply)(variables, np.stack(images))
+        probabilities = np.asarray(jax.nn.sigmoid(logits) if multi_label else jax.nn.softmax(logits, axis=-1))
         labels = class_names(model.num_classes, metadata.get("class_names"))
+        threshold = THRESHOLD if args.threshold is None else args.threshold
         for path, p in zip(names, probabilities, strict=True):
             print(f"{path}:")
-            for index in np.argsort(-p)[:TOP]:
-                print(f"  {100 * p[index]:6.2f}%  {labels[index]}")
+            for line in above_threshold(p, labels, threshold) if multi_label else top_classes(p, labels):
+                print(line)
     return 1 if failures else 0
 
 

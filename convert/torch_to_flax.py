@@ -2,12 +2,14 @@
 
     python convert/torch_to_flax.py tresnet_m.pth
     python convert/torch_to_flax.py hf-hub:timm/tresnet_m.miil_in1k        # from the Hugging Face hub
+    python convert/torch_to_flax.py MS_COCO_TRresNet_L_448_86.6.pth        # ASL's multi-label COCO model
     python convert/torch_to_flax.py model.safetensors --model tresnet_m --num-classes 10 --name m_c10
 
 Writes an Orbax checkpoint and metadata.json to $TRESNET_JAX_WEIGHTS/<name> (default
 ~/.cache/tresnet_jax/weights/<name>; <name> = the model name for a file, the tag for a hub
-repository), where tresnet_jax.load(name) and eval.py --model find it. A pretrained tag is
-recorded only when --tag, the hub repository or a file name holding the whole tag says so.
+repository or for a tag published only as a file, such as ASL's), where tresnet_jax.load(name)
+and eval.py --model find it. A pretrained tag is recorded only when --tag, the hub repository,
+a file name holding the whole tag or ASL's published file name says so.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from tresnet_jax.model.registry import ARCHITECTURES, PRETRAINED, resolve
 from tresnet_jax.weights.conversion import convert_checkpoint
 from tresnet_jax.weights.hub import HUB_PREFIX, HubRepo, convert_fetched, fetch
 from tresnet_jax.weights.storage import check_writable, save_weights, weights_root
-from tresnet_jax.weights.torch_io import read_state_dict
+from tresnet_jax.weights.torch_io import read_checkpoint
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -63,8 +65,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         default_name = repo.storage_name if args.num_classes is None else None
     else:
         source = Path(args.checkpoint)
-        converted, metadata = convert_checkpoint(read_state_dict(source), source, *conversion)
-        default_name = None
+        checkpoint = read_checkpoint(source)
+        converted, metadata = convert_checkpoint(
+            checkpoint.state_dict, source, *conversion, class_names=checkpoint.class_names
+        )
+        # A tag published only as a file (ASL's) is found by its name: tresnet_jax.load(tag).
+        tag = metadata["tag"]
+        default_name = tag if tag is not None and not PRETRAINED[tag].on_hub else None
     output = args.output or weights_root() / (args.name or default_name or converted.model_name)
     check_writable(output.absolute(), args.force)
     print(
@@ -75,9 +82,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"note: {note}")
     prep = metadata["preprocessing"]
     print(
-        f"preprocessing: {prep['input_size']}px, crop {prep['crop_pct']}, {prep['interpolation']} "
+        f"preprocessing: {prep['input_size']}px, crop {prep['crop_pct']}, {prep['interpolation']}"
+        + (", squish " if prep.get("squish") else " ")
         + (f"(tag {metadata['tag']})" if metadata["tag"] else "(no pretrained tag: --tag sets one)")
     )
+    if metadata["multi_label"]:
+        names = metadata["class_names"]
+        reported = metadata["reported"] or {}
+        print(
+            f"multi-label: a sigmoid per class, {len(names) if names else 'no'} class names"
+            + (f" ({', '.join(names[:3])}, ...)" if names else "")
+            + (f"; reported mAP {reported['mAP']} on {reported['dataset']}" if reported.get("mAP") else "")
+        )
     written = save_weights(output, converted.variables, metadata, force=args.force)
     print(f"wrote {written}")
     return 0

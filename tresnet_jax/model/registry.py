@@ -32,14 +32,41 @@ class PretrainedConfig:
     top1: float | None = None  # ImageNet-1k validation, as reported by timm
     top5: float | None = None
     imagenet_v2_top1: float | None = None
-    source: str = "timm"
+    source: str = "timm"  # timm: on the Hugging Face hub; official, asl: a file from the authors
+    multi_label: bool = False  # one sigmoid per class (ASL), not a softmax over classes
+    squish: bool = False  # resize to input_size x input_size, no crop
+    mean_ap: float | None = None  # mAP (percent) the authors report, on ``dataset``
+    dataset: str | None = None  # the TFDS name of the set mean_ap was measured on (coco/2014)
+    file: str | None = None  # the published file, for weights that are not on the hub
 
     @property
     def architecture(self) -> str:
         return self.tag.split(".")[0]
 
+    @property
+    def on_hub(self) -> bool:
+        """Whether the weights are on the Hugging Face hub (``timm/<tag>``)."""
+        return self.source == "timm"
 
-# Tags in timm's order: the first tag of an architecture is its default weights.
+
+def _asl(tag: str, size: int, classes: int, mean_ap: float, dataset: str, file: str) -> PretrainedConfig:
+    """An ASL model: multi-label, squished to ``size`` (validate.py's Resize((size, size)))."""
+    return PretrainedConfig(
+        tag,
+        size,
+        crop_pct=1.0,
+        num_classes=classes,
+        source="asl",
+        multi_label=True,
+        squish=True,
+        mean_ap=mean_ap,
+        dataset=dataset,
+        file=file,
+    )
+
+
+# Tags in timm's order (the first tag of an architecture is its default weights), then the
+# weights published as files only.
 PRETRAINED: dict[str, PretrainedConfig] = {
     cfg.tag: cfg
     for cfg in (
@@ -55,7 +82,20 @@ PRETRAINED: dict[str, PretrainedConfig] = {
         PretrainedConfig("tresnet_v2_l.miil_in21k", num_classes=11221),
         # The official repository's only published TResNet-L-V2 weights: Stanford Cars.
         PretrainedConfig("tresnet_l_v2.stanford_cars", input_size=368, num_classes=196, source="official"),
+        # ASL's multi-label models (Alibaba-MIIL/ASL, MODEL_ZOO.md; not on the hub): official
+        # layout, 80 MS-COCO or 20 Pascal VOC classes, evaluated squished to the input size; the
+        # mAP the authors report on COCO 2014 validation and VOC 2007 test.
+        _asl("tresnet_m.asl_coco_224", 224, 80, 81.8, "coco/2014", "MS_COCO_TRresNet_M_224_81.8.pth"),
+        _asl("tresnet_l.asl_coco_448", 448, 80, 86.6, "coco/2014", "MS_COCO_TRresNet_L_448_86.6.pth"),
+        _asl("tresnet_xl.asl_coco_640", 640, 80, 88.4, "coco/2014", "MS_COCO_TResNet_xl_640_88.4.pth"),
+        _asl("tresnet_xl.asl_voc_448", 448, 20, 96.0, "voc/2007", "PASCAL_VOC_TResNet_xl_448_96.0.pth"),
     )
+}
+
+# Where the weights that are not on the hub are published, by source: (words, address).
+DOWNLOAD_PAGES = {
+    "official": ("the official TResNet model zoo", "https://github.com/Alibaba-MIIL/TResNet/blob/master/MODEL_ZOO.md"),
+    "asl": ("ASL's model zoo", "https://github.com/Alibaba-MIIL/ASL/blob/main/MODEL_ZOO.md"),
 }
 
 
@@ -85,14 +125,17 @@ class ModelSpec:
         return None if self.config.source == "none" else self.config.tag
 
     def preprocessing(self) -> dict[str, Any]:
-        """The ``preprocessing`` record of weights metadata: size, crop, interpolation; inputs
-        are RGB in [0, 1] without mean/std (the original's convention)."""
+        """The ``preprocessing`` record of weights metadata: size, crop, interpolation, and
+        ``squish: true`` for weights evaluated squished to size x size (absent: resize and
+        centre crop, as metadata written before it says); inputs are RGB in [0, 1] without
+        mean/std (the original's convention)."""
         return {
             "input_size": self.config.input_size,
             "crop_pct": self.config.crop_pct,
             "interpolation": self.config.interpolation,
             "mean": [0.0, 0.0, 0.0],
             "std": [1.0, 1.0, 1.0],
+            **({"squish": True} if self.config.squish else {}),
         }
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import hashlib
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from flax import traverse_util
 from tresnet_jax.errors import InputError
 from tresnet_jax.model.architecture import variable_shapes
 from tresnet_jax.model.initialization import replace_head
-from tresnet_jax.model.registry import ARCHITECTURES, PRETRAINED, ModelSpec, resolve
+from tresnet_jax.model.registry import ARCHITECTURES, PRETRAINED, ModelSpec, PretrainedConfig, resolve
 from tresnet_jax.weights.torch_layout import (
     OFFICIAL,
     LayoutError,
@@ -173,8 +174,10 @@ def choose_config(model: ModelSpec, num_classes: int, source: str, tag: str | No
     """The architecture with the pretrained configuration of converted weights.
 
     A published tag only when it is known: ``tag`` when given (``--tag``, a hub repository),
-    else a tag named in full in the file path. Otherwise an untagged configuration (no reported
-    accuracy) whose preprocessing is the model's published one, at 448 when the file name says
+    else a tag named in full in the file path, or the published file of a tag that is not on
+    the hub (ASL's ``MS_COCO_TRresNet_L_448_86.6.pth``, its dataset prefix optional). Otherwise
+    an untagged configuration (no reported accuracy) whose preprocessing (and multi-label
+    output) is the model's published one for that many classes, at 448 when the file name says
     ``448``.
     """
     if tag is not None:
@@ -188,7 +191,7 @@ def choose_config(model: ModelSpec, num_classes: int, source: str, tag: str | No
             )
         return dataclasses.replace(model, config=cfg)
     candidates = [c for c in PRETRAINED.values() if c.architecture == model.name and c.num_classes == num_classes]
-    named = [c for c in candidates if c.tag in source]
+    named = [c for c in candidates if c.tag in source or _names_published_file(c, source)]
     if named:
         return dataclasses.replace(model, config=max(named, key=lambda c: len(c.tag)))
     at_448 = "448" in Path(source).name
@@ -199,6 +202,16 @@ def choose_config(model: ModelSpec, num_classes: int, source: str, tag: str | No
     return dataclasses.replace(model, config=untagged)
 
 
+def _names_published_file(cfg: PretrainedConfig, source: str) -> bool:
+    """Whether a file name is a tag's published file (``MS_COCO_TRresNet_L_448_86.6.pth``), or
+    that name without its dataset prefix (``TRresNet_L_448_86.6.pth``, as ASL's scripts call it):
+    model, size and mAP together, in any case."""
+    if cfg.file is None:
+        return False
+    core = re.search(r"tr?resnet_.*", Path(cfg.file).stem.lower())
+    return core is not None and core.group(0) in Path(source).name.lower()
+
+
 def file_sha256(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -207,18 +220,30 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def weights_metadata(converted: Converted, chosen: ModelSpec, source: Path) -> dict[str, Any]:
+def reported_accuracy(cfg: PretrainedConfig) -> dict[str, Any]:
+    """The ``reported`` record of a published tag: the mAP its authors report and the dataset
+    (TFDS name) it was measured on for a multi-label model, else timm's ImageNet figures."""
+    if cfg.multi_label:
+        return {"mAP": cfg.mean_ap, "dataset": cfg.dataset}
+    return {"top1": cfg.top1, "top5": cfg.top5, "imagenet_v2_top1": cfg.imagenet_v2_top1}
+
+
+def weights_metadata(
+    converted: Converted, chosen: ModelSpec, source: Path, class_names: list[str] | None = None
+) -> dict[str, Any]:
     """What ``metadata.json`` records about converted weights: the tag and its reported accuracy
-    only for published weights with their own head."""
+    only for published weights with their own head; ``multi_label`` (sigmoid per class) as the
+    configuration says; the checkpoint's class names while its head is kept."""
     cfg = chosen.config
     published = chosen.tag is not None and not converted.head_replaced
-    reported = {"top1": cfg.top1, "top5": cfg.top5, "imagenet_v2_top1": cfg.imagenet_v2_top1}
     return {
         "model": converted.model_name,
         "num_classes": converted.num_classes,
         "tag": cfg.tag if published else None,
+        "multi_label": cfg.multi_label,
+        "class_names": None if converted.head_replaced else class_names,
         "preprocessing": chosen.preprocessing(),
-        "reported": reported if published else None,
+        "reported": reported_accuracy(cfg) if published else None,
         "source": {
             "file": source.name,
             "sha256": file_sha256(source),
@@ -236,15 +261,23 @@ def convert_checkpoint(
     model: ModelSpec | None = None,
     num_classes: int | None = None,
     tag: str | None = None,
+    class_names: list[str] | None = None,
 ) -> tuple[Converted, dict[str, Any]]:
     """(Converted variables, their ``metadata.json``) of a checkpoint read from ``source``;
-    errors name the source."""
+    ``class_names``: the checkpoint's own (``torch_io.Checkpoint``), one per class of its head.
+    Errors name the source."""
     try:
         converted = convert_state_dict(state_dict, model, num_classes)
+        if class_names is not None and len(class_names) != converted.checkpoint_classes:
+            raise LayoutError(
+                f"its idx_to_class names {len(class_names)} classes, its head has {converted.checkpoint_classes}"
+            )
     except InputError as err:
         message = str(err)
         raise InputError(message if message.startswith(str(source)) else f"{source}: {message}") from None
+    if class_names is not None and converted.head_replaced:
+        converted.notes.append(f"dropped the checkpoint's {len(class_names)} class names with its head")
     # The tag describes the checkpoint as published: its preprocessing still applies under a new
     # head (the metadata then records no tag).
     chosen = choose_config(converted.model, converted.checkpoint_classes, str(source), tag)
-    return converted, weights_metadata(converted, chosen, source)
+    return converted, weights_metadata(converted, chosen, source, class_names)

@@ -24,7 +24,15 @@ from tresnet_jax.model import nnx
 from tresnet_jax.model.architecture import variable_shapes
 from tresnet_jax.model.initialization import Seed, random_variables, replace_head
 from tresnet_jax.model.linen import TResNet
-from tresnet_jax.model.registry import ARCHITECTURES, PRETRAINED, ModelSpec, closest, default_tag, resolve
+from tresnet_jax.model.registry import (
+    ARCHITECTURES,
+    DOWNLOAD_PAGES,
+    PRETRAINED,
+    ModelSpec,
+    closest,
+    default_tag,
+    resolve,
+)
 from tresnet_jax.weights.hub import HUB_PREFIX, HubRepo, pretrained_directory
 from tresnet_jax.weights.storage import find, model_spec, read_metadata, read_variables, stored_names, weights_root
 
@@ -50,6 +58,8 @@ def choose_weights(name: str | os.PathLike) -> WeightsChoice:
     if directory is not None:
         return WeightsChoice(directory, None, f"weights {str(name)!r} from {directory}")
     text = str(name)
+    if text in PRETRAINED and not PRETRAINED[text].on_hub:
+        return WeightsChoice(_converted_file_weights(text), None, f"pretrained {text} from {weights_root() / text}")
     if text.startswith(HUB_PREFIX):
         repo = HubRepo.parse(text)
     elif text in PRETRAINED:
@@ -74,6 +84,23 @@ def choose_weights(name: str | os.PathLike) -> WeightsChoice:
     if find(stored) is not None:
         return WeightsChoice(stored, repo, f"{what} from {stored}")
     return WeightsChoice(None, repo, f"{what}, fetched from the Hugging Face hub ({repo}) into {stored}")
+
+
+def _converted_file_weights(tag: str) -> Path:
+    """The weights directory of a tag published as a file (ASL's, the official repository's),
+    which the converter stores under the tag; InputError in one line saying where the file is
+    and how to convert it when it is not there."""
+    directory = weights_root() / tag
+    if find(directory) is not None:
+        return directory
+    cfg = PRETRAINED[tag]
+    where, page = DOWNLOAD_PAGES[cfg.source]
+    file = cfg.file or "FILE"
+    raise InputError(
+        f"{tag} is not converted here ({directory}) and is not on the Hugging Face hub: download "
+        f"{cfg.file or 'its file'} from {where} ({page}), then run "
+        f"`python convert/torch_to_flax.py {file} --tag {tag}`"
+    )
 
 
 def create_model(
@@ -167,9 +194,10 @@ def load_any(
     path = Path(weights).expanduser()
     if path.suffix in TORCH_SUFFIXES:
         from tresnet_jax.weights.conversion import convert_checkpoint
-        from tresnet_jax.weights.torch_io import read_state_dict
+        from tresnet_jax.weights.torch_io import read_checkpoint
 
-        converted, metadata = convert_checkpoint(read_state_dict(path), path, model)
+        checkpoint = read_checkpoint(path)
+        converted, metadata = convert_checkpoint(checkpoint.state_dict, path, model, class_names=checkpoint.class_names)
         spec = model_spec(metadata, path)
         network = TResNet(spec.arch, converted.num_classes, dtype=dtype, axis_name=axis_name)
         return Loaded(network, _on_device(converted.variables), metadata, spec, f"{path}, converted in memory")

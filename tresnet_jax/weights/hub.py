@@ -53,7 +53,7 @@ class HubRepo:
     def tag(self) -> str | None:
         """The published tag this repository holds (timm's repositories only)."""
         owner, name = self.repo_id.split("/")
-        return name if owner == TIMM_ORG and name in PRETRAINED else None
+        return name if owner == TIMM_ORG and name in PRETRAINED and PRETRAINED[name].on_hub else None
 
     @property
     def storage_name(self) -> str:

@@ -162,7 +162,8 @@ def read_metadata(directory: Path) -> dict[str, Any]:
 
 def model_spec(metadata: dict[str, Any], where: Path) -> ModelSpec:
     """What stored weights are, from their metadata: the architecture (looked up once, here),
-    the tag, the classes and the preprocessing they were made for."""
+    the tag, the classes, the preprocessing they were made for and whether their classes are
+    independent (``multi_label``; metadata written before it existed: single-label)."""
     try:
         spec = resolve(str(metadata["model"]))
         tag = metadata.get("tag")
@@ -179,6 +180,11 @@ def model_spec(metadata: dict[str, Any], where: Path) -> ModelSpec:
             top5=reported.get("top5"),
             imagenet_v2_top1=reported.get("imagenet_v2_top1"),
             source=published.source if published else "none",
+            multi_label=bool(metadata.get("multi_label", False)),
+            squish=bool(prep.get("squish", False)),
+            mean_ap=reported.get("mAP"),
+            dataset=reported.get("dataset"),
+            file=published.file if published else None,
         )
     except (InputError, TypeError, ValueError, AttributeError) as err:
         raise InputError(f"{where / METADATA_FILE}: {err}") from None

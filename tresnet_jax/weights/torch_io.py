@@ -9,6 +9,7 @@ that would import code, so a malicious file is rejected, never executed.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from pathlib import Path
@@ -17,14 +18,29 @@ import numpy as np
 
 from tresnet_jax.errors import InputError
 from tresnet_jax.weights.storage import check_output_file, write_file_atomically
-from tresnet_jax.weights.torch_layout import unwrap_state_dict
+from tresnet_jax.weights.torch_layout import checkpoint_class_names, unwrap_state_dict
 
 SAFETENSORS_SUFFIX = ".safetensors"
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    """What a checkpoint file holds: its state_dict and, when it names them (ASL's
+    ``idx_to_class``), its class names in class order."""
+
+    state_dict: dict[str, np.ndarray]
+    class_names: list[str] | None = None
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """The state_dict of a checkpoint file as float32 numpy arrays (integer buffers such as
     ``num_batches_tracked`` keep their type). Raises InputError on anything unusable."""
+    return read_checkpoint(path).state_dict
+
+
+def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """``read_state_dict``'s state_dict, and the class names stored beside it (checked: indices
+    0 .. n-1, names strings; a safetensors file has none)."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file")
@@ -38,11 +54,12 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     loaded = _read_safetensors(path) if safetensors else _read_pickle(path)
     try:
         state_dict = unwrap_state_dict(loaded)
+        class_names = checkpoint_class_names(loaded)
     except InputError as err:
         raise InputError(f"{path}: {err}") from None
     if safetensors:
-        return {key: _float32(value) for key, value in state_dict.items()}
-    return {key: _torch_to_numpy(key, value, path) for key, value in state_dict.items()}
+        return Checkpoint({key: _float32(value) for key, value in state_dict.items()})
+    return Checkpoint({key: _torch_to_numpy(key, value, path) for key, value in state_dict.items()}, class_names)
 
 
 def _read_pickle(path: Path) -> object:

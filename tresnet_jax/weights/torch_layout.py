@@ -57,6 +57,28 @@ def unwrap_state_dict(obj: object) -> dict[str, object]:
     return {_strip_prefix(str(k)): v for k, v in obj.items()}
 
 
+CLASS_NAMES_ENTRY = "idx_to_class"  # ASL's checkpoints: {"model": ..., "idx_to_class": {0: "person", ...}}
+
+
+def checkpoint_class_names(obj: object) -> list[str] | None:
+    """The class names a loaded checkpoint carries beside its state_dict (ASL's ``idx_to_class``,
+    class index -> name), in class order; None when it has none. LayoutError unless the indices
+    are 0 .. n-1 and the names strings."""
+    if not isinstance(obj, Mapping) or CLASS_NAMES_ENTRY not in obj:
+        return None
+    mapping = obj[CLASS_NAMES_ENTRY]
+    if not isinstance(mapping, Mapping):
+        raise LayoutError(f"{CLASS_NAMES_ENTRY} is a {type(mapping).__name__}, not a dict of class index to name")
+    indices = sorted(k for k in mapping if isinstance(k, int) and not isinstance(k, bool))
+    if indices != list(range(len(mapping))):
+        found = listing([repr(k) for k in list(mapping)])
+        raise LayoutError(f"{CLASS_NAMES_ENTRY} is not indexed 0 to {len(mapping) - 1}: its keys are {found}")
+    wrong = [f"{i}: {type(mapping[i]).__name__}" for i in indices if not isinstance(mapping[i], str)]
+    if wrong:
+        raise LayoutError(f"{CLASS_NAMES_ENTRY} names must be strings; not {listing(wrong)}")
+    return [mapping[i] for i in indices]
+
+
 def _looks_like_state_dict(obj: Mapping) -> bool:
     return any(isinstance(k, str) and (k.endswith(".weight") or k.endswith(".bias")) for k in obj)
 

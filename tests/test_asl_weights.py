@@ -1,0 +1,276 @@
+"""ASL's multi-label TResNet checkpoints (Alibaba-MIIL/ASL): converted by the command-line tool
+from files in their published layout and under their published names, recorded as multi-label
+with ASL's preprocessing and reported mAP, equal to timm, and predicted with a threshold.
+
+The checkpoints are built from timm's random weights as ASL's validate.py and infer.py read
+them: ``torch.save({"model": <official-layout state_dict>, "num_classes": N, "idx_to_class":
+{0: name, ...}})``. Parity bound: test_parity's (1e-4 relative, float32), for the same reason:
+the conversion is exact up to InPlaceABN's |w| + 1e-5 (one float32 rounding per scale) and the
+two forward passes differ only in the order float32 sums are taken (measured 1.2e-6 here).
+"""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms
+
+import predict as predict_cli
+import tresnet_jax
+from convert import torch_to_flax
+from tests.reference import official_state_dict, parity_error, random_images, random_timm_model, torch_logits
+from tresnet_jax.data.preprocess import Preprocessing
+from tresnet_jax.errors import InputError
+from tresnet_jax.model.initialization import random_variables
+from tresnet_jax.model.registry import PRETRAINED, resolve
+from tresnet_jax.weights.conversion import choose_config, convert_checkpoint, variables_to_state_dict
+from tresnet_jax.weights.storage import model_spec, save_weights
+from tresnet_jax.weights.torch_layout import LayoutError, checkpoint_class_names
+
+PARITY_BOUND = 1e-4  # test_parity's, float32
+IMAGES = random_images(2, 64, 64, seed=7)
+COCO_TAG, VOC_TAG = "tresnet_l.asl_coco_448", "tresnet_xl.asl_voc_448"
+# ASL's idx_to_class for COCO (the 80 category names in category-id order) and VOC's 20 classes.
+COCO_CLASSES = [
+    name.replace("_", " ")
+    for name in (  # noqa: SIM905 - a table of names reads better as one string
+        "person bicycle car motorcycle airplane bus train truck boat traffic_light fire_hydrant stop_sign "
+        "parking_meter bench bird cat dog horse sheep cow elephant bear zebra giraffe backpack umbrella handbag tie "
+        "suitcase frisbee skis snowboard sports_ball kite baseball_bat baseball_glove skateboard surfboard "
+        "tennis_racket bottle wine_glass cup fork knife spoon bowl banana apple sandwich orange broccoli carrot "
+        "hot_dog pizza donut cake chair couch potted_plant bed dining_table toilet tv laptop mouse remote keyboard "
+        "cell_phone microwave oven toaster sink refrigerator book clock vase scissors teddy_bear hair_drier "
+        "toothbrush"
+    ).split()
+]
+VOC_CLASSES = (  # noqa: SIM905
+    "aeroplane bicycle bird boat bottle bus car cat chair cow diningtable dog horse motorbike person pottedplant "
+    "sheep sofa train tvmonitor"
+).split()
+
+
+def asl_checkpoint(reference: torch.nn.Module, classes: list[str]) -> dict:
+    """What ASL's model zoo files hold."""
+    return {
+        "model": official_state_dict(reference),
+        "num_classes": len(classes),
+        "idx_to_class": dict(enumerate(classes)),
+    }
+
+
+def convert(args, capsys) -> tuple[int, str, str]:
+    code = torch_to_flax.main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def coco(tmp_path_factory):
+    """ASL's TResNet-L COCO file (random weights) under its published name, converted without
+    --tag into a weights root of its own: (timm reference, weights root, converter output)."""
+    work = tmp_path_factory.mktemp("asl_coco")
+    reference = random_timm_model("tresnet_l", len(COCO_CLASSES), seed=0, positive_gammas=True)
+    path = work / PRETRAINED[COCO_TAG].file
+    assert path.name == "MS_COCO_TRresNet_L_448_86.6.pth"
+    torch.save(asl_checkpoint(reference, COCO_CLASSES), path)
+    root = work / "weights"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TRESNET_JAX_WEIGHTS", str(root))
+        assert torch_to_flax.main([str(path)]) == 0
+    return reference, root
+
+
+def test_coco_checkpoint_is_recorded_as_multi_label_with_asl_preprocessing_and_map(coco, monkeypatch):
+    _, root = coco
+    monkeypatch.setenv("TRESNET_JAX_WEIGHTS", str(root))
+    assert [p.name for p in root.iterdir()] == [COCO_TAG]  # stored under the tag the file name says
+    metadata = tresnet_jax.load_metadata(COCO_TAG)
+    assert (metadata["model"], metadata["num_classes"], metadata["tag"]) == ("tresnet_l", 80, COCO_TAG)
+    assert metadata["multi_label"] is True
+    assert metadata["class_names"] == COCO_CLASSES
+    assert metadata["reported"] == {"mAP": 86.6, "dataset": "coco/2014"}
+    prep = metadata["preprocessing"]
+    assert (prep["input_size"], prep["crop_pct"], prep["squish"]) == (448, 1.0, True)
+    assert (prep["mean"], prep["std"]) == ([0.0] * 3, [1.0] * 3)
+    # eval.py's preprocessing, read from the metadata: a squish to 448 x 448.
+    assert Preprocessing.from_dict(prep) == Preprocessing(448, 1.0, "bilinear", squish=True)
+    assert (metadata["source"]["layout"], metadata["source"]["file"]) == ("official", PRETRAINED[COCO_TAG].file)
+
+
+def test_coco_logits_equal_timm(coco, monkeypatch):
+    reference, root = coco
+    monkeypatch.setenv("TRESNET_JAX_WEIGHTS", str(root))
+    model, variables = tresnet_jax.load(COCO_TAG)
+    logits = jax.jit(model.apply)(variables, IMAGES)
+    assert logits.shape == (2, 80)
+    assert parity_error(logits, torch_logits(reference, IMAGES)) <= PARITY_BOUND
+
+
+def test_voc_checkpoint_metadata(tmp_path, capsys):
+    """ASL's TResNet-XL VOC file: 20 classes at 448, the VOC 2007 mAP."""
+    reference = random_timm_model("tresnet_xl", len(VOC_CLASSES), seed=1, positive_gammas=True)
+    path = tmp_path / PRETRAINED[VOC_TAG].file
+    torch.save(asl_checkpoint(reference, VOC_CLASSES), path)
+    code, out, _ = convert([path, "--output", tmp_path / "voc"], capsys)
+    assert code == 0
+    assert "preprocessing: 448px, crop 1.0, bilinear, squish (tag tresnet_xl.asl_voc_448)" in out
+    assert "multi-label: a sigmoid per class, 20 class names (aeroplane, bicycle, bird, ...); reported mAP 96.0" in out
+    metadata = json.loads((tmp_path / "voc" / "metadata.json").read_text())
+    assert (metadata["model"], metadata["tag"], metadata["multi_label"]) == ("tresnet_xl", VOC_TAG, True)
+    assert metadata["class_names"] == VOC_CLASSES
+    assert metadata["reported"] == {"mAP": 96.0, "dataset": "voc/2007"}
+    assert (metadata["preprocessing"]["input_size"], metadata["preprocessing"]["squish"]) == (448, True)
+
+
+def test_asl_file_names_name_their_tag_only_for_matching_tensors():
+    large = resolve("tresnet_l")
+    for name in (
+        "MS_COCO_TRresNet_L_448_86.6.pth",
+        "models_local/TRresNet_L_448_86.6.pth",
+        "ms_coco_trresnet_l_448_86.6.PTH",
+    ):
+        assert choose_config(large, 80, name).tag == COCO_TAG, name
+    assert choose_config(resolve("tresnet_xl"), 80, "MS_COCO_TResNet_xl_640_88.4.pth").tag == "tresnet_xl.asl_coco_640"
+    assert choose_config(resolve("tresnet_m"), 80, "MS_COCO_TRresNet_M_224_81.8.pth").tag == "tresnet_m.asl_coco_224"
+    # The name of another model's file, or a 1000-class head: no tag.
+    assert choose_config(large, 80, "MS_COCO_TResNet_xl_640_88.4.pth").tag is None
+    assert choose_config(large, 1000, "MS_COCO_TRresNet_L_448_86.6.pth").tag is None
+    # An untagged 80-class TResNet-L is read as ASL's COCO model is (multi-label, squish), with
+    # no reported mAP; a timm architecture's configuration is unchanged.
+    untagged = choose_config(large, 80, "coco.pth")
+    assert (untagged.tag, untagged.config.multi_label, untagged.config.squish) == (None, True, True)
+    imagenet = choose_config(large, 1000, "model.pth").config
+    assert (imagenet.multi_label, imagenet.squish, imagenet.crop_pct) == (False, False, 0.875)
+    # A --tag whose class count is not the head's is refused.
+    with pytest.raises(InputError, match=r"tag tresnet_l.asl_coco_448 is a 80-class tresnet_l, the weights are a 20"):
+        choose_config(large, 20, "x.pth", COCO_TAG)
+
+
+def test_idx_to_class_is_checked():
+    assert checkpoint_class_names({"model": {}}) is None
+    assert checkpoint_class_names({"idx_to_class": {1: "b", 0: "a"}}) == ["a", "b"]
+    with pytest.raises(LayoutError, match=r"idx_to_class is not indexed 0 to 1: its keys are 0, 2"):
+        checkpoint_class_names({"idx_to_class": {0: "a", 2: "b"}})
+    with pytest.raises(LayoutError, match=r"idx_to_class names must be strings; not 1: int"):
+        checkpoint_class_names({"idx_to_class": {0: "a", 1: 7}})
+    with pytest.raises(LayoutError, match=r"idx_to_class is a list, not a dict"):
+        checkpoint_class_names({"idx_to_class": ["a"]})
+
+
+def test_single_label_weights_are_recorded_so(tiny_model, tmp_path):
+    """Converted weights of a single-label configuration: ``multi_label`` false, and class names
+    only when the checkpoint has them; metadata written before ``multi_label`` reads as false."""
+    state_dict = variables_to_state_dict(random_variables(tresnet_jax.ARCHITECTURES[tiny_model], 10, 0))
+    source = tmp_path / "tiny.pth"
+    source.write_bytes(b"stands for the file read")
+    _, metadata = convert_checkpoint(state_dict, source)
+    assert (metadata["multi_label"], metadata["class_names"], metadata["reported"]) == (False, None, None)
+    assert "squish" not in metadata["preprocessing"]
+    names = [f"kind {i}" for i in range(10)]
+    assert convert_checkpoint(state_dict, source, class_names=names)[1]["class_names"] == names
+    del metadata["multi_label"]
+    assert model_spec(metadata, tmp_path).config.multi_label is False
+
+
+def test_idx_to_class_of_the_wrong_length_is_refused(tmp_path, weights_root, capsys):
+    reference = random_timm_model("tresnet_m", 80, seed=2, positive_gammas=True)
+    path = tmp_path / "MS_COCO_TRresNet_M_224_81.8.pth"
+    torch.save(asl_checkpoint(reference, COCO_CLASSES) | {"idx_to_class": dict(enumerate(COCO_CLASSES[:79]))}, path)
+    code, _, err = convert([path], capsys)
+    assert code == 1
+    assert one_error_line(err) == f"error: {path}: its idx_to_class names 79 classes, its head has 80"
+    assert not weights_root.exists()
+
+
+def test_asl_tag_not_converted_says_where_to_download_it(weights_root, tmp_path, capsys):
+    expected = (
+        f"tresnet_l.asl_coco_448 is not converted here ({weights_root / COCO_TAG}) and is not on the Hugging Face "
+        "hub: download MS_COCO_TRresNet_L_448_86.6.pth from ASL's model zoo "
+        "(https://github.com/Alibaba-MIIL/ASL/blob/main/MODEL_ZOO.md), then run "
+        "`python convert/torch_to_flax.py MS_COCO_TRresNet_L_448_86.6.pth --tag tresnet_l.asl_coco_448`"
+    )
+    with pytest.raises(InputError) as raised:
+        tresnet_jax.load(COCO_TAG)
+    assert str(raised.value) == expected
+    image = tmp_path / "x.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
+    assert predict_cli.main([str(image), "--model", COCO_TAG]) == 1
+    assert one_error_line(capsys.readouterr().err) == f"error: {expected}"
+
+
+@pytest.fixture
+def photo(tmp_path):
+    """A non-square image and ASL's own transform of it at 64 px: Resize((64, 64)), ToTensor."""
+    path = tmp_path / "photo.png"
+    pixels = np.random.default_rng(3).integers(0, 256, (50, 80, 3), np.uint8)
+    Image.fromarray(pixels).save(path)
+    asl = transforms.Compose([transforms.Resize((64, 64)), transforms.ToTensor()])
+    return path, asl(Image.open(path).convert("RGB")).permute(1, 2, 0).numpy()[None]
+
+
+def printed(lines: list[str]) -> list[tuple[float, str]]:
+    """``  93.12%  person`` lines as (93.12, "person")."""
+    out = []
+    for line in lines:
+        percent, name = line.strip().split("%  ", 1)
+        out.append((float(percent), name))
+    return out
+
+
+def test_predict_prints_the_classes_above_the_threshold(coco, photo, monkeypatch, capsys):
+    reference, root = coco
+    monkeypatch.setenv("TRESNET_JAX_WEIGHTS", str(root))
+    path, asl_input = photo
+    probabilities = torch.sigmoid(torch.from_numpy(torch_logits(reference, asl_input)[0])).numpy()
+    order = np.argsort(-probabilities)
+    threshold = float(probabilities[order[2]] + probabilities[order[3]]) / 2  # three classes above
+    args = [str(path), "--model", COCO_TAG, "--image-size", "64"]
+    assert predict_cli.main([*args, "--threshold", str(threshold)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:2] == [f"weights: weights {COCO_TAG!r} from {root / COCO_TAG}", f"{path}:"]
+    found = printed(lines[2:])
+    assert [name for _, name in found] == [COCO_CLASSES[i] for i in order[:3]]
+    assert [p for p, _ in found] == pytest.approx([100 * probabilities[i] for i in order[:3]], abs=0.011)
+    # Above every probability: one line saying so, with the most probable class.
+    assert predict_cli.main([*args, "--threshold", str((1 + probabilities.max()) / 2)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2].startswith(f"  no class above {100 * (1 + probabilities.max()) / 2:g}% (highest: ")
+    assert lines[2].endswith(f"%  {COCO_CLASSES[order[0]]})")
+    assert len(lines) == 3
+
+
+@pytest.mark.parametrize("value", ["0", "1", "1.5", "-0.1"])
+def test_threshold_outside_0_1_is_a_usage_error(value, capsys):
+    with pytest.raises(SystemExit) as exited:
+        predict_cli.parse_args(["x.png", "--threshold", value])
+    assert exited.value.code == 2
+    assert "--threshold must be between 0 and 1 (exclusive)" in capsys.readouterr().err
+
+
+def test_threshold_with_single_label_weights_is_an_error(tiny_model, tmp_path, capsys):
+    """Weights whose metadata predates "multi_label" are single-label: --threshold is refused."""
+    weights = tmp_path / "single"
+    metadata = {
+        "model": tiny_model,
+        "num_classes": 10,
+        "tag": None,
+        "preprocessing": {"input_size": 64, "crop_pct": 0.875, "interpolation": "bilinear"},
+    }
+    save_weights(weights, random_variables(tresnet_jax.ARCHITECTURES[tiny_model], 10, 0), metadata)
+    image = tmp_path / "x.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
+    assert predict_cli.main([str(image), "--weights", str(weights), "--threshold", "0.5"]) == 1
+    assert one_error_line(capsys.readouterr().err) == (
+        "error: --threshold is for multi-label weights; these (tresnet_tiny, 10 classes) are single-label: "
+        "predict.py prints their top 5 classes"
+    )
