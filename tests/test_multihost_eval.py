@@ -11,9 +11,12 @@ import numpy as np
 import pytest
 
 import eval as eval_cli
+import train as train_cli
+from tests import tiny_model
 from tests.classifier import fitted_classifier
 from tests.images import image_folder
 from tests.multihost import coordinator_flags, describe, run_processes
+from tests.multilabel_digits import write_canvases
 
 EVAL_PY = Path(eval_cli.__file__).resolve()
 SIZE = 64
@@ -109,3 +112,39 @@ def test_two_processes_count_every_image_once(folder_and_weights, tmp_path, caps
     np.testing.assert_array_equal(np.isnan(saved["logits"]), np.isnan(reference["logits"]))
     scale = max(1.0, np.abs(reference["logits"][readable]).max())
     assert np.abs(saved["logits"][readable] - reference["logits"][readable]).max() <= LOGIT_TOLERANCE * scale
+
+
+@pytest.mark.usefixtures("tiny_model")
+def test_two_processes_give_the_multi_label_map_of_one(tmp_path, capsys):
+    """Multi-label: the mAP is computed from every image's logits, gathered from both processes;
+    it equals the one-process mAP (2 rows a device in both runs: the same logits bit for bit),
+    and the missing image is skipped once."""
+    train_csv, val_csv = write_canvases(tmp_path / "canvases", train_images=32, val_images=20)
+    with open(val_csv, "a") as file:
+        file.write("images/missing.png,digit1\n")
+    workdir = tmp_path / "run"
+    train_args = ["--model", tiny_model.NAME, "--train-labels", train_csv, "--loss", "asl", "--image-size", 32]
+    train_args += ["--batch-size", 8, "--max-steps", 2, "--workdir", workdir, "--no-progress", "--num-devices", 1]
+    assert train_cli.main([str(a) for a in train_args]) == 0
+    args = ["--weights", workdir / "export", "--val-labels", val_csv, "--batch-size", BATCH, "--no-progress"]
+    out = tmp_path / "out"
+    out.mkdir()
+    code = tiny_model.REGISTER + "import eval\nsys.exit(eval.main(sys.argv[1:]))\n"
+    env = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    flags = lambda address, n, i: [*coordinator_flags(address, n, i), "--output", out / f"results{i}.json"]  # noqa: E731
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        command = [sys.executable, "-c", code, *args]
+        job = pool.submit(run_processes, command, PROCESSES, env=env, timeout=240, cwd=tmp_path, flags=flags)
+        single_code = eval_cli.main([str(a) for a in [*args, "--output", tmp_path / "single.json"]])
+        runs = job.result()
+    assert single_code == 0, capsys.readouterr()
+    assert [r.returncode for r in runs] == [0] * PROCESSES, describe(runs)
+    results = json.loads((out / "results0.json").read_text())
+    single = json.loads((tmp_path / "single.json").read_text())
+    assert (results["processes"], single["processes"]) == (PROCESSES, 1)
+    assert results["images"] == single["images"] == 20
+    assert results["skipped"] == single["skipped"] == 1
+    assert results["skipped_images"][0]["image"] == str(val_csv.parent / "images" / "missing.png")
+    assert "top1" not in results
+    assert results["mAP"] == pytest.approx(single["mAP"], abs=1e-9)
+    assert results["per_class_AP"] == pytest.approx(single["per_class_AP"], abs=1e-9)
