@@ -274,3 +274,66 @@ def test_threshold_with_single_label_weights_is_an_error(tiny_model, tmp_path, c
         "error: --threshold is for multi-label weights; these (tresnet_tiny, 10 classes) are single-label: "
         "predict.py prints their top 5 classes"
     )
+
+
+def test_eval_map_on_a_label_csv_equals_timm_logits_through_scikit_learn(tmp_path, monkeypatch, capsys):
+    """eval.py --weights FILE --val-labels CSV on ASL's TResNet-M COCO file (read directly, the
+    tag from its name): the mAP and per-class AP that scikit-learn gives for timm's logits of the
+    same squished images. The head is fitted (ridge regression on the random backbone's features,
+    as tests/classifier.py does) to scores spread over [-5, 5], so they differ from image to image
+    (a random backbone alone gives nearly the same scores to every image). AP depends on their
+    order alone, and the order is the same in both when every gap between two images' scores
+    exceeds twice the largest difference between the two sets of logits (checked; measured on
+    the 13 photographs: gaps from 1.5e-3, logits within 2.1e-5)."""
+    from sklearn.metrics import average_precision_score
+
+    import eval as eval_cli
+    from tests.classifier import pil_preprocess
+    from tests.images import photo_files
+
+    monkeypatch.setenv("TRESNET_JAX_WEIGHTS", str(tmp_path / "weights"))
+    files = [path for path in photo_files(tmp_path / "photos") if path.suffix == ".png"]
+    used = ["person", "dog", "cat", "car", "cup"]  # a few of the model's 80 classes, matched by name
+    columns = [COCO_CLASSES.index(name) for name in used]
+    rng = np.random.default_rng(3)
+    targets = (rng.random((len(files), len(used))) < 0.4).astype(np.int64)
+    targets[0], targets[1] = [1, 1, 1, 0, 0], [0, 0, 0, 1, 1]  # every class used has a positive
+    images = np.stack([pil_preprocess(path, 64, squish=True) for path in files])
+    reference = random_timm_model("tresnet_m", len(COCO_CLASSES), seed=2, positive_gammas=True)
+    fit_head(reference, images, columns, rng.uniform(-5.0, 5.0, targets.shape))  # spread scores, any order
+    path = tmp_path / PRETRAINED["tresnet_m.asl_coco_224"].file
+    torch.save(asl_checkpoint(reference, COCO_CLASSES), path)
+    csv = tmp_path / "labels.csv"
+    rows = [
+        f"{file.relative_to(tmp_path)},{' '.join(n for n, t in zip(used, row, strict=True) if t)}"
+        for file, row in zip(files, targets, strict=True)
+    ]
+    csv.write_text("image,labels\n" + "\n".join(rows) + "\n")
+    output, saved = tmp_path / "eval.json", tmp_path / "logits.npz"
+    args = ["--weights", path, "--val-labels", csv, "--image-size", 64, "--batch-size", 8]
+    assert eval_cli.main([str(a) for a in [*args, "--output", output, "--save-logits", saved, "--no-progress"]]) == 0
+    capsys.readouterr()
+    report = json.loads(output.read_text())
+    assert report["preprocessing"]["squish"] is True  # ASL's, from the tag the file name says
+    assert report["images"] == len(files)
+
+    scores = torch_logits(reference, images)[:, columns]
+    ours = np.load(saved)["logits"][:, columns]
+    assert np.diff(np.sort(scores, axis=0), axis=0).min() > 2 * np.abs(ours - scores).max()
+    per_class = average_precision_score(targets, scores, average=None) * 100
+    assert report["mAP"] == pytest.approx(per_class.mean(), abs=1e-9)
+    assert [report["per_class_AP"][name] for name in used] == pytest.approx(per_class.tolist(), abs=1e-9)
+    assert sum(ap is not None for ap in report["per_class_AP"].values()) == len(used)  # no positive: null
+
+
+def fit_head(model: torch.nn.Module, images: np.ndarray, columns: list[int], targets: np.ndarray) -> None:
+    """Set the head's ``columns`` to a ridge regression of ``targets`` on the pooled features."""
+    with torch.no_grad():
+        features = model.forward_head(model.forward_features(torch.from_numpy(images).permute(0, 3, 1, 2)), True)
+    features = features.numpy().astype(np.float64)
+    mean = features.mean(0)
+    centred = features - mean
+    weight = np.linalg.solve(centred.T @ centred + np.eye(centred.shape[1]), centred.T @ targets)
+    with torch.no_grad():
+        model.head.fc.weight[columns] = torch.from_numpy(weight.T.astype(np.float32))
+        model.head.fc.bias[columns] = torch.from_numpy((targets.mean(0) - mean @ weight).astype(np.float32))
