@@ -15,6 +15,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from tresnet_jax.model.layers import KAIMING, BatchNorm, Conv, Dense
 from tresnet_jax.runtime.parallel import BATCH_AXIS, data_mesh, replicate, select_devices, shard_batch
+from tresnet_jax.train.losses import asymmetric_loss
 from tresnet_jax.train.step import (
     OptimConfig,
     applied_updates,
@@ -52,12 +53,15 @@ def mesh_of(devices: int) -> Mesh:
     return data_mesh(select_devices(devices))
 
 
-def random_batches(count: int, size: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+def random_batches(count: int, size: int, seed: int = 0, multi_hot: bool = False) -> list[dict[str, np.ndarray]]:
+    """Random uint8 images with class indices, or multi-hot uint8 rows (``multi_hot``)."""
     rng = np.random.default_rng(seed)
     return [
         {
             "image": rng.integers(0, 256, (size, SIZE, SIZE, 3), dtype=np.uint8),
-            "label": rng.integers(0, CLASSES, size, dtype=np.int32),
+            "label": (rng.random((size, CLASSES)) < 0.3).astype(np.uint8)
+            if multi_hot
+            else rng.integers(0, CLASSES, size, dtype=np.int32),
         }
         for _ in range(count)
     ]
@@ -166,7 +170,8 @@ def test_mixing_on_n_devices_is_bitwise_what_one_device_computes(name):
     assert kinds == ({"mixup", "cutmix"} if name == "both" else {name})
 
 
-def test_train_step_with_mixup_and_cutmix_on_two_devices_follows_one():
+@pytest.mark.parametrize("loss", ["cross_entropy", "asl"])
+def test_train_step_with_mixup_and_cutmix_on_two_devices_follows_one(loss):
     """Three steps of batch 8, mixup and CutMix on. The mixed batches are bitwise the same on 1
     and 2 devices (above), so what remains is the order of float32 additions in the gradient
     pmean and the BatchNorm statistics (a mean of 8 rows against the mean of two means of 4):
@@ -175,9 +180,10 @@ def test_train_step_with_mixup_and_cutmix_on_two_devices_follows_one():
     their updates, leaf by leaf in norm: the conv kernel's gradient, behind BatchNorm, is a
     small difference of large terms, so its relative error is the largest (7.5e-6 measured;
     bound 1e-3). Both bounds are far below what a mixing that differs per device does: drawing
-    per device, or mixing with the device's own shard reversed, moved the losses by 0.3-0.8 %."""
-    cfg = OptimConfig(total_steps=3, lr=0.2, mixup=0.4, cutmix=1.0, ema_decay=0)
-    batches = random_batches(3, 8)
+    per device, or mixing with the device's own shard reversed, moved the losses by 0.3-0.8 %.
+    Multi-label (asl): the multi-hot rows travel and mix as the class indices do."""
+    cfg = OptimConfig(total_steps=3, lr=0.2, mixup=0.4, cutmix=1.0, ema_decay=0, loss=loss)
+    batches = random_batches(3, 8, multi_hot=loss == "asl")
     one_states, one = run_steps(TinyNet(), cfg, 1, batches)
     two_states, two = run_steps(TinyNet(), cfg, 2, batches)
     np.testing.assert_allclose([m["loss"] for m in two], [m["loss"] for m in one], rtol=1e-5)
@@ -276,3 +282,20 @@ def test_fp32_step_is_the_plain_update():
     assert update_error(final.batch_stats, batch_stats, initial.batch_stats) < 1e-4
     final_ema, initial_ema = (final.ema_params, final.ema_batch_stats), (initial.params, initial.batch_stats)
     assert update_error(final_ema, ema, initial_ema) < 1e-4
+
+
+@pytest.mark.parametrize(("loss", "gammas", "clip"), [("asl", (4.0, 0.0), 0.05), ("bce", (0.0, 0.0), None)])
+def test_multi_label_step_loss_is_the_asymmetric_loss_of_smoothed_multi_hot_targets(loss, gammas, clip):
+    """The step's first loss is asymmetric_loss (bce: no focusing, no clip) of the model's logits
+    and the multi-hot rows smoothed towards 1/2; no accuracy is reported for multi-label."""
+    cfg = OptimConfig(total_steps=1, lr=0.1, ema_decay=0, loss=loss, label_smoothing=0.2)
+    batches = random_batches(1, 8, multi_hot=True)
+    model = TinyNet()
+    states, metrics = run_steps(model, cfg, 2, batches)
+    variables = {"params": states[0].params, "batch_stats": states[0].batch_stats}
+    images = batches[0]["image"].astype(np.float32) / 255.0  # BatchNorm over all 8 rows, as synchronised on 2 devices
+    logits = TinyNet(axis_name=None).apply(variables, images, train=True, mutable=["batch_stats"])[0]
+    targets = batches[0]["label"] * 0.8 + 0.1
+    expected = asymmetric_loss(logits, targets, *gammas, clip)
+    assert metrics[0]["loss"] == pytest.approx(float(expected), rel=1e-5)
+    assert "accuracy" not in metrics[0]
