@@ -145,10 +145,11 @@ def test_asl_file_names_name_their_tag_only_for_matching_tensors():
     # The name of another model's file, or a 1000-class head: no tag.
     assert choose_config(large, 80, "MS_COCO_TResNet_xl_640_88.4.pth").tag is None
     assert choose_config(large, 1000, "MS_COCO_TRresNet_L_448_86.6.pth").tag is None
-    # An untagged 80-class TResNet-L is read as ASL's COCO model is (multi-label, squish), with
-    # no reported mAP; a timm architecture's configuration is unchanged.
-    untagged = choose_config(large, 80, "coco.pth")
-    assert (untagged.tag, untagged.config.multi_label, untagged.config.squish) == (None, True, True)
+    # Only a tag makes weights multi-label: an untagged 80-class TResNet-L may be a single-label
+    # fine-tune (the generic configuration, at 448 as the name says); a timm architecture's is unchanged.
+    untagged = choose_config(large, 80, "coco_448.pth")
+    assert (untagged.tag, untagged.config.multi_label, untagged.config.squish) == (None, False, False)
+    assert untagged.config.input_size == 448
     imagenet = choose_config(large, 1000, "model.pth").config
     assert (imagenet.multi_label, imagenet.squish, imagenet.crop_pct) == (False, False, 0.875)
     # A --tag whose class count is not the head's is refused.

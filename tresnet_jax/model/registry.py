@@ -141,8 +141,8 @@ class ModelSpec:
 
 def resolve(name: str, num_classes: int | None = None) -> ModelSpec:
     """An architecture (``tresnet_m``) or pretrained tag (``tresnet_m.miil_in1k``) with its
-    configuration: a tag's own; for an architecture its first tag with ``num_classes`` classes,
-    else a generic untagged 224/0.875/bilinear one. InputError naming the closest known names."""
+    configuration: a tag's own; for an architecture its first single-label tag with ``num_classes``
+    classes, else a generic untagged 224/0.875/bilinear one. InputError naming the closest known names."""
     architecture = name.split(".")[0]
     if architecture not in ARCHITECTURES or ("." in name and name not in PRETRAINED):
         raise InputError(f"unknown model {name!r}; closest known: {closest(name, [*ARCHITECTURES, *PRETRAINED])}")
@@ -150,7 +150,7 @@ def resolve(name: str, num_classes: int | None = None) -> ModelSpec:
     if name in PRETRAINED:
         return ModelSpec(architecture, arch, PRETRAINED[name])
     for cfg in PRETRAINED.values():
-        if cfg.architecture == name and num_classes in (None, cfg.num_classes):
+        if cfg.architecture == name and num_classes in (None, cfg.num_classes) and not cfg.multi_label:
             return ModelSpec(architecture, arch, cfg)
     classes = 1000 if num_classes is None else num_classes
     return ModelSpec(architecture, arch, PretrainedConfig(f"{name}.untrained", num_classes=classes, source="none"))

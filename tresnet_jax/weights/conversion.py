@@ -176,9 +176,9 @@ def choose_config(model: ModelSpec, num_classes: int, source: str, tag: str | No
     A published tag only when it is known: ``tag`` when given (``--tag``, a hub repository),
     else a tag named in full in the file path, or the published file of a tag that is not on
     the hub (ASL's ``MS_COCO_TRresNet_L_448_86.6.pth``, its dataset prefix optional). Otherwise
-    an untagged configuration (no reported accuracy) whose preprocessing (and multi-label
-    output) is the model's published one for that many classes, at 448 when the file name says
-    ``448``.
+    an untagged single-label configuration (no reported accuracy) whose preprocessing is the
+    model's published one for that many classes, at 448 when the file name says ``448``: only
+    a tag makes weights multi-label (an 80-class checkpoint may be a single-label fine-tune).
     """
     if tag is not None:
         if tag not in PRETRAINED:
