@@ -21,7 +21,7 @@ from tresnet_jax.errors import InputError
 from tresnet_jax.model.linen import TResNet
 from tresnet_jax.model.registry import ModelSpec, resolve
 from tresnet_jax.runtime.parallel import BATCH_AXIS, data_mesh, local_batch_size, select_devices
-from tresnet_jax.train.config import LOSSES, RESIZES, TrainConfig
+from tresnet_jax.train.config import TrainConfig
 from tresnet_jax.train.step import PRECISIONS, OptimConfig, make_optimizer
 
 VAL_SPLITS = ("validation", "test")
@@ -63,7 +63,6 @@ def build(cfg: TrainConfig) -> RunParts:
     """The parts of the run ``cfg`` describes; every flag is checked here, before anything is
     read or written."""
     check_image_size(cfg.image_size)
-    check_choices(cfg)
     train_source, val_source = open_train_sources(cfg)
     check_label_kind(cfg, train_source, val_source)
     num_classes = cfg.num_classes or len(train_source.class_names)
@@ -128,13 +127,6 @@ def build(cfg: TrainConfig) -> RunParts:
         tx=make_optimizer(optim),
         augment=augment,
     )
-
-
-def check_choices(cfg: TrainConfig) -> None:
-    """The settings with a fixed set of values (a config may come from a file, not the parser)."""
-    for name, allowed in (("loss", LOSSES), ("resize", RESIZES), ("optimizer", ("sgd", "adam", "adamw"))):
-        if getattr(cfg, name) not in allowed:
-            raise InputError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
 
 
 def check_label_kind(cfg: TrainConfig, train: Source, val: Source | None) -> None:
