@@ -5,7 +5,9 @@ the same command resumes it exactly; resuming with other settings is refused."""
 import os
 import re
 import signal
+import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -17,6 +19,7 @@ import pytest
 import train as train_cli
 from tests import tiny_model
 from tests.multihost import describe, run_processes
+from tests.tiny_model import REPO
 from tests.training_runs import assert_trees_equal, exported, metrics, tiny_args, train_command
 from tresnet_jax.model.registry import resolve
 from tresnet_jax.train.checkpoints import initial_variables
@@ -191,3 +194,64 @@ def test_resuming_with_other_settings_is_refused(digits, reference_run, capsys):
     code = train_cli.main(tiny_args(digits, reference_run, "--lr", "0.1", "--no-compilation-cache"))
     assert code == 1
     assert "holds a run with other settings (lr 0.05 -> 0.1); use a new --workdir" in capsys.readouterr().err
+
+
+def test_srun_started_processes_join_without_flags_and_end_with_the_parameters_of_one(digits, tmp_path, reference_run):
+    """Two processes started as srun starts them (SLURM's variables, no --coordinator flags) find
+    their job through JAX's cluster detection, say so, and train the global batch together to the
+    parameters of one process (bounds: the test above)."""
+    port = free_port_in(SLURM_PORTS)
+    env = {
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+        "SLURM_JOB_ID": str(port - SLURM_PORTS.start),  # JAX derives the coordinator's port from it
+        "SLURM_STEP_NODELIST": "127.0.0.1",
+        "SLURM_NTASKS": "2",
+        "SLURM_STEP_NUM_TASKS": "2",
+    }
+    command = train_command(digits, tmp_path)
+    # srun gives each task its index; here the launcher appends it and the process moves it into place.
+    command[2] = (
+        "import os, sys\nos.environ['SLURM_PROCID'] = os.environ['SLURM_LOCALID'] = sys.argv.pop()\n" + command[2]
+    )
+    runs = run_processes(command, 2, env=env, timeout=420, flags=lambda address, n, i: [i])
+    assert [r.returncode for r in runs] == [0, 0], describe(runs)
+    for index, run in enumerate(runs):
+        assert f"joined the SLURM (srun) job of 2 processes as process {index}" in run.stdout, describe(runs)
+    np.testing.assert_allclose(
+        [r["loss"] for r in metrics(tmp_path)], [r["loss"] for r in metrics(reference_run)], rtol=1e-4
+    )
+    start = initial(tmp_path)
+    for collection, bound in (("params", 1e-2), ("batch_stats", 1e-3)):
+        distance = distance_relative_to_training(
+            exported(tmp_path)[collection], exported(reference_run)[collection], start[collection]
+        )
+        assert distance < bound, (collection, distance)
+
+
+SLURM_PORTS = range(65536 - 2**12, 65536)  # where JAX's SLURM detection puts the coordinator
+
+
+def free_port_in(ports: range) -> int:
+    """A port of ``ports`` on 127.0.0.1 that was free a moment ago."""
+    for port in np.random.default_rng().permutation(ports.stop - ports.start) + ports.start:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", int(port)))
+            except OSError:
+                continue
+            return int(port)
+    raise RuntimeError(f"no free port in {ports}")
+
+
+def test_a_launcher_job_jax_cannot_join_is_one_line(tmp_path):
+    """srun's count without the rest of SLURM's variables: one line naming the way out, not JAX's
+    traceback or a wait for processes that never come."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_"))}
+    env.update(SLURM_STEP_NUM_TASKS="2", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    command = [sys.executable, str(REPO / "eval.py"), "--synthetic-data", "4", "--batch-size", "4", "--no-progress"]
+    failed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    lines = failed.stderr.strip().splitlines()
+    assert len(lines) == 1, failed.stderr
+    assert lines[0].startswith("error: SLURM (srun) started 2 processes, but JAX could not join them"), lines
+    assert lines[0].endswith("or --num-processes 1 to run alone")

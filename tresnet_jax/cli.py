@@ -21,17 +21,22 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--num-devices", type=int, help="use the first N devices of each process (default: all)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--no-compilation-cache", action="store_true", help="do not use JAX's persistent cache")
-    hosts = parser.add_argument_group("multi-host (one process per host)")
+    hosts = parser.add_argument_group(
+        "multi-host (one process per host; under srun or mpirun found from the environment)"
+    )
     hosts.add_argument("--coordinator", help="host:port of process 0")
-    hosts.add_argument("--num-processes", type=int)
+    hosts.add_argument("--num-processes", type=int, help="1 alone: a single process, whatever the launcher")
     hosts.add_argument("--process-id", type=int)
 
 
 def start_run(args: argparse.Namespace) -> None:
-    """Join the multi-host job if asked, then turn on the compilation cache unless disabled."""
+    """Join the multi-host job (named by the flags, or by srun's or mpirun's environment) and
+    say so, then turn on the compilation cache unless disabled."""
     from tresnet_jax.runtime.parallel import initialize_distributed
 
-    initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    joined = initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    if joined is not None:
+        print(joined, flush=True)
     if not args.no_compilation_cache:
         enable_compilation_cache()
 

@@ -4,6 +4,7 @@ JAX 0.10), batches split along that axis, one process per host."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -16,23 +17,62 @@ from tresnet_jax.errors import InputError
 BATCH_AXIS = "batch"
 
 
-def initialize_distributed(coordinator: str | None, num_processes: int | None, process_id: int | None) -> None:
-    """Join a multi-host job through ``jax.distributed`` (one process per host).
+# Launchers that start one process per task, and the variable that says how many they started
+# to work together. JAX's cluster detection (jax.distributed.initialize() without arguments)
+# reads the coordinator and this process's index from the others. The step's count, not the
+# allocation's: a batch script of an allocation of several tasks runs once, outside srun.
+LAUNCHERS = (("SLURM (srun)", "SLURM_STEP_NUM_TASKS"), ("Open MPI (mpirun)", "OMPI_COMM_WORLD_SIZE"))
 
-    Without the three flags the run is a single process: JAX's cluster auto-detection (SLURM,
-    Cloud TPU pods) is not tried, so such jobs pass them too. CPU collectives go through gloo.
+
+def launched_by() -> tuple[str, int] | None:
+    """(launcher, processes) when a cluster launcher started this process as one of several."""
+    for name, variable in LAUNCHERS:
+        value = os.environ.get(variable, "")
+        if value.isdigit() and int(value) > 1:
+            return name, int(value)
+    return None
+
+
+def initialize_distributed(coordinator: str | None, num_processes: int | None, process_id: int | None) -> str | None:
+    """Join a multi-host job through ``jax.distributed`` (one process per host), and return a
+    line saying which (None: a single process).
+
+    The three flags name the job; without them, a process started by srun or mpirun as one of
+    several joins its launcher's job through JAX's cluster detection; ``--num-processes 1``
+    alone keeps it single. CPU collectives go through gloo.
     """
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    if coordinator is None and num_processes is None:
-        return
+    if coordinator is None and process_id is None and num_processes in (None, 1):
+        launcher = launched_by() if num_processes is None else None
+        return None if launcher is None else _join_launched_job(*launcher)
     if coordinator is None or num_processes is None or process_id is None:
         raise InputError("--coordinator, --num-processes and --process-id go together")
     if not 0 <= process_id < num_processes:
         raise InputError(f"--process-id must be in [0, {num_processes}), got {process_id}")
-    # train.py's own SIGTERM handling (preemption.py) agrees on a step across processes; JAX's
-    # preemption service would replace its handler with one that only tells the coordinator.
-    jax.config.update("jax_enable_preemption_service", False)
+    _without_preemption_service()
     jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
+    return f"joined a job of {num_processes} processes at {coordinator} as process {process_id}"
+
+
+def _join_launched_job(launcher: str, processes: int) -> str:
+    _without_preemption_service()
+    try:
+        jax.distributed.initialize()
+    except (ValueError, RuntimeError) as err:
+        raise InputError(
+            f"{launcher} started {processes} processes, but JAX could not join them from the environment "
+            f"({str(err).splitlines()[0]}); pass --coordinator, --num-processes and --process-id, or "
+            "--num-processes 1 to run alone"
+        ) from None
+    if jax.process_count() != processes:
+        raise InputError(f"{launcher} started {processes} processes, JAX's job has {jax.process_count()}")
+    return f"joined the {launcher} job of {processes} processes as process {jax.process_index()}"
+
+
+def _without_preemption_service() -> None:
+    """train.py's own SIGTERM handling (preemption.py) agrees on a step across processes; JAX's
+    preemption service would replace its handler with one that only tells the coordinator."""
+    jax.config.update("jax_enable_preemption_service", False)
 
 
 def select_devices(per_process: int | None) -> list[jax.Device]:
