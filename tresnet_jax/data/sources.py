@@ -6,7 +6,7 @@ order), the one numbering of batches, logits rows, skip reports and resumed trai
 A source has ``name``, ``class_names``, ``multi_label``, ``len()``, ``record(i) -> (encoded
 bytes, label)`` and ``describe(i)`` (how a message names image i). A label is a class index of
 ``class_names`` (``int``) for a single-label source, a tuple of them (possibly empty) for a
-multi-label one; ``label_rows`` turns a batch of either into the model's targets.
+multi-label one; ``LabelMap.rows`` turns a batch of either into the model's targets.
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ class LabelMap:
         return hot
 
     def empty(self, rows: int) -> np.ndarray:
-        """``rows`` rows of padding, shaped as ``rows`` makes them."""
+        """``rows`` rows of padding, shaped as ``LabelMap.rows`` makes its rows."""
         return self.rows([()] * rows if self.multi_label else [0] * rows)
 
 
