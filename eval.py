@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tresnet_jax.cli import add_run_arguments, command, start_run
-from tresnet_jax.data.labels_csv import CsvSource, classes_in, read_class_file
+from tresnet_jax.data.labels_csv import CsvSource, read_class_file
 from tresnet_jax.data.preprocess import INTERPOLATIONS, Preprocessing, check_image_size
 from tresnet_jax.data.sources import FolderSource, LabelMap, Source, SyntheticSource, model_labels
 from tresnet_jax.data.tfds_reader import open_split
@@ -132,8 +132,9 @@ def open_source(args: argparse.Namespace) -> Source:
     if args.val_dir is not None:
         return FolderSource.scan(args.val_dir)
     if args.val_labels is not None:
-        names = read_class_file(args.classes) if args.classes else classes_in([args.val_labels])
-        return CsvSource.read(args.val_labels, names, str(args.classes) if args.classes else None)
+        if args.classes is None:  # the names the CSV uses, read with it
+            return CsvSource.read(args.val_labels)
+        return CsvSource.read(args.val_labels, read_class_file(args.classes), str(args.classes))
     return open_split(args.dataset or "imagenet2012", args.data_dir)
 
 

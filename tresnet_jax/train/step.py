@@ -38,6 +38,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from tresnet_jax.runtime.parallel import BATCH_AXIS
 from tresnet_jax.runtime.xla_options import compiler_options, precision_scope
+from tresnet_jax.train.config import MULTI_LABEL_LOSSES
 from tresnet_jax.train.losses import asymmetric_loss
 
 PRECISIONS = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
@@ -74,7 +75,7 @@ class OptimConfig:
     @property
     def multi_label(self) -> bool:
         """Multi-hot targets, sigmoid outputs."""
-        return self.loss in ("asl", "bce")
+        return self.loss in MULTI_LABEL_LOSSES
 
 
 @flax.struct.dataclass
