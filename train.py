@@ -32,7 +32,7 @@ import jax
 from tresnet_jax.cli import add_run_arguments, command, start_run
 from tresnet_jax.model.registry import ARCHITECTURES
 from tresnet_jax.runtime.xla_options import request_deterministic_gpu_ops
-from tresnet_jax.train.config import LOSSES, RESIZES, TrainConfig
+from tresnet_jax.train.config import AUGMENT_PLACES, LOSSES, RESIZES, TrainConfig
 from tresnet_jax.train.preemption import exit_code, signals_for_the_main_thread
 from tresnet_jax.train.recipes import load_recipe, recipe_names, recipe_table
 from tresnet_jax.train.run import Run, Stopped
@@ -135,6 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=DEFAULTS.crop_min_scale,
         help="inception crop: smallest fraction of the image area kept",
+    )
+    aug.add_argument(
+        "--augment",
+        choices=AUGMENT_PLACES,
+        default=DEFAULTS.augment,
+        help="where flip, RandAugment and Cutout run (the crop is the host's): on the accelerator, batched "
+        "in the training step, or on the host's cores; auto (default): device on a GPU or TPU, host on a "
+        "CPU-only machine (measured faster there), as before when a run continues",
     )
     aug.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
     aug.add_argument("--randaugment-ops", type=int, default=DEFAULTS.randaugment_ops, help="0 disables RandAugment")

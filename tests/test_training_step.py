@@ -1,6 +1,6 @@
-"""The training step on a tiny network: mixup/CutMix mix the global batch the same on any
-number of devices, and an fp16 step skipped for overflow leaves everything, the learning-rate
-schedule included, where it was."""
+"""The training step on a tiny network: mixup/CutMix and the augmentation on the device treat
+the global batch the same on any number of devices, and an fp16 step skipped for overflow
+leaves everything, the learning-rate schedule included, where it was."""
 
 from collections.abc import Callable
 from typing import Any
@@ -13,6 +13,7 @@ import optax
 import pytest
 from jax.sharding import Mesh, PartitionSpec
 
+from tresnet_jax.data.augment import AugmentConfig
 from tresnet_jax.model.layers import KAIMING, BatchNorm, Conv, Dense
 from tresnet_jax.runtime.parallel import BATCH_AXIS, data_mesh, replicate, select_devices, shard_batch
 from tresnet_jax.train.losses import asymmetric_loss
@@ -31,6 +32,7 @@ from tresnet_jax.train.step import (
 
 SIZE = 8
 CLASSES = 10
+DEVICE_AUGMENT = AugmentConfig(image_size=SIZE)  # flip, RandAugment 2 at 9, Cutout 0.5
 
 
 class TinyNet(nn.Module):
@@ -62,8 +64,9 @@ def random_batches(count: int, size: int, seed: int = 0, multi_hot: bool = False
             "label": (rng.random((size, CLASSES)) < 0.3).astype(np.uint8)
             if multi_hot
             else rng.integers(0, CLASSES, size, dtype=np.int32),
+            "augment_ids": np.stack([np.full(size, k), np.arange(size)], 1).astype(np.int32),
         }
-        for _ in range(count)
+        for k in range(count)
     ]
 
 
@@ -73,14 +76,17 @@ def run_steps(
     devices: int,
     batches: list[dict[str, np.ndarray]],
     scales: list[float] | None = None,
+    augment: AugmentConfig | None = None,
 ) -> tuple[list[Any], list[dict[str, float]]]:
     """The states after each step and the metrics of each step; ``scales``: the loss scale to
-    set before each step (fp16)."""
+    set before each step (fp16); ``augment``: augmented in the step (else ids are ignored)."""
     mesh = mesh_of(devices)
     tx = make_optimizer(cfg)
     variables = model.init(jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3)))
     state = replicate(create_state(variables, tx, cfg, seed=0), mesh)
-    step = make_train_step(model, tx, cfg, mesh)
+    step = make_train_step(model, tx, cfg, mesh, augment, seed=3)
+    if augment is None:
+        batches = [{k: v for k, v in batch.items() if k != "augment_ids"} for batch in batches]
     states, metrics = [jax.device_get(state)], []
     for k, batch in enumerate(batches):
         if scales is not None:
@@ -170,8 +176,10 @@ def test_mixing_on_n_devices_is_bitwise_what_one_device_computes(name):
     assert kinds == ({"mixup", "cutmix"} if name == "both" else {name})
 
 
-@pytest.mark.parametrize("loss", ["cross_entropy", "asl"])
-def test_train_step_with_mixup_and_cutmix_on_two_devices_follows_one(loss):
+@pytest.mark.parametrize(
+    ("loss", "augment"), [("cross_entropy", None), ("asl", None), ("cross_entropy", DEVICE_AUGMENT)]
+)
+def test_train_step_with_mixup_and_cutmix_on_two_devices_follows_one(loss, augment):
     """Three steps of batch 8, mixup and CutMix on. The mixed batches are bitwise the same on 1
     and 2 devices (above), so what remains is the order of float32 additions in the gradient
     pmean and the BatchNorm statistics (a mean of 8 rows against the mean of two means of 4):
@@ -181,11 +189,14 @@ def test_train_step_with_mixup_and_cutmix_on_two_devices_follows_one(loss):
     small difference of large terms, so its relative error is the largest (7.5e-6 measured;
     bound 1e-3). Both bounds are far below what a mixing that differs per device does: drawing
     per device, or mixing with the device's own shard reversed, moved the losses by 0.3-0.8 %.
-    Multi-label (asl): the multi-hot rows travel and mix as the class indices do."""
+    Multi-label (asl): the multi-hot rows travel and mix as the class indices do. Augmented on
+    the device, each image's flip, RandAugment and Cutout come from its own ids (bitwise the
+    same images on any device count, tests/test_device_augment.py), so the same bounds hold;
+    drawing them from the device's position instead would give other images, other losses."""
     cfg = OptimConfig(total_steps=3, lr=0.2, mixup=0.4, cutmix=1.0, ema_decay=0, loss=loss)
     batches = random_batches(3, 8, multi_hot=loss == "asl")
-    one_states, one = run_steps(TinyNet(), cfg, 1, batches)
-    two_states, two = run_steps(TinyNet(), cfg, 2, batches)
+    one_states, one = run_steps(TinyNet(), cfg, 1, batches, augment=augment)
+    two_states, two = run_steps(TinyNet(), cfg, 2, batches, augment=augment)
     np.testing.assert_allclose([m["loss"] for m in two], [m["loss"] for m in one], rtol=1e-5)
     for name in ("params", "batch_stats"):
         start, one_end, two_end = (getattr(s, name) for s in (one_states[0], one_states[-1], two_states[-1]))
@@ -197,16 +208,17 @@ def test_train_step_with_mixup_and_cutmix_on_two_devices_follows_one(loss):
 FINE, OVERFLOW = 2.0**10, 2.0**100  # 2**100 times the loss overflows float16 in the backward pass
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
-def test_fp16_skipped_step_leaves_everything_and_the_schedule_where_it_was(optimizer):
+@pytest.mark.parametrize(("optimizer", "augment"), [("sgd", None), ("adamw", None), ("sgd", DEVICE_AUGMENT)])
+def test_fp16_skipped_step_leaves_everything_and_the_schedule_where_it_was(optimizer, augment):
     """Steps 1-4, step 2 overflowing: after it the weights, optimizer state, BatchNorm
     statistics and EMA are what they were; the schedule's count did not move, so each step's
     learning rate is the schedule at the number of updates applied before it, and the run ends
-    one update behind its step count, with the weights of a run that never saw batch 2."""
+    one update behind its step count, with the weights of a run that never saw batch 2 (with
+    the augmentation on the device too: the images' draws travel with them, not with the step)."""
     cfg = OptimConfig(total_steps=6, lr=0.1, optimizer=optimizer, precision="fp16")
     model = TinyNet(dtype=jnp.float16)
     batches = random_batches(4, 4)
-    states, metrics = run_steps(model, cfg, 1, batches, scales=[FINE, OVERFLOW, FINE, FINE])
+    states, metrics = run_steps(model, cfg, 1, batches, scales=[FINE, OVERFLOW, FINE, FINE], augment=augment)
     assert [m["finite"] for m in metrics] == [1.0, 0.0, 1.0, 1.0]
     assert all(m["params_finite"] == 1.0 for m in metrics)
     before, after = states[1], states[2]
@@ -221,7 +233,7 @@ def test_fp16_skipped_step_leaves_everything_and_the_schedule_where_it_was(optim
     assert [m["lr"] for m in metrics] == [pytest.approx(float(schedule(k))) for k in (0, 1, 1, 2)]
     assert len({m["lr"] for m in metrics}) == 3  # the schedule moves between updates
     # The skipped step is as if batch 2 had never come (same loss scale for the others).
-    unskipped, _ = run_steps(model, cfg, 1, [batches[0], *batches[2:]], scales=[FINE] * 3)
+    unskipped, _ = run_steps(model, cfg, 1, [batches[0], *batches[2:]], scales=[FINE] * 3, augment=augment)
     for name in ("params", "batch_stats", "ema_params", "ema_batch_stats"):
         assert_trees_equal(getattr(states[-1], name), getattr(unskipped[-1], name))
     assert_trees_equal(states[-1].opt_state.inner_state, unskipped[-1].opt_state.inner_state)

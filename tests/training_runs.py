@@ -54,8 +54,12 @@ def subset(folder: Path, per_class: int, target: Path) -> Path:
     return target
 
 
-# The tiny run: tresnet_tiny (tests/tiny_model.py), 4 steps of batch 8 at 32 px, checkpoints at steps 2 and 4.
+# The tiny run: tresnet_tiny (tests/tiny_model.py), 4 steps of batch 8 at 32 px, checkpoints at
+# steps 2 and 4, augmented on the device (the GPU's default path: the resume, device-count and
+# multi-process tests hold it to their promises; the host path's are tests/test_train_data.py's).
 TINY = [
+    "--augment",
+    "device",
     "--model",
     tiny_model.NAME,
     "--image-size",

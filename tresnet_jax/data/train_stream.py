@@ -9,17 +9,24 @@ epoch's permutation: nothing is read twice, whatever ``s`` is.
 
 An image that cannot be read is replaced by the next readable one in the dataset (so batches
 keep their size and every process count sees the same replacement), and reported once.
+
+Where the augmentation runs: ``on_device=False`` does all of it here on the host
+(``augment.train_transform``); ``on_device=True`` only the crop (read, decode, inception crop,
+resize: ``augment.decode_crop``), and each batch carries ``augment_ids``, the (epoch, image
+index) whose draws the device's flip, RandAugment and Cutout use (``device_augment``): the index
+of the image actually used, so a replaced image brings its own draws on either path.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from tresnet_jax.data.augment import AugmentConfig, train_transform
-from tresnet_jax.data.host_pool import UNREADABLE, ordered_map, stack_rows
+from tresnet_jax.data.augment import AugmentConfig, decode_crop, train_transform
+from tresnet_jax.data.host_pool import UNREADABLE, HostCost, ordered_map, stack_rows
 from tresnet_jax.data.sources import Label, LabelMap, Source, SyntheticSource
 from tresnet_jax.errors import InputError, reason_of
 
@@ -69,21 +76,30 @@ class Augmented:
     image: np.ndarray
     label: Label
     unreadable: tuple[tuple[int, str], ...] = ()  # (index, reason)
+    index: int = -1  # the image used (``index`` or the readable one that replaced it)
 
 
-def augmented_example(source: Source, augment: AugmentConfig, seed: int, epoch: int, index: int) -> Augmented:
-    """Image ``index`` augmented with the draws of (seed, epoch, index); if it cannot be read,
-    the next readable image of the dataset, with its own draws."""
+def host_crop(encoded: bytes, seed: tuple[int, ...], augment: AugmentConfig, name: str) -> np.ndarray:
+    """The host's part when the device augments: the crop of ``train_transform``, same draws."""
+    return np.asarray(decode_crop(encoded, name, np.random.default_rng(seed), augment))
+
+
+def augmented_example(
+    source: Source, augment: AugmentConfig, seed: int, epoch: int, index: int, on_device: bool = False
+) -> Augmented:
+    """Image ``index`` augmented with the draws of (seed, epoch, index) (``on_device``: only
+    cropped); if it cannot be read, the next readable image of the dataset, with its own draws."""
+    transform = host_crop if on_device else train_transform
     unreadable = []
     for offset in range(MAX_CONSECUTIVE_UNREADABLE):
         candidate = (index + offset) % len(source)
         try:
             encoded, label = source.record(candidate)
-            image = train_transform(encoded, (seed, epoch, candidate), augment, source.describe(candidate))
+            image = transform(encoded, (seed, epoch, candidate), augment, source.describe(candidate))
         except UNREADABLE as err:
             unreadable.append((candidate, reason_of(err)))
             continue
-        return Augmented(image, label, tuple(unreadable))
+        return Augmented(image, label, tuple(unreadable), candidate)
     raise InputError(
         f"{source.name}: {MAX_CONSECUTIVE_UNREADABLE} consecutive unreadable images from "
         f"{source.describe(index)} on (last: {unreadable[-1][1]}); the dataset looks damaged"
@@ -98,9 +114,10 @@ class AugmentedExample:
     source: Source
     augment: AugmentConfig
     seed: int
+    on_device: bool = False
 
     def __call__(self, item: tuple[int, int]) -> Augmented:
-        return augmented_example(self.source, self.augment, self.seed, *item)
+        return augmented_example(self.source, self.augment, self.seed, *item, on_device=self.on_device)
 
 
 def train_batches(
@@ -111,14 +128,22 @@ def train_batches(
     label_map: LabelMap,
     on_unreadable: Callable[[str, str], None] | None = None,
     workers: int | None = None,
+    on_device: bool = False,
+    cost: HostCost | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Endless batches {image uint8 (local batch, S, S, 3), label: ``label_map.rows``} from ``start_step``;
-    ``on_unreadable(image, reason)`` is called once for each image passed over."""
+    """Endless batches {image uint8 (local batch, S, S, 3), label: ``label_map.rows``} from
+    ``start_step`` (``on_device``: cropped images, and ``augment_ids`` int32 (local batch, 2));
+    ``on_unreadable(image, reason)`` is called once for each image passed over; ``cost``
+    accumulates the host's CPU time per image."""
     steps = steps_per_epoch(source, spec)
     first_epoch, first_step = divmod(start_step, steps)
     if isinstance(source, SyntheticSource):
         images, labels = source.batch(spec.local_batch, augment.image_size, spec.seed + spec.process_index)
         batch = {"image": images, "label": label_map.rows(labels)}
+        if on_device:  # the same images every step; their augmentation differs by step
+            rows = spec.process_index * spec.local_batch + np.arange(spec.local_batch)
+            for step in itertools.count(start_step):
+                yield {**batch, "augment_ids": np.stack([np.full_like(rows, step), rows], 1).astype(np.int32)}
         while True:
             yield batch
 
@@ -132,7 +157,9 @@ def train_batches(
     reported: set[int] = set()
     images: list[np.ndarray] = []
     labels: list[Label] = []
-    for outcome in ordered_map(AugmentedExample(source, augment, spec.seed), examples(), workers):
+    ids: list[tuple[int, int]] = []
+    transform = AugmentedExample(source, augment, spec.seed, on_device)
+    for outcome in ordered_map(transform, examples(), workers, cost=cost):
         if outcome.error is not None:  # the whole neighbourhood is unreadable
             raise InputError(outcome.error)
         example = outcome.value
@@ -143,6 +170,10 @@ def train_batches(
                     on_unreadable(source.describe(index), reason)
         images.append(example.image)
         labels.append(example.label)
+        ids.append((outcome.item[0], example.index))
         if len(images) == spec.local_batch:
-            yield {"image": stack_rows(images, augment.image_size), "label": label_map.rows(labels)}
-            images, labels = [], []
+            batch = {"image": stack_rows(images, augment.image_size), "label": label_map.rows(labels)}
+            if on_device:
+                batch["augment_ids"] = np.asarray(ids, np.int32)
+            yield batch
+            images, labels, ids = [], [], []

@@ -14,6 +14,10 @@ CONFIG_FILE = "config.json"
 LOSSES = ("cross_entropy", "asl", "bce")
 MULTI_LABEL_LOSSES = ("asl", "bce")
 RESIZES = ("crop", "squish")
+AUGMENT_PLACES = ("auto", "device", "host")
+DECODERS = ("auto", "gpu", "host")
+# What a run written before a setting existed did: its stored config is read with these values.
+BEFORE_THE_SETTING = {"augment": "host", "decode": "host"}
 # Settings that may change when a run is resumed: they do not change what is computed (the
 # device count only changes the order of float additions).
 RESUMABLE = {
@@ -68,6 +72,8 @@ class TrainConfig:
     randaugment_ops: int = 2
     randaugment_magnitude: float = 9.0
     cutout: float = 0.5
+    augment: str = "auto"  # where flip, RandAugment and Cutout run: device | host (auto: resolved in parts)
+    decode: str = "auto"  # where JPEGs are decoded and cropped: gpu | host (auto: resolved in parts)
     mixup: float = 0.0
     cutmix: float = 0.0
     ema_decay: float = 0.9997
@@ -101,13 +107,21 @@ def check_resumable(workdir: Path, cfg: TrainConfig) -> None:
     resumable = RESUMABLE if cfg.sync_bn else RESUMABLE - {"num_devices"}
     current = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in resumable}
     if path.exists():
-        # A setting added after the run was written has its default there.
-        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+        # A setting added after the run was written has the value runs had before it.
+        defaults = {**{f.name: f.default for f in dataclasses.fields(TrainConfig)}, **BEFORE_THE_SETTING}
         stored = {k: v for k, v in {**defaults, **json.loads(path.read_text())}.items() if k not in resumable}
         changed = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
         if changed:
             details = ", ".join(f"{k} {stored.get(k)!r} -> {current.get(k)!r}" for k in changed[:4])
             raise InputError(f"{workdir} holds a run with other settings ({details}); use a new --workdir")
+
+
+def stored_setting(workdir: Path, name: str) -> str | None:
+    """A setting of the run already in ``workdir`` (an "auto" resolves to what it chose then)."""
+    path = workdir / CONFIG_FILE
+    if not path.exists():
+        return None
+    return json.loads(path.read_text()).get(name, BEFORE_THE_SETTING.get(name))
 
 
 def write_config(workdir: Path, cfg: TrainConfig) -> None:

@@ -21,7 +21,7 @@ from tresnet_jax.errors import InputError
 from tresnet_jax.model.linen import TResNet
 from tresnet_jax.model.registry import ModelSpec, resolve
 from tresnet_jax.runtime.parallel import BATCH_AXIS, data_mesh, local_batch_size, select_devices
-from tresnet_jax.train.config import TrainConfig
+from tresnet_jax.train.config import AUGMENT_PLACES, TrainConfig, stored_setting
 from tresnet_jax.train.step import PRECISIONS, OptimConfig, make_optimizer
 
 VAL_SPLITS = ("validation", "test")
@@ -53,6 +53,11 @@ class RunParts:
     def multi_label(self) -> bool:
         return self.label_map.multi_label
 
+    @property
+    def device_augment(self) -> AugmentConfig | None:
+        """What the training step augments (None: the host did it all)."""
+        return self.augment if self.cfg.augment == "device" else None
+
     def log(self, line: str) -> None:
         """Print a line of the run's log (on the lead process)."""
         if self.lead:
@@ -63,6 +68,7 @@ def build(cfg: TrainConfig) -> RunParts:
     """The parts of the run ``cfg`` describes; every flag is checked here, before anything is
     read or written."""
     check_image_size(cfg.image_size)
+    cfg = dataclasses.replace(cfg, augment=augment_place(cfg))
     train_source, val_source = open_train_sources(cfg)
     check_label_kind(cfg, train_source, val_source)
     num_classes = cfg.num_classes or len(train_source.class_names)
@@ -127,6 +133,20 @@ def build(cfg: TrainConfig) -> RunParts:
         tx=make_optimizer(optim),
         augment=augment,
     )
+
+
+def augment_place(cfg: TrainConfig) -> str:
+    """Where flip, RandAugment and Cutout run. ``auto``: as the run in the workdir did; else on
+    the device of a GPU or TPU, and on the host of a CPU-only machine, where XLA's version costs
+    20x PIL's (44.6 against 2.2 ms an image on the 2-core AMD EPYC, BENCHMARKS.md)."""
+    if cfg.augment not in AUGMENT_PLACES:
+        raise InputError(f"--augment must be one of {', '.join(AUGMENT_PLACES)}, got {cfg.augment!r}")
+    if cfg.augment != "auto":
+        return cfg.augment
+    stored = stored_setting(Path(cfg.workdir).expanduser(), "augment")
+    if stored in ("device", "host"):
+        return stored
+    return "device" if jax.default_backend() in ("gpu", "tpu") else "host"
 
 
 def check_label_kind(cfg: TrainConfig, train: Source, val: Source | None) -> None:

@@ -12,6 +12,11 @@ multi-label ones carry multi-hot rows and train with the asymmetric loss or bina
 cross-entropy (``train.losses``). Label smoothing pulls a one-hot target towards uniform over
 the classes, a multi-hot one towards 1/2 in every class (each class is its own binary problem).
 
+Augmentation on the device (``augment`` given): the batch holds uint8 crops and each image's
+(epoch, index), and flip, RandAugment and Cutout run per device before anything else
+(``data.device_augment``): each image's draws come from its ids alone, so N devices augment as
+one does and a resumed or fp16-skipped step augments as it did.
+
 Mixup/CutMix: one draw per step, the same on every device, and the partner of global row r is
 row B-1-r of the global batch (one ``ppermute`` brings each device its partner rows): N devices
 mix exactly as one does.
@@ -36,6 +41,8 @@ import optax
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec
 
+from tresnet_jax.data.augment import AugmentConfig
+from tresnet_jax.data.device_augment import augment_batch
 from tresnet_jax.runtime.parallel import BATCH_AXIS
 from tresnet_jax.runtime.xla_options import compiler_options, precision_scope
 from tresnet_jax.train.config import MULTI_LABEL_LOSSES
@@ -216,10 +223,18 @@ def all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
 
 
-def make_train_step(model: Any, tx: optax.GradientTransformation, cfg: OptimConfig, mesh: Mesh) -> Callable:
+def make_train_step(
+    model: Any,
+    tx: optax.GradientTransformation,
+    cfg: OptimConfig,
+    mesh: Mesh,
+    augment: AugmentConfig | None = None,
+    seed: int = 0,
+) -> Callable:
     """``step(state, batch) -> (state, metrics)``, jitted with the state donated. BatchNorm
     statistics cover the global batch when ``model.axis_name`` is ``BATCH_AXIS``, each device's
-    shard when it is None (see the module's docstring)."""
+    shard when it is None (see the module's docstring). With ``augment``, the batch's images are
+    crops augmented here with the draws of (``seed``, its ``augment_ids``)."""
     schedule = learning_rate(cfg)
 
     def per_device(state: TrainState, batch: dict[str, jax.Array]):
@@ -230,11 +245,14 @@ def make_train_step(model: Any, tx: optax.GradientTransformation, cfg: OptimConf
         return images.astype(jnp.float32) / 255.0, soft_targets(labels, model.num_classes, cfg.label_smoothing)
 
     def device_step(state: TrainState, batch: dict[str, jax.Array]):
-        images, targets = inputs(batch["image"], batch["label"])
+        pixels = batch["image"]
+        if augment is not None:
+            pixels = augment_batch(pixels, batch["augment_ids"], seed, augment)
+        images, targets = inputs(pixels, batch["label"])
         if cfg.mixup or cfg.cutmix:  # the step's key, not the device's: N devices mix as one does
             rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
             # The partners travel as uint8 images and labels: a quarter of the bytes of floats.
-            partners = inputs(*global_partners((batch["image"], batch["label"]), BATCH_AXIS))
+            partners = inputs(*global_partners((pixels, batch["label"]), BATCH_AXIS))
             images, targets = mix(images, targets, *partners, rng, cfg)
 
         def loss_fn(params):
