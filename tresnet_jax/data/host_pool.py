@@ -5,22 +5,42 @@ PIL releases the GIL while it decodes, resizes and transforms, so on a few cores
 every core with no start-up and no copies. The Python around PIL's calls still holds the GIL
 (a few hundred microseconds an image), and measured on a 16-core host threads stopped scaling
 at about 8 (BENCHMARKS.md, "Input pipeline"); above ``THREADS_UP_TO`` cores the work goes to
-one process per core, each given the function once and sent items in chunks, rows coming back
-as uint8 arrays. Each item is tried on its own: one that cannot be read is reported with its
-reason and the stream goes on.
+one process per core, each given the function once and sent items in chunks. Each item is tried
+on its own: one that cannot be read is reported with its reason and the stream goes on.
+
+A worker process writes each result's image (its row) into shared memory, not into the pipe:
+every chunk in flight has a buffer of ``CHUNK`` slots (``_SlotRing``), the worker copies the rows
+into their slots and sends back only the rest (labels, errors, where each row lies), and this
+process copies the rows out and hands the buffer to the next chunk. Pickling them instead held
+a 16-core host to 62 % of the rate the images' cost predicts. The row is found in what the
+function returns (``_row_of``): an ``np.ndarray``, a ``tuple`` whose first element is one (as
+``evaluation.PreprocessedImage`` returns), or a dataclass with an ``image`` field (as
+``train_stream.Augmented``); anything else, a row that does not fit its slot, and every row when
+shared memory is short (budget: half of ``/dev/shm``'s free space; none without ``/dev/shm``)
+travel pickled, as before. Slots start at ``FIRST_SLOT_BYTES`` and grow to the largest row seen.
+
+``HostCost`` adds up the CPU time the function took, per item, on threads or processes alike:
+what an image costs the host, whatever the number of cores (the training log's
+``host_ms_per_image``).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import copy
 import dataclasses
 import itertools
+import math
+import mmap
 import multiprocessing
 import os
 import sys
+import threading
+import time
 import types
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from multiprocessing import shared_memory
 from typing import Any, Generic, TypeVar
 
 import numpy as np
@@ -34,6 +54,8 @@ Result = TypeVar("Result")
 UNREADABLE = (InputError, *PIL_ERRORS)
 THREADS_UP_TO = 8  # cores; more go to processes
 CHUNK = 8  # items sent to a worker process at a time
+FIRST_SLOT_BYTES = 256 * 1024  # a 224-pixel RGB uint8 row (147 KiB) fits; larger ones widen the slots
+SHM_ROOT = "/dev/shm"
 
 
 def host_threads() -> int:
@@ -53,6 +75,30 @@ class Outcome(Generic[Item, Result]):
     error: str | None = None  # the reason, without the item's name where the error keeps them apart
 
 
+class HostCost:
+    """The CPU time the per-item function took (thread CPU time on threads, process CPU time in
+    worker processes), added up from every worker since it was last read; safe to share between
+    threads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._seconds = 0.0
+        self._items = 0
+
+    def add(self, cpu_seconds: float, items: int = 1) -> None:
+        with self._lock:
+            self._seconds += cpu_seconds
+            self._items += items
+
+    def take_ms_per_image(self) -> float | None:
+        """The mean CPU milliseconds of the items done since the last call (an unreadable one
+        counts too; None when there were none), and a new window from now."""
+        with self._lock:
+            seconds, items = self._seconds, self._items
+            self._seconds, self._items = 0.0, 0
+        return 1000 * seconds / items if items else None
+
+
 def _attempt(fn: Callable[[Item], Result], item: Item) -> Outcome[Item, Result]:
     try:
         return Outcome(item, fn(item))
@@ -66,32 +112,187 @@ def ordered_map(
     workers: int | None = None,
     ahead: int | None = None,
     processes: bool | None = None,
+    cost: HostCost | None = None,
 ) -> Iterator[Outcome[Item, Result]]:
     """``fn`` over ``items`` on ``workers`` threads or processes (default: one per core;
     processes when there are more than THREADS_UP_TO), yielded in the items' order with about
     ``ahead`` items in flight; an item whose ``fn`` raises one of UNREADABLE comes out with the
     error's message instead of a value (anything else is a bug and propagates). With processes,
     ``fn`` and the items are pickled: ``fn`` once per worker, so a callable object holding its
-    dataset is sent once."""
+    dataset is sent once; the results' rows come back through shared memory (module docstring).
+    ``cost`` is given the CPU time each item took."""
     workers = workers or host_threads()
     ahead = ahead or 4 * workers
     if workers > THREADS_UP_TO if processes is None else processes:
-        return _process_map(fn, items, workers, ahead)
-    return _thread_map(fn, items, workers, ahead)
+        return _process_map(fn, items, workers, ahead, cost)
+    return _thread_map(fn, items, workers, ahead, cost)
 
 
-def _thread_map(fn: Callable[[Item], Result], items: Iterable[Item], threads: int, ahead: int) -> Iterator[Outcome]:
+def _timed_attempt(fn: Callable[[Item], Result], item: Item, cost: HostCost | None) -> Outcome[Item, Result]:
+    start = time.thread_time()
+    outcome = _attempt(fn, item)
+    if cost is not None:
+        cost.add(time.thread_time() - start)
+    return outcome
+
+
+def _thread_map(
+    fn: Callable[[Item], Result], items: Iterable[Item], threads: int, ahead: int, cost: HostCost | None
+) -> Iterator[Outcome]:
     iterator = iter(items)
     with concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="tresnet-input") as pool:
         pending: deque[concurrent.futures.Future] = deque(
-            pool.submit(_attempt, fn, item) for item in itertools.islice(iterator, ahead)
+            pool.submit(_timed_attempt, fn, item, cost) for item in itertools.islice(iterator, ahead)
         )
         while pending:
             outcome = pending.popleft().result()
             for item in itertools.islice(iterator, 1):
-                pending.append(pool.submit(_attempt, fn, item))
+                pending.append(pool.submit(_timed_attempt, fn, item, cost))
             yield outcome
 
+
+# Rows in shared memory --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _InSlot:
+    """Where a worker left a row: slot ``slot`` of its chunk's buffer; stands in for the row."""
+
+    slot: int
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+
+def _has_image(value: Any) -> bool:
+    return (
+        dataclasses.is_dataclass(value)
+        and not isinstance(value, type)
+        and any(f.name == "image" for f in dataclasses.fields(value))
+    )
+
+
+def _row_of(value: Any) -> Any:
+    """The row a result carries: the result itself, a tuple's first element or a dataclass's
+    ``image`` (an array, an ``_InSlot``, or something else that is no row)."""
+    if type(value) is tuple:
+        return value[0] if value else None
+    if _has_image(value):
+        return value.image
+    return value
+
+
+def _with_row(value: Any, row: Any) -> Any:
+    """``value`` with its row (``_row_of``) replaced by ``row``; a dataclass is copied, not
+    constructed again (its ``__init__`` and ``__post_init__`` do not run)."""
+    if type(value) is tuple:
+        return (row, *value[1:])
+    if _has_image(value):
+        new = copy.copy(value)
+        object.__setattr__(new, "image", row)  # frozen dataclasses too
+        return new
+    return row
+
+
+def _fits(row: Any, slot_bytes: int) -> bool:
+    return isinstance(row, np.ndarray) and not row.dtype.hasobject and 0 < row.nbytes <= slot_bytes
+
+
+def _into_slots(outcomes: list[Outcome], name: str, slot_bytes: int) -> list[Outcome]:
+    """(In a worker.) The rows of ``outcomes`` written into the slots of buffer ``name``, each
+    result's row replaced by its ``_InSlot``; a row that does not fit stays in its result."""
+    buffer = shared_memory.SharedMemory(name)
+    try:
+        placed = []
+        for slot, outcome in enumerate(outcomes):
+            row = _row_of(outcome.value) if outcome.error is None else None
+            if _fits(row, slot_bytes):
+                np.ndarray(row.shape, row.dtype, buffer=buffer.buf, offset=slot * slot_bytes)[...] = row
+                outcome = Outcome(outcome.item, _with_row(outcome.value, _InSlot(slot, row.shape, row.dtype)))
+            placed.append(outcome)
+        return placed
+    finally:
+        buffer.close()  # this process's mapping only: the buffer is the parent's to unlink
+
+
+def _out_of_slot(outcome: Outcome, row: _InSlot, buffer: shared_memory.SharedMemory, slot_bytes: int) -> Outcome:
+    """(In the parent.) ``outcome`` with its row copied out of its slot."""
+    view = np.ndarray(row.shape, row.dtype, buffer=buffer.buf, offset=row.slot * slot_bytes)
+    return Outcome(outcome.item, _with_row(outcome.value, view.copy()), outcome.error)
+
+
+def _shm_budget() -> int:
+    """The bytes of shared memory the buffers may take: half of what /dev/shm has free (a
+    container's default is 64 MB); none where there is no /dev/shm."""
+    try:
+        stats = os.statvfs(SHM_ROOT)
+    except OSError:
+        return 0
+    return stats.f_bavail * stats.f_frsize // 2
+
+
+@dataclasses.dataclass
+class _SlotRing:
+    """The parent's shared-memory buffers, one for each chunk in flight, reused once its rows are
+    copied out: ``CHUNK`` slots of ``slot_bytes``, widened (new buffers) to the largest row seen.
+    ``acquire`` gives None (rows go pickled) past the budget or when one cannot be made."""
+
+    budget: int = dataclasses.field(default_factory=_shm_budget)
+    slot_bytes: int = FIRST_SLOT_BYTES
+    free: list[tuple[shared_memory.SharedMemory, int]] = dataclasses.field(default_factory=list)
+    made: dict[str, shared_memory.SharedMemory] = dataclasses.field(default_factory=dict)
+    allocated: int = 0
+
+    def acquire(self) -> tuple[shared_memory.SharedMemory, int] | None:
+        while self.free:
+            buffer, slot_bytes = self.free.pop()
+            if slot_bytes >= self.slot_bytes:
+                return buffer, slot_bytes
+            self._drop(buffer)  # too narrow for the rows seen since
+        size = CHUNK * self.slot_bytes
+        if self.allocated + size > self.budget:
+            return None
+        try:
+            buffer = shared_memory.SharedMemory(create=True, size=size)
+        except OSError:
+            return None
+        self.made[buffer.name] = buffer
+        self.allocated += size
+        return buffer, self.slot_bytes
+
+    def take(self, outcomes: list[Outcome], held: tuple[shared_memory.SharedMemory, int] | None) -> list[Outcome]:
+        """The outcomes of a chunk, rows copied out of ``held`` (then free for another chunk),
+        the slots widened for the next buffers if a row was too large for its slot."""
+        try:
+            if held is not None:
+                outcomes = [_with_rows_copied(outcome, *held) for outcome in outcomes]
+        finally:
+            if held is not None:
+                self.free.append(held)
+        for outcome in outcomes:
+            row = _row_of(outcome.value) if outcome.error is None else None
+            if isinstance(row, np.ndarray) and not row.dtype.hasobject:
+                self.slot_bytes = max(self.slot_bytes, mmap.PAGESIZE * math.ceil(row.nbytes / mmap.PAGESIZE))
+        return outcomes
+
+    def _drop(self, buffer: shared_memory.SharedMemory) -> None:
+        del self.made[buffer.name]
+        self.allocated -= buffer.size
+        buffer.close()
+        buffer.unlink()
+
+    def close(self) -> None:
+        """Unlink every buffer (once no worker writes into them any more)."""
+        self.free.clear()
+        for buffer in list(self.made.values()):
+            self._drop(buffer)
+
+
+def _with_rows_copied(outcome: Outcome, buffer: shared_memory.SharedMemory, slot_bytes: int) -> Outcome:
+    row = _row_of(outcome.value) if outcome.error is None else None
+    return _out_of_slot(outcome, row, buffer, slot_bytes) if isinstance(row, _InSlot) else outcome
+
+
+# Worker processes -------------------------------------------------------------------------------
 
 _worker_fn: Callable[[Any], Any] | None = None
 
@@ -101,8 +302,17 @@ def _install(fn: Callable[[Any], Any]) -> None:
     _worker_fn = fn
 
 
-def _run_chunk(items: list[Any]) -> list[Outcome]:
-    return [_attempt(_worker_fn, item) for item in items]
+def _run_chunk(items: list[Any], buffer: str | None, slot_bytes: int) -> tuple[list[Outcome], float]:
+    """The chunk's outcomes (rows in ``buffer``'s slots when there is one) and the CPU seconds
+    the function took over them."""
+    outcomes, cpu = [], 0.0
+    for item in items:
+        start = time.process_time()
+        outcomes.append(_attempt(_worker_fn, item))
+        cpu += time.process_time() - start
+    if buffer is not None:
+        outcomes = _into_slots(outcomes, buffer, slot_bytes)
+    return outcomes, cpu
 
 
 def server_preload(fn: Callable[[Any], Any]) -> list[str]:
@@ -120,7 +330,9 @@ def server_preload(fn: Callable[[Any], Any]) -> list[str]:
     return sorted(names)
 
 
-def _process_map(fn: Callable[[Item], Result], items: Iterable[Item], processes: int, ahead: int) -> Iterator[Outcome]:
+def _process_map(
+    fn: Callable[[Item], Result], items: Iterable[Item], processes: int, ahead: int, cost: HostCost | None
+) -> Iterator[Outcome]:
     # forkserver: workers fork from a fresh server process, not from this one (whose threads,
     # JAX's among them, make fork unsafe); the server imports what they need once.
     methods = multiprocessing.get_all_start_methods()
@@ -129,18 +341,34 @@ def _process_map(fn: Callable[[Item], Result], items: Iterable[Item], processes:
         context.set_forkserver_preload(server_preload(fn))  # ignored once the server runs
     iterator = iter(items)
     chunks = iter(lambda: list(itertools.islice(iterator, CHUNK)), [])
+    ring = _SlotRing()
+    pending: deque[tuple[concurrent.futures.Future, tuple[shared_memory.SharedMemory, int] | None]] = deque()
     pool = concurrent.futures.ProcessPoolExecutor(processes, mp_context=context, initializer=_install, initargs=(fn,))
+
+    def submit(chunk: list[Item]) -> None:
+        held = ring.acquire()
+        where = (held[0].name, held[1]) if held is not None else (None, 0)
+        pending.append((pool.submit(_run_chunk, chunk, *where), held))
+
     try:
         # Two chunks a worker at least: one it works on, one waiting, so none idles.
         in_flight = max(2 * processes, ahead // CHUNK)
-        pending = deque(pool.submit(_run_chunk, chunk) for chunk in itertools.islice(chunks, in_flight))
+        for chunk in itertools.islice(chunks, in_flight):
+            submit(chunk)
         while pending:
-            outcomes = pending.popleft().result()
+            future, held = pending.popleft()
+            outcomes, cpu = future.result()
+            outcomes = ring.take(outcomes, held)
+            if cost is not None:
+                cost.add(cpu, len(outcomes))
             for chunk in itertools.islice(chunks, 1):
-                pending.append(pool.submit(_run_chunk, chunk))
+                submit(chunk)
             yield from outcomes
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        try:
+            pool.shutdown(wait=True, cancel_futures=True)  # the chunks already started end first
+        finally:
+            ring.close()
 
 
 def stack_rows(rows: list[np.ndarray], size: int) -> np.ndarray:

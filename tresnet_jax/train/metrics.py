@@ -1,6 +1,6 @@
 """What the step loop records: the steps' metrics read one step late, checked for divergence and
-written as rows of ``workdir/metrics.jsonl`` (and TensorBoard scalars), with the progress bar and
-the count of unreadable training images passed over."""
+written as rows of ``workdir/metrics.jsonl`` (and TensorBoard scalars), with the progress bar, the
+count of unreadable training images passed over and the host's CPU time per training image."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Any
 
 import jax
 
+from tresnet_jax.data.host_pool import HostCost
 from tresnet_jax.errors import InputError
 from tresnet_jax.progress import ProgressBar
 from tresnet_jax.train.events import ScalarWriter
@@ -111,7 +112,9 @@ class UnreadableImages:
 class StepLog:
     """The training steps' rows: each window of steps that LaggedMetrics hands over is checked
     for divergence and written as one row (its last step's metrics, the throughput since the
-    previous row, the unreadable images so far), and moves the progress bar."""
+    previous row, the unreadable images so far and, given the input pool's ``host_cost``, the
+    mean CPU milliseconds the host spent on a training image since the previous row:
+    ``host_ms_per_image``), and moves the progress bar."""
 
     def __init__(
         self,
@@ -121,6 +124,7 @@ class StepLog:
         batch_size: int,
         steps_per_epoch: int,
         precision: str,
+        host_cost: HostCost | None = None,
     ):
         self.metrics_log = metrics_log
         self.bar = bar
@@ -128,6 +132,7 @@ class StepLog:
         self.batch_size = batch_size
         self.steps_per_epoch = steps_per_epoch
         self.precision = precision
+        self.host_cost = host_cost
         self.restart_clock()
 
     def restart_clock(self) -> None:
@@ -142,6 +147,8 @@ class StepLog:
         for step, row in values:
             check_finite(step, row, self.precision)
         step, row = values[-1]
+        host_ms = self.host_cost.take_ms_per_image() if self.host_cost is not None else None
+        host = {} if host_ms is None else {"host_ms_per_image": host_ms}
         self.metrics_log.write(
             {
                 "step": step,
@@ -149,7 +156,8 @@ class StepLog:
                 **row,
                 "images_per_second": rate,
                 "unreadable_images": self.unreadable.count,
+                **host,
             }
         )
         self.restart_clock()
-        self.bar.update(step * self.batch_size, {"loss": row["loss"], "lr": row["lr"]})
+        self.bar.update(step * self.batch_size, {"loss": row["loss"], "lr": row["lr"], **host})

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from tresnet_jax.data.host_pool import HostCost
 from tresnet_jax.data.train_stream import train_batches
 from tresnet_jax.errors import InputError
 from tresnet_jax.progress import ProgressBar
@@ -99,12 +100,25 @@ def train_steps(
     cfg = parts.cfg
     compiled = compile_step(parts, state)
     checkpoint_every = cfg.checkpoint_every or parts.steps_per_epoch
-    batches = train_batches(parts.train_source, parts.stream, parts.augment, start, parts.label_map, unreadable)
+    on_device = parts.device_augment is not None
+    host_cost = HostCost()
+    batches = train_batches(
+        parts.train_source,
+        parts.stream,
+        parts.augment,
+        start,
+        parts.label_map,
+        unreadable,
+        on_device=on_device,
+        cost=host_cost,
+    )
     bar = ProgressBar(
         parts.total_steps * cfg.batch_size, "train", parts.lead and cfg.progress, initial=start * cfg.batch_size
     )
     lagged = LaggedMetrics()
-    step_log = StepLog(metrics_log, bar, unreadable, cfg.batch_size, parts.steps_per_epoch, cfg.precision)
+    step_log = StepLog(
+        metrics_log, bar, unreadable, cfg.batch_size, parts.steps_per_epoch, cfg.precision, host_cost=host_cost
+    )
     last_eval: dict[str, float] = {}
     step = start
     for _, device_batch in prefetch_to_devices(batches, parts.mesh):
@@ -156,7 +170,7 @@ def finish(
 def compile_step(parts: RunParts, state: TrainState) -> Any:
     """The training step compiled for ``state`` and the run's batches, refused if it does not
     fit in device memory."""
-    step_fn = make_train_step(parts.model, parts.tx, parts.optim, parts.mesh)
+    step_fn = make_train_step(parts.model, parts.tx, parts.optim, parts.mesh, parts.device_augment, parts.cfg.seed)
     t0 = time.perf_counter()
     compiled = step_fn.lower(state, batch_shapes(parts)).compile()
     check_memory(compiled, parts.mesh, parts.cfg.batch_size)
@@ -166,14 +180,17 @@ def compile_step(parts: RunParts, state: TrainState) -> Any:
 
 def batch_shapes(parts: RunParts) -> dict[str, jax.ShapeDtypeStruct]:
     """The global training batch, abstractly: uint8 images and labels (int32 classes, or uint8
-    multi-hot rows) split over the mesh."""
+    multi-hot rows) split over the mesh; with the augmentation on the device, the images' ids."""
     sharding = jax.sharding.NamedSharding(parts.mesh, jax.sharding.PartitionSpec(BATCH_AXIS))
     n, size = parts.cfg.batch_size, parts.cfg.image_size
     label = jax.ShapeDtypeStruct((n, parts.num_classes), jnp.uint8, sharding=sharding)
-    return {
+    shapes = {
         "image": jax.ShapeDtypeStruct((n, size, size, 3), jnp.uint8, sharding=sharding),
         "label": label if parts.multi_label else jax.ShapeDtypeStruct((n,), jnp.int32, sharding=sharding),
     }
+    if parts.device_augment is not None:
+        shapes["augment_ids"] = jax.ShapeDtypeStruct((n, 2), jnp.int32, sharding=sharding)
+    return shapes
 
 
 def suggest_batch_size(temp_bytes: int, fixed_bytes: int, limit_bytes: int, per_device_batch: int, devices: int) -> int:
