@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tresnet_jax.cli import add_run_arguments, command, start_run
+from tresnet_jax.data.gpu_decode import DECODE_CHOICES, reserve_for, select_decoder
 from tresnet_jax.data.labels_csv import CsvSource, read_class_file
 from tresnet_jax.data.preprocess import INTERPOLATIONS, Preprocessing, check_image_size
 from tresnet_jax.data.sources import FolderSource, LabelMap, Source, SyntheticSource, model_labels
@@ -38,7 +39,7 @@ from tresnet_jax.errors import InputError
 from tresnet_jax.evaluation import EvalResult, evaluate
 from tresnet_jax.model.registry import resolve
 from tresnet_jax.progress import ProgressBar
-from tresnet_jax.runtime.parallel import data_mesh, select_devices
+from tresnet_jax.runtime.parallel import data_mesh, first_gpu_index, select_devices
 from tresnet_jax.weights.factory import fingerprint, load_any
 from tresnet_jax.weights.storage import write_file_atomically
 
@@ -93,6 +94,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     per_device = ", ".join(f"{n} on {backend}" for backend, n in DEFAULT_PER_DEVICE_BATCH.items())
     run.add_argument("--batch-size", type=int, help=f"global batch (default per device: {per_device})")
+    run.add_argument(
+        "--decode",
+        choices=DECODE_CHOICES,
+        default="auto",
+        help="where JPEGs are decoded, resized and cropped: on the GPU in batches (nvJPEG through torchvision, "
+        "the [torch] extra; logits differ slightly from PIL's, see the README) or by PIL on the host's cores "
+        "(the official evaluation's pixels); auto (default): the GPU when there is one and the decoder loads",
+    )
     run.add_argument("--output", type=Path, help="write metrics and settings as JSON")
     run.add_argument("--save-logits", type=Path, help="write logits, labels (and files) as .npz, dataset order")
     add_run_arguments(parser)
@@ -172,7 +181,7 @@ def check_label_kind(metadata: dict, source: Source) -> None:
 
 
 def report(
-    args, result: EvalResult, metadata: dict, weights_hash: str, prep, source, dtype, batch, mesh, label_map
+    args, result: EvalResult, metadata: dict, weights_hash: str, prep, source, dtype, batch, mesh, label_map, decoder
 ) -> dict:
     """Everything a results file records, for comparing runs later."""
     device = mesh.devices.flat[0]
@@ -197,6 +206,7 @@ def report(
         "tag": metadata.get("tag"),
         "dataset": source.name,
         "preprocessing": prep.to_dict(),
+        "decoder": decoder.name if decoder is not None else "PIL (host)",
         "dtype": jnp.dtype(dtype).name,
         "batch_size": batch,
         "devices": mesh.devices.size,
@@ -224,8 +234,13 @@ def save_logits(path: Path, result: EvalResult, source) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     args = parse_args(argv)
+    reserve_for(args.decode)
     start_run(args)
     lead = jax.process_index() == 0
+    # Before anything is read: --decode gpu without a GPU decoder is refused here.
+    decoder, note = (None, None) if args.synthetic_data else select_decoder(args.decode, first_gpu_index())
+    if note and lead:
+        print(note)
     dtype = compute_dtype(args.dtype)
     # The data before the weights: a missing dataset is reported at once.
     source = None if args.synthetic_data else open_source(args)
@@ -255,7 +270,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     bar = ProgressBar(len(source), "eval", enabled=lead and not args.no_progress)
     setup_seconds = time.perf_counter() - started
-    result = evaluate(model, variables, source, prep, label_map, batch, mesh, args.save_logits is not None, bar.update)
+    result = evaluate(
+        model, variables, source, prep, label_map, batch, mesh, args.save_logits is not None, bar.update, decoder
+    )
     bar.close()
     if lead:
         quality = (
@@ -281,7 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if reported.get("mAP") is not None and result.mean_ap is not None:
             print(f"reported mAP of {metadata.get('tag')} ({reported.get('dataset')}): {reported['mAP']:.1f}")
         if args.output is not None:
-            summary = report(args, result, metadata, weights_hash, prep, source, dtype, batch, mesh, label_map)
+            summary = report(args, result, metadata, weights_hash, prep, source, dtype, batch, mesh, label_map, decoder)
             summary["setup_seconds"] = setup_seconds
             write_file_atomically(args.output, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2) + "\n"))
             print(f"wrote {args.output}")

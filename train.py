@@ -30,6 +30,7 @@ from collections.abc import Sequence
 import jax
 
 from tresnet_jax.cli import add_run_arguments, command, start_run
+from tresnet_jax.data.gpu_decode import DECODE_CHOICES, reserve_for
 from tresnet_jax.model.registry import ARCHITECTURES
 from tresnet_jax.runtime.xla_options import request_deterministic_gpu_ops
 from tresnet_jax.train.config import AUGMENT_PLACES, LOSSES, RESIZES, TrainConfig
@@ -78,6 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
         "decoded: the speed of the compiled step alone",
     )
     data.add_argument("--image-size", type=int, default=DEFAULTS.image_size)
+    data.add_argument(
+        "--decode",
+        choices=DECODE_CHOICES,
+        default=DEFAULTS.decode,
+        help="where JPEGs are decoded, cropped and resized: on the GPU in batches (nvJPEG through torchvision, "
+        "the [torch] extra; needs --augment device) or on the host's cores; auto (default): the GPU when "
+        "there is one and the decoder loads, as before when a run continues",
+    )
     data.add_argument(
         "--resize",
         choices=RESIZES,
@@ -255,6 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with signals_for_the_main_thread() as stops:
         if args.deterministic:
             request_deterministic_gpu_ops()
+        reserve_for(args.decode)
         start_run(args)
         try:
             result = Run(config_from(args)).run(stops)

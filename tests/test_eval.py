@@ -18,6 +18,7 @@ from tests.blocked_imports import run_without
 from tests.classifier import fitted_classifier, pil_preprocess
 from tests.images import image_folder, photo_files
 from tests.tfds_folders import corrupt_record, prepare_from_folders
+from tresnet_jax.data.gpu_decode import BatchDecoder
 from tresnet_jax.data.preprocess import Preprocessing, load_image
 from tresnet_jax.data.tfds_reader import open_split
 
@@ -288,3 +289,33 @@ def test_imagenet_class_names_are_shipped():
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__]))
+
+
+def test_gpu_decoding_without_a_gpu_is_one_line_before_anything_is_written(classifier, folder, tmp_path, capsys):
+    code, _, err = run_eval(eval_args(classifier, tmp_path, "--val_dir", folder, "--decode", "gpu"), capsys)
+    assert_one_line_error(code, err, "--decode gpu: ")
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_batched_decoding_evaluates_the_same_images_as_pil(folder, classifier, tmp_path, capsys, monkeypatch):
+    """--decode gpu's path with its decoder on the CPU: the same images read and skipped, in the
+    same order, with the same labels; the pixels within a level of PIL's (tests/test_gpu_decode.py),
+    so the logits stay close to the PIL path's (a box off by a pixel row moves them far more)."""
+    decoder = BatchDecoder.cpu()
+    monkeypatch.setattr(eval_cli, "select_decoder", lambda choice, index: (decoder, None))
+    code, out, _ = run_eval(eval_args(classifier, tmp_path, "--val_dir", folder, "--decode", "gpu"), capsys)
+    assert code == 0, out
+    decoded = json.loads((tmp_path / "results.json").read_text())
+    batched = np.load(tmp_path / "logits.npz")
+    assert decoded["decoder"] == decoder.name
+    assert decoder.counts["decoded"] > 0
+    code, out, _ = run_eval(eval_args(classifier, tmp_path, "--val_dir", folder, "--decode", "host"), capsys)
+    assert code == 0, out
+    pil = json.loads((tmp_path / "results.json").read_text())
+    exact = np.load(tmp_path / "logits.npz")
+    assert (decoded["images"], decoded["skipped_images"]) == (pil["images"], pil["skipped_images"])
+    np.testing.assert_array_equal(batched["labels"], exact["labels"])
+    readable = ~np.isnan(exact["logits"]).any(1)
+    np.testing.assert_array_equal(readable, ~np.isnan(batched["logits"]).any(1))
+    spread = np.abs(exact["logits"][readable]).max()
+    assert np.abs(batched["logits"][readable] - exact["logits"][readable]).max() <= 0.05 * spread

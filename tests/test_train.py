@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import eval as eval_cli
 import predict as predict_cli
@@ -20,11 +21,13 @@ from tests.blocked_imports import run_without
 from tests.reference import random_timm_model
 from tests.tfds_folders import prepare_from_folders
 from tests.training_runs import SIZE, TINY, assert_trees_equal, metrics, subset, tiny_args
+from tresnet_jax.data.gpu_decode import BatchDecoder
 from tresnet_jax.errors import InputError
 from tresnet_jax.model.initialization import random_variables
 from tresnet_jax.model.linen import TResNet
 from tresnet_jax.model.registry import resolve
 from tresnet_jax.runtime.parallel import BATCH_AXIS, data_mesh, replicate, shard_batch
+from tresnet_jax.train import parts as parts_module
 from tresnet_jax.train.checkpoints import initial_variables
 from tresnet_jax.train.config import TrainConfig
 from tresnet_jax.train.run import check_memory, suggest_batch_size
@@ -242,10 +245,13 @@ def test_out_of_memory_names_the_batch_and_the_largest_that_fits():
         (["--batch-size", "3", "--num-devices", "2"], "batch size 3 does not split over 2 devices"),
         (["--init", "tresnet_xxl"], "no weights 'tresnet_xxl'"),
         (["--init", "tresnet_xl"], "timm/tresnet_xl.miil_in1k: model.safetensors is not in the Hugging Face cache"),
+        (["--decode", "gpu"], "--decode gpu: "),  # no GPU here: which reason depends on the machine's driver
+        (["--decode", "gpu", "--augment", "host"], "--decode gpu hands its crops to the augmentation on the device"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_1(digits, tmp_path, capsys, extra, message, weights_root):
-    args = [*TINY, "--workdir", str(tmp_path), *extra]
+    workdir = tmp_path / "run"
+    args = [*TINY, "--workdir", str(workdir), *extra]
     if "--dataset" not in extra:
         args += ["--train_dir", str(digits / "train")]
     assert train_cli.main([str(a) for a in args]) == 1
@@ -253,6 +259,33 @@ def test_bad_input_is_one_line_and_exit_1(digits, tmp_path, capsys, extra, messa
     assert err.startswith("error: ")
     assert message in err
     assert err.count("\n") == 1
+    if "--decode" in extra:  # refused before anything is read or written
+        assert not workdir.exists()
+
+
+def test_trains_and_validates_through_the_batched_decoder(digits, tmp_path, monkeypatch, capsys):
+    """--decode gpu's path with the decoder on the CPU (the same code as on CUDA): the JPEGs are
+    decoded and cropped in batches and reach the training step through DLPack; a progressive
+    JPEG goes to the host's decoder for its slot; the final validation decodes in batches too."""
+    decoder = BatchDecoder.cpu()
+    monkeypatch.setattr(parts_module, "select_decoder", lambda choice, index: (decoder, None))
+    folder = tmp_path / "jpegs"
+    for k, image in enumerate(sorted((digits / "train").rglob("*.png"))[::40]):
+        target = folder / image.parent.name / f"{image.stem}.jpg"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Image.open(image).save(target, quality=90, progressive=k == 3)
+    workdir = tmp_path / "run"
+    args = [*TINY, "--train_dir", folder, "--val_dir", folder, "--workdir", workdir, "--decode", "gpu"]
+    assert train_cli.main([str(a) for a in [*args, "--max-steps", 2, "--no-compilation-cache"]]) == 0
+    assert json.loads((workdir / "config.json").read_text())["decode"] == "gpu"
+    rows = metrics(workdir)
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2]
+    assert all(np.isfinite(r["loss"]) for r in rows if "loss" in r)
+    assert "val_top1" in rows[-1]
+    # The 2 steps' 16 images (and up to 2 batches read ahead) and the validation set, less the
+    # progressive JPEG, which the host decoded (how: tests/test_gpu_decode.py).
+    images = sum(1 for _ in folder.rglob("*.jpg"))
+    assert 2 * 8 + images - 2 <= decoder.counts["decoded"] <= 4 * 8 + images - 1
 
 
 def test_unknown_model_is_a_usage_error(tmp_path, capsys):

@@ -25,6 +25,8 @@ from jax import lax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from tresnet_jax.data.gpu_batches import decoded_eval_batches
+from tresnet_jax.data.gpu_decode import BatchDecoder
 from tresnet_jax.data.host_pool import ordered_map, stack_rows
 from tresnet_jax.data.preprocess import Preprocessing, decode_pil, pil_transform
 from tresnet_jax.data.sources import LabelMap, SyntheticSource
@@ -234,10 +236,14 @@ def evaluate(
     mesh: Mesh,
     keep_logits: bool = False,
     progress: Callable[[int, dict[str, float]], None] | None = None,
+    decoder: BatchDecoder | None = None,
 ) -> EvalResult:
     """Evaluate ``model`` on every image of ``source``; ``progress(images, metrics)`` is called
-    after each step (metrics only every few steps, as reading them waits for the devices)."""
-    results = evaluate_many(model, {"": variables}, source, prep, label_map, global_batch, mesh, keep_logits, progress)
+    after each step (metrics only every few steps, as reading them waits for the devices).
+    ``decoder``: JPEGs decoded, resized and cropped on the GPU (else by PIL, exactly)."""
+    results = evaluate_many(
+        model, {"": variables}, source, prep, label_map, global_batch, mesh, keep_logits, progress, decoder
+    )
     return results[""]
 
 
@@ -251,6 +257,7 @@ def evaluate_many(
     mesh: Mesh,
     keep_logits: bool = False,
     progress: Callable[[int, dict[str, float]], None] | None = None,
+    decoder: BatchDecoder | None = None,
 ) -> dict[str, EvalResult]:
     """``evaluate`` for several sets of variables of one model (e.g. the weights and their EMA),
     reading and preprocessing the data once; ``progress`` follows the first set. Multi-label
@@ -271,7 +278,10 @@ def evaluate_many(
     skipped: dict[int, str] = {}
     loop_start = time.perf_counter()
     first_batch_seconds = 0.0
-    batches = preprocessed_batches(source, prep, start, end, label_map, local_batch, steps, skipped)
+    if decoder is None:
+        batches = preprocessed_batches(source, prep, start, end, label_map, local_batch, steps, skipped)
+    else:
+        batches = decoded_eval_batches(source, prep, start, end, label_map, local_batch, steps, skipped, decoder)
     for number, (host, device) in enumerate(prefetch_to_devices(batches, mesh)):
         if number == 0:
             first_batch_seconds = time.perf_counter() - loop_start

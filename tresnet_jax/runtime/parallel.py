@@ -92,6 +92,11 @@ def select_devices(per_process: int | None) -> list[jax.Device]:
     return chosen
 
 
+def first_gpu_index() -> int:
+    """The CUDA index of this process's first device (where its JPEGs are decoded), 0 off GPUs."""
+    return jax.local_devices()[0].local_hardware_id or 0
+
+
 def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A mesh with one ``batch`` axis over ``devices`` (default: all devices of all processes)."""
     return Mesh(np.asarray(jax.devices() if devices is None else devices), (BATCH_AXIS,))

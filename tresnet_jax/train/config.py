@@ -15,7 +15,6 @@ LOSSES = ("cross_entropy", "asl", "bce")
 MULTI_LABEL_LOSSES = ("asl", "bce")
 RESIZES = ("crop", "squish")
 AUGMENT_PLACES = ("auto", "device", "host")
-DECODERS = ("auto", "gpu", "host")
 # What a run written before a setting existed did: its stored config is read with these values.
 BEFORE_THE_SETTING = {"augment": "host", "decode": "host"}
 # Settings that may change when a run is resumed: they do not change what is computed (the

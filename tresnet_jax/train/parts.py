@@ -12,6 +12,7 @@ import optax
 from jax.sharding import Mesh
 
 from tresnet_jax.data.augment import AugmentConfig
+from tresnet_jax.data.gpu_decode import DECODE_CHOICES, BatchDecoder, select_decoder
 from tresnet_jax.data.labels_csv import CsvSource, classes_in, read_class_file
 from tresnet_jax.data.preprocess import check_image_size
 from tresnet_jax.data.sources import FolderSource, LabelMap, Source, SyntheticSource, model_labels
@@ -20,7 +21,7 @@ from tresnet_jax.data.train_stream import StreamSpec, steps_per_epoch
 from tresnet_jax.errors import InputError
 from tresnet_jax.model.linen import TResNet
 from tresnet_jax.model.registry import ModelSpec, resolve
-from tresnet_jax.runtime.parallel import BATCH_AXIS, data_mesh, local_batch_size, select_devices
+from tresnet_jax.runtime.parallel import BATCH_AXIS, data_mesh, first_gpu_index, local_batch_size, select_devices
 from tresnet_jax.train.config import AUGMENT_PLACES, TrainConfig, stored_setting
 from tresnet_jax.train.step import PRECISIONS, OptimConfig, make_optimizer
 
@@ -48,6 +49,7 @@ class RunParts:
     optim: OptimConfig
     tx: optax.GradientTransformation
     augment: AugmentConfig
+    decoder: BatchDecoder | None = None  # JPEGs decoded and cropped on the GPU; None: on the host
 
     @property
     def multi_label(self) -> bool:
@@ -69,6 +71,10 @@ def build(cfg: TrainConfig) -> RunParts:
     read or written."""
     check_image_size(cfg.image_size)
     cfg = dataclasses.replace(cfg, augment=augment_place(cfg))
+    decoder, note = training_decoder(cfg)  # before anything is read: --decode gpu may be refused
+    cfg = dataclasses.replace(cfg, decode="host" if decoder is None else "gpu")
+    if note and jax.process_index() == 0:
+        print(note, flush=True)
     train_source, val_source = open_train_sources(cfg)
     check_label_kind(cfg, train_source, val_source)
     num_classes = cfg.num_classes or len(train_source.class_names)
@@ -132,6 +138,7 @@ def build(cfg: TrainConfig) -> RunParts:
         optim=optim,
         tx=make_optimizer(optim),
         augment=augment,
+        decoder=decoder,
     )
 
 
@@ -147,6 +154,25 @@ def augment_place(cfg: TrainConfig) -> str:
     if stored in ("device", "host"):
         return stored
     return "device" if jax.default_backend() in ("gpu", "tpu") else "host"
+
+
+def training_decoder(cfg: TrainConfig) -> tuple[BatchDecoder | None, str | None]:
+    """The GPU decoder of ``--decode`` (and a note when ``auto`` stays on the host). The GPU's
+    crops go straight to the augmentation on the device, so it needs ``--augment device``;
+    ``auto`` continues a run as it started."""
+    if cfg.decode not in DECODE_CHOICES:
+        raise InputError(f"--decode must be one of {', '.join(DECODE_CHOICES)}, got {cfg.decode!r}")
+    choice = cfg.decode
+    if choice == "auto":
+        stored = stored_setting(Path(cfg.workdir).expanduser(), "decode")
+        choice = stored if stored in ("gpu", "host") else "auto"
+    if cfg.synthetic_data:  # nothing to decode
+        return None, None
+    if cfg.augment == "host":
+        if choice == "gpu":
+            raise InputError("--decode gpu hands its crops to the augmentation on the device: add --augment device")
+        return None, None
+    return select_decoder(choice, first_gpu_index())
 
 
 def check_label_kind(cfg: TrainConfig, train: Source, val: Source | None) -> None:

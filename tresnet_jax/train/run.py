@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from tresnet_jax.data.gpu_batches import decoded_train_batches
 from tresnet_jax.data.host_pool import HostCost
 from tresnet_jax.data.train_stream import train_batches
 from tresnet_jax.errors import InputError
@@ -100,18 +102,8 @@ def train_steps(
     cfg = parts.cfg
     compiled = compile_step(parts, state)
     checkpoint_every = cfg.checkpoint_every or parts.steps_per_epoch
-    on_device = parts.device_augment is not None
     host_cost = HostCost()
-    batches = train_batches(
-        parts.train_source,
-        parts.stream,
-        parts.augment,
-        start,
-        parts.label_map,
-        unreadable,
-        on_device=on_device,
-        cost=host_cost,
-    )
+    batches = training_batches(parts, start, unreadable, host_cost)
     bar = ProgressBar(
         parts.total_steps * cfg.batch_size, "train", parts.lead and cfg.progress, initial=start * cfg.batch_size
     )
@@ -147,6 +139,27 @@ def train_steps(
             break
     bar.close()
     return state, last_eval
+
+
+def training_batches(
+    parts: RunParts, start: int, unreadable: UnreadableImages, host_cost: HostCost
+) -> Iterator[dict[str, Any]]:
+    """The run's batches from step ``start``: decoded on the GPU, or on the host's cores."""
+    if parts.decoder is not None:
+        return decoded_train_batches(
+            parts.train_source, parts.stream, parts.augment, start, parts.label_map, parts.decoder, unreadable
+        )
+    on_device = parts.device_augment is not None
+    return train_batches(
+        parts.train_source,
+        parts.stream,
+        parts.augment,
+        start,
+        parts.label_map,
+        unreadable,
+        on_device=on_device,
+        cost=host_cost,
+    )
 
 
 def finish(

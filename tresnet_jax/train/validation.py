@@ -24,7 +24,9 @@ def validate(parts: RunParts, state: TrainState, step: int, metrics_log: Metrics
     weights = {"": {"params": state.params, "batch_stats": state.batch_stats}}
     if state.ema_params is not None:
         weights["ema_"] = {"params": state.ema_params, "batch_stats": state.ema_batch_stats}
-    results = evaluate_many(parts.eval_model, weights, parts.val_source, prep, labels, batch, parts.mesh)
+    results = evaluate_many(
+        parts.eval_model, weights, parts.val_source, prep, labels, batch, parts.mesh, decoder=parts.decoder
+    )
     names = ("mAP", "loss") if parts.multi_label else ("top1", "top5", "loss")
     row = {f"{prefix}val_{k}": result.metrics()[k] for prefix, result in results.items() for k in names}
     epoch = step / parts.steps_per_epoch
