@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tresnet_jax.cli import add_run_arguments, command, start_run
-from tresnet_jax.data.gpu_decode import DECODE_CHOICES, reserve_for, select_decoder
+from tresnet_jax.data.gpu_decode import DECODE_CHOICES, decoder_report, reserve_for, select_decoder
 from tresnet_jax.data.labels_csv import CsvSource, read_class_file
 from tresnet_jax.data.preprocess import INTERPOLATIONS, Preprocessing, check_image_size
 from tresnet_jax.data.sources import FolderSource, LabelMap, Source, SyntheticSource, model_labels
@@ -288,6 +288,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"evaluation {result.wall_seconds:.1f} (first batch included), "
             f"in all {time.perf_counter() - started:.1f} since the command started"
         )
+        if decoder is not None:
+            print(decoder_report(decoder))
         for name, reason in result.skipped[:20]:
             print(f"skipped {name}: {reason}")
         if len(result.skipped) > 20:

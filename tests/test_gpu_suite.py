@@ -8,20 +8,24 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
 import eval as eval_cli
 import train as train_cli
 import tresnet_jax
-from bench.gpu import gpu_suite, photos
+from bench import synthetic_images
+from bench.gpu import gpu_suite, jpeg_pipeline, photos
 from bench.gpu.flops import bf16_peak_tflops, flops_per_image
 from bench.gpu.max_batch import bounded_search
 from bench.gpu.numerics import agreement
+from bench.gpu.suite_report import markdown
 from tests.blocked_imports import blocker
 from tests.tiny_model import SPEC as TINY  # one block a stage
 from tresnet_jax.evaluation import batch_spec, make_eval_step
@@ -35,6 +39,14 @@ from tresnet_jax.train.step import OptimConfig, create_state, make_optimizer, ma
 
 REPO = Path(__file__).resolve().parent.parent
 PARITY_BOUND = 1e-4  # tests/test_parity.py's bound on max |diff| / max(1, max |timm|)
+# The smoke of the suite runs every section but jpeg_pipeline, which runs train.py and eval.py as
+# commands: its own smoke (below) trains tests/tiny_model.py's model, registered in those commands.
+MAIN_SMOKE = [s for s in gpu_suite.SECTIONS if s != "jpeg_pipeline"]
+TINY_IN_COMMANDS = """
+if sys.argv and sys.argv[0].endswith(("train.py", "eval.py", "gpu_suite.py")):
+    from tests.tiny_model import register
+    register()
+"""
 
 
 # --- the suite end to end -----------------------------------------------------------------------
@@ -53,7 +65,7 @@ def smoke(tmp_path_factory):
         "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
     }
     command = [sys.executable, str(REPO / "bench" / "gpu" / "gpu_suite.py"), "--smoke", "--output", str(root / "out"),
-               "--cache-dir", str(root / "cache")]  # fmt: skip
+               "--cache-dir", str(root / "cache"), "--sections", ",".join(MAIN_SMOKE)]  # fmt: skip
     done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
     results = {p.stem: json.loads(p.read_text()) for p in (root / "out").glob("*.json")}
     return done, results, (root / "out" / "summary.md").read_text()
@@ -62,14 +74,19 @@ def smoke(tmp_path_factory):
 def test_smoke_runs_every_section_without_tensorflow(smoke):
     done, results, summary = smoke
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert sorted(results) == sorted(gpu_suite.SECTIONS)
+    assert sorted(results) == sorted(MAIN_SMOKE)
+    # more_models' only item is the inference section's: measured once (its own path: below)
+    measured = [{"item": "tresnet_m_fp32_infer", "reason": "measured by the inference section"}]
     for name, record in results.items():
-        assert (record["status"], record["failed"], record["skipped"]) == ("done", [], []), name
+        skipped = measured if name == "more_models" else []
+        assert (record["status"], record["failed"], record["skipped"]) == ("done", [], skipped), name
     assert results["end_to_end"]["results"]["data"]["tensorflow_importable"] is False
-    for heading in ("## Correctness", "## Inference", "## Training step", "## Largest training batch", "## End to end"):
+    for heading in ("## Correctness", "## Inference", "## Training step", "## Largest training batch", "## End to end",
+                    "## More models"):  # fmt: skip
         assert heading in summary
     assert "| tresnet_m | fp32 | 2 |" in summary
-    assert "## Skipped and failed" not in summary
+    problems = summary[summary.index("## Skipped and failed") :].strip().splitlines()
+    assert problems[2:] == ["- more_models: tresnet_m_fp32_infer skipped (measured by the inference section)"]
 
 
 def test_smoke_correctness_is_timm_parity_in_float32(smoke):
@@ -114,6 +131,55 @@ def test_smoke_runs_the_library_steps_end_to_end(smoke):
     assert e2e["training_step"]["repeatable"] is True  # the CPU is deterministic
     assert np.isfinite(e2e["training_step"]["last_loss"])
     assert e2e["host_jpeg_decoding"]["images"] == 8
+
+
+@pytest.fixture(scope="module")
+def jpeg_smoke(tmp_path_factory):
+    """``gpu_suite.py --smoke --sections jpeg_pipeline`` with tests/tiny_model.py's model: (the
+    finished process, the section's JSON, summary.md, the output folder)."""
+    root = tmp_path_factory.mktemp("jpeg_smoke")
+    (root / "site").mkdir()
+    (root / "site" / "sitecustomize.py").write_text(blocker({"tensorflow", "tensorflow_datasets"}) + TINY_IN_COMMANDS)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(root / "site"), str(REPO)]),
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+    }
+    command = [sys.executable, str(REPO / "bench" / "gpu" / "gpu_suite.py"), "--smoke", "--output", str(root / "out"),
+               "--cache-dir", str(root / "cache"), "--sections", "jpeg_pipeline",
+               "--jpeg-model", "tresnet_tiny"]  # fmt: skip
+    done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    record = json.loads((root / "out" / "jpeg_pipeline.json").read_text())
+    return done, record, (root / "out" / "summary.md").read_text(), root / "out"
+
+
+def test_smoke_runs_train_py_and_eval_py_on_jpegs(jpeg_smoke):
+    done, record, summary, out = jpeg_smoke
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert (record["status"], record["failed"], record["skipped"]) == ("done", [], [])
+    results = record["results"]
+    plan = gpu_suite.SMOKE
+    written = results["images"]
+    assert (written["images"], written["progressive"], written["png_named_jpg"]) == (plan.jpeg_images, 1, 1)
+    assert written["files"] == plan.jpeg_images * plan.jpeg_copies
+    train = results["train_jpeg"]
+    assert "--augment device --decode host" in train["command"]
+    assert (train["returncode"], train["rows"], train["steps"]) == (0, plan.jpeg_train_steps, plan.jpeg_train_steps)
+    assert train["rows_used"] == plan.jpeg_train_steps - plan.jpeg_skip_rows
+    assert train["images_per_s"] > 0
+    assert train["unreadable_images"] == 0  # the progressive JPEG and the PNG named .jpg were read
+    assert train["host_cores"] > 0
+    assert train["host_core_ms_per_image"] > 0
+    assert train["columns"]["host_ms_per_image"] > 0  # the input pool's own count, beside ours
+    evaluated = results["eval_jpeg"]
+    assert (evaluated["images"], evaluated["skipped_images"]) == (written["files"], 0)
+    assert evaluated["images_per_s"] > 0
+    assert results["ratios"]["targets"] == jpeg_pipeline.TARGETS
+    assert "## train.py and eval.py on JPEGs" in summary
+    assert "| train_jpeg |" in summary
+    assert "| eval_jpeg |" in summary
+    logs = sorted(p.name for p in (out / "jpeg_pipeline").iterdir())
+    assert logs == ["eval_jpeg.json", "eval_jpeg.log", "train_jpeg.log", "train_jpeg_metrics.jsonl", "write_images.log"]
 
 
 # --- the suite's parts --------------------------------------------------------------------------
@@ -211,6 +277,135 @@ def test_a_probe_still_running_at_the_section_s_end_is_stopped_and_said(tmp_path
     skipped = [s["item"] for s in saved["skipped"]]
     assert skipped == [f"jax probe at batch {batch}", f"timm_eager probe at batch {batch}"]
     assert saved["results"]["jax_search"]["largest_fitting"] is None
+
+
+def test_synthetic_jpegs_have_the_special_files_and_do_not_depend_on_the_workers(tmp_path, monkeypatch):
+    monkeypatch.setattr(synthetic_images, "CHUNK", 3)  # 3 chunks: two processes share them
+    one = synthetic_images.write_synthetic(tmp_path / "one", 8, progressive=2, png=1)
+    two = synthetic_images.write_synthetic(tmp_path / "two", 8, workers=2, progressive=2, png=1)
+    assert [p.relative_to(tmp_path / "one") for p in one] == [p.relative_to(tmp_path / "two") for p in two]
+    assert all(a.read_bytes() == b.read_bytes() for a, b in zip(one, two, strict=True))
+    kinds = []
+    for path in one:
+        with Image.open(path) as image:
+            kinds.append("png" if image.format == "PNG" else "progressive" if image.info.get("progressive") else "")
+    assert kinds == ["", "", "progressive", "png", "", "", "progressive", ""]
+    assert {p.parent.name for p in one} == {f"class{k}" for k in range(8)}
+    links = synthetic_images.link_copies(one[:2], 3)
+    assert [p.name for p in links] == ["00000.copy1.jpg", "00000.copy2.jpg", "00001.copy1.jpg", "00001.copy2.jpg"]
+    assert links[0].read_bytes() == one[0].read_bytes()
+
+
+def test_jpeg_ratios_and_targets():
+    results = {
+        "train_jpeg": {"images_per_s": 1700.0, "host_core_ms_per_image": 0.9},
+        "train_synthetic": {"images_per_s": 2000.0},
+        "eval_jpeg": {"images_per_s": 1000.0, "images_per_s_steady": 1400.0},
+        "eval_synthetic": {"images_per_s": 1800.0, "images_per_s_steady": 2100.0},
+        "eval_jpeg_host": {"error": "RuntimeError: eval.py failed"},
+    }
+    found = jpeg_pipeline.ratios(results)
+    assert found["train_jpeg_over_synthetic"] == pytest.approx(0.85)
+    assert found["eval_jpeg_over_synthetic"] == pytest.approx(1400 / 2100)  # the steady rates
+    assert (found["host_core_ms_per_train_image"], found["eval_jpeg_host_over_synthetic"]) == (0.9, None)
+    assert found["target_met"] == {
+        "train_jpeg_over_synthetic": True, "eval_jpeg_over_synthetic": False, "host_core_ms_per_train_image": True
+    }  # fmt: skip
+    assert jpeg_pipeline.ratios({})["target_met"] == dict.fromkeys(jpeg_pipeline.TARGETS)
+
+
+def test_the_jpeg_section_in_the_summary():
+    results = {
+        "setup": {"model": "tresnet_m", "precision": "bf16", "batch": 256, "image_size": 224, "files": 16384,
+                  "images_written": 4096, "host_cores": 16, "skip_rows": 2, "log_every": 10},
+        "images": {"images": 4096, "progressive": 32, "png_named_jpg": 8, "mean_size": [595.0, 473.0], "mib": 600.0,
+                   "writing_s": 7.5, "workers": 16, "wall_s": 8.0},
+        "train_jpeg": {"images_per_s": 6800.0, "images_per_s_window": 6750.0, "compile_s": 31.0, "host_cores": 5.5,
+                       "host_core_ms_per_image": 0.81, "unreadable_images": 0, "wall_s": 70.0,
+                       "decoding_lines": ["decoding on the GPU (nvJPEG)"]},
+        "train_synthetic": {"images_per_s": 7900.0, "wall_s": 40.0},
+        "eval_jpeg": {"error": "RuntimeError: eval.py failed (exit 1): boom"},
+    }  # fmt: skip
+    results["ratios"] = jpeg_pipeline.ratios(results)
+    summary = markdown({"jpeg_pipeline": {"results": results}}, gpu_suite.TARGETS)
+    assert "## train.py and eval.py on JPEGs (tresnet_m, bf16, batch 256, 224 px; 16384 files" in summary
+    assert "in 7.5 s with 16 processes" in summary
+    assert "- train.py, JPEG ÷ synthetic: 0.86× (target ≥ 0.8, met)" in summary
+    assert "- eval.py, JPEG ÷ synthetic (steady rates): – (target ≥ 0.7)" in summary
+    assert "- host core-ms per training image: 0.81 (target ≤ 1.0, met)" in summary
+    assert "| train_jpeg | 6800 | 6750 | 31.0 | 5.5 | 0.81 | 0 | 70 | decoding on the GPU (nvJPEG) |" in summary
+    assert "| eval_jpeg | failed: RuntimeError: eval.py failed (exit 1): boom |" in summary
+
+
+def test_training_rate_and_host_cpu_from_the_metrics_rows():
+    windows = [(0, 0), (500.0, 9.0), (1000.0, 0.5), (1200.0, 0.7), (1100.0, 0.6)]  # (images/s, host ms per image)
+    rows = [{"time": 100.0 + 2 * k, "step": 10 * k, "images_per_second": rate, "host_ms_per_image": ms}
+            for k, (rate, ms) in enumerate(windows)]  # fmt: skip
+    samples = [(100.0 + t, 3.0 * t) for t in range(0, 9)]  # 3 cores busy throughout
+    finished = jpeg_pipeline.Finished(0, 20.0, 40.0, samples, "")
+    figures = jpeg_pipeline.training_figures(rows[1:], batch=64, skip_rows=2, finished=finished)
+    # rows at steps 10..40; the window runs from step 20 (t=104) to step 40 (t=108): 1,280 images in 4 s
+    assert figures["images_per_s"] == 1150.0
+    assert figures["images_per_s_window"] == pytest.approx(320.0)
+    assert figures["host_cores"] == pytest.approx(3.0)
+    assert figures["host_core_ms_per_image"] == pytest.approx(12e3 / 1280)
+    assert figures["columns"] == {"host_ms_per_image": pytest.approx(0.65)}
+    assert figures["host_core_ms_per_image_whole_run"] == pytest.approx(40e3 / (40 * 64))
+    assert jpeg_pipeline.training_figures(rows[:2], 64, 2, finished)["images_per_s"] is None
+
+
+def test_the_cpu_of_a_command_and_its_children_is_sampled(tmp_path):
+    if not Path("/proc/self/stat").exists():
+        pytest.skip("no /proc here")
+    burn = "import time\nend = time.process_time() + 0.6\nwhile time.process_time() < end: pass\n"
+    code = f"import subprocess, sys\n{burn}subprocess.run([sys.executable, '-c', {burn!r}])\n"
+    start = time.time()
+    finished = jpeg_pipeline.run_command([sys.executable, "-c", code], tmp_path / "log", timeout_s=60)
+    assert finished.returncode == 0
+    assert 1.2 <= finished.rusage_cpu_s < finished.wall_s + 1.0  # parent and child, reaped
+    assert finished.cpu_between(start, time.time()) >= 0.5
+    stopped = jpeg_pipeline.run_command([sys.executable, "-c", "import time; time.sleep(60)"], tmp_path / "s", 1.0)
+    assert stopped.returncode is None
+    assert stopped.wall_s < 30
+
+
+def test_jpeg_pipeline_skips_what_its_budget_cannot_take(tmp_path):
+    plan = dataclasses.replace(gpu_suite.SMOKE, needs=dict(gpu_suite.NEEDS), jpeg_runs=gpu_suite.JPEG_RUNS)
+    ctx = gpu_suite.Context(plan, tmp_path, None, None, gpu_suite.torch_device())
+    record = gpu_suite.Record(tmp_path / "jpeg_pipeline.json", "jpeg_pipeline")
+    gpu_suite.jpeg_pipeline_section(ctx, record, gpu_suite.Budget(10.0))
+    reasons = {s["item"]: s["reason"] for s in record.data["skipped"]}
+    assert reasons == {"images": "time budget", "train_jpeg": "no images", "train_synthetic": "time budget",
+                       "eval_jpeg": "no images", "eval_synthetic": "time budget", "train_jpeg_host": "no images",
+                       "eval_jpeg_host": "no images"}  # fmt: skip
+
+
+def test_more_models_skips_what_this_run_measured_already(tmp_path, monkeypatch):
+    rows = [{"runner": "jax", "model": "tresnet_l", "precision": "fp16", "batch_size": 256, "images_per_s": 1.0}]
+    (tmp_path / "inference.json").write_text(json.dumps({"results": {"tresnet_l_fp16": {"rows": rows}}}))
+    compared, now = [], [0.0]
+
+    def compare(spec, variants, ctx):  # an item takes 90 s
+        compared.append(spec)
+        now[0] += 90.0
+        row = {"runner": "jax", "model": spec.model, "precision": spec.precision, "batch_size": spec.batch_size}
+        return {"rows": [{**row, "images_per_s": 300.0}], **gpu_suite.ratios([])}
+
+    monkeypatch.setattr(gpu_suite, "_compare", compare)
+    plan = dataclasses.replace(gpu_suite.SMOKE, needs=dict(gpu_suite.NEEDS), more_models=gpu_suite.Plan().more_models)
+    ctx = gpu_suite.Context(plan, tmp_path, None, None, gpu_suite.torch_device())
+    record = gpu_suite.Record(tmp_path / "more_models.json", "more_models")
+    gpu_suite.more_models_section(ctx, record, gpu_suite.Budget(120.0, clock=lambda: now[0]))
+    assert [(s.model, s.mode, s.precision) for s in compared] == [("tresnet_xl", "train", "bf16")]
+    assert record.data["results"]["tresnet_xl_bf16_train"]["mode"] == "train"
+    assert record.data["skipped"] == [
+        {"item": "tresnet_xl_bf16_infer", "reason": "time budget"},
+        {"item": "tresnet_l_fp16_infer", "reason": "measured by the inference section"},
+        {"item": "tresnet_l_fp16_train", "reason": "time budget"},
+        {"item": "tresnet_xl_fp16_infer", "reason": "time budget"},
+    ]
+    summary = markdown({"more_models": record.data}, gpu_suite.TARGETS)
+    assert "| tresnet_xl | bf16 | 256 | 300 | – | – | – | – | – | train |" in summary
 
 
 def test_photographs_from_a_folder_else_the_bundled_ones(tmp_path, monkeypatch):

@@ -278,6 +278,9 @@ def test_trains_and_validates_through_the_batched_decoder(digits, tmp_path, monk
     args = [*TINY, "--train_dir", folder, "--val_dir", folder, "--workdir", workdir, "--decode", "gpu"]
     assert train_cli.main([str(a) for a in [*args, "--max-steps", 2, "--no-compilation-cache"]]) == 0
     assert json.loads((workdir / "config.json").read_text())["decode"] == "gpu"
+    said = re.search(r"JPEG decoder .*: (\d+) images decoded, (\d+) passed to the host", capsys.readouterr().out)
+    assert said, "the run reports what its decoder did"
+    assert int(said.group(1)) > 0
     rows = metrics(workdir)
     assert [r["step"] for r in rows if "loss" in r] == [1, 2]
     assert all(np.isfinite(r["loss"]) for r in rows if "loss" in r)

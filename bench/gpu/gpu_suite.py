@@ -3,6 +3,9 @@
     python bench/gpu/gpu_suite.py --output $OUT/gpu --photos runs/photos     # on the GPU: about 8 min
     python bench/gpu/gpu_suite.py --output runs/smoke --smoke                 # every code path at toy sizes, CPU
 
+The first six sections' budgets fill the default --time-limit (480 s): in that call the last two
+are recorded as skipped, and they run in a call of their own (below).
+
 Sections, in this order; each runs on its own (an error is recorded with its traceback and the
 next section runs), within its time budget (what does not fit is recorded as skipped), and
 writes DIR/<section>.json as each of its figures comes in; DIR/summary.md is rewritten after
@@ -20,6 +23,21 @@ every section:
   end_to_end    the library's compiled evaluation and training steps (what eval.py and train.py
                 run) on synthetic batches fed from the host, and the host's JPEG decoding rate
                 (bench/gpu/end_to_end.py; the input pipeline itself: bench/input_pipeline.py)
+  jpeg_pipeline train.py and eval.py as commands, M bf16 batch 256, on 4,096 ImageNet-like JPEGs
+                (24,576 files with hard links; a few progressive, a few PNG named .jpg) written by
+                every host core, against the same commands on synthetic data: images/s, host cores
+                and core-ms per image (from /proc), the decoder's lines; --augment device --decode
+                auto, then the host path (bench/gpu/jpeg_pipeline.py). Targets: train JPEG ÷
+                synthetic >= 0.8, eval >= 0.7, <= 1.0 host core-ms per training image
+  more_models   what the inference and training sections leave out or for last: XL's training
+                step, XL inference, L in fp16 (inference, training), JAX against timm AMP eager;
+                an item this run's inference or training section measured is skipped
+
+The jpeg_pipeline section on its own, in one call of a lent machine (about 7.5 min with start-up;
+runs/ holds the persistent cache between calls):
+
+    python bench/gpu/gpu_suite.py --output $OUT/gpu --sections environment,jpeg_pipeline,more_models \\
+        --time-limit 450
 
 JAX's persistent compilation cache lives in --cache-dir (default runs/gpu_suite_cache, kept
 between calls on a warm lent machine, so a second run compiles nothing).
@@ -44,16 +62,18 @@ import gc
 import json
 import shutil
 import subprocess
+import tempfile
 import time
 import traceback
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import jax
 import torch
 
 from bench.benchmark import measure
-from bench.gpu import end_to_end, flops, numerics
+from bench.gpu import end_to_end, flops, jpeg_pipeline, numerics
 from bench.gpu.max_batch import bounded_search, probe
 from bench.gpu.photos import photographs
 from bench.gpu.suite_report import markdown
@@ -65,17 +85,36 @@ from tresnet_jax.errors import InputError
 
 EAGER = ("eager", "channels_last")
 ALL_TIMM = (*EAGER, "compile")
-SECTIONS = ("environment", "correctness", "inference", "training", "max_batch", "end_to_end")
-TARGETS = {"jax_over_best_eager": 1.25, "jax_over_compile": 1.0, "training_peak_fraction": 0.35}
-# Seconds per section (480 in all); the run as a whole starts nothing after --time-limit.
+SECTIONS = ("environment", "correctness", "inference", "training", "max_batch", "end_to_end", "jpeg_pipeline",
+            "more_models")  # fmt: skip
+TARGETS = {"jax_over_best_eager": 1.25, "jax_over_compile": 1.0, "training_peak_fraction": 0.35,
+           **jpeg_pipeline.TARGETS}  # fmt: skip
+# Seconds per section (the first six: 480 in all, the default --time-limit); the run as a whole
+# starts nothing after --time-limit.
 # Set from the first lease's item times (H200, 2026-11-26): an inference item 16-35 s with its
 # compile, the training comparison 116 s (torch.compile's first call 57 s), a max-batch probe
 # 9-17 s from the cache.
-BUDGETS = {"environment": 10, "correctness": 30, "inference": 170, "training": 130, "max_batch": 80, "end_to_end": 60}
+# jpeg_pipeline and more_models are estimates until a lease measures them.
+BUDGETS = {"environment": 10, "correctness": 30, "inference": 170, "training": 130, "max_batch": 80, "end_to_end": 60,
+           "jpeg_pipeline": 330, "more_models": 160}  # fmt: skip
 # Seconds an item takes on an H200 (measured on the first lease, rounded up; estimates for the
-# items it skipped): an item starts only when its section has that much left.
+# items it skipped, and for jpeg_pipeline's and more_models': writing 4,096 JPEGs on 16 cores, a
+# train.py of 80 steps with its start-up, cold compile and export, an eval.py of 24,576 images,
+# the training comparison of XL): an item starts only when its section has that much left.
 NEEDS = {"check": 10, "inference": 30, "timm_compile_infer": 25, "timm_compile_train": 65, "probe_jax": 35,
-         "probe_timm": 20, "e2e_eval": 10, "e2e_train": 35, "e2e_decode": 5}  # fmt: skip
+         "probe_timm": 20, "e2e_eval": 10, "e2e_train": 35, "e2e_decode": 5, "jpeg_write": 25, "jpeg_weights": 5,
+         "jpeg_train": 70, "jpeg_eval": 30, "more_infer": 40, "more_train": 90}  # fmt: skip
+# jpeg_pipeline's runs, most wanted first: (command, key, data, flags). ``data`` is "folder" (the
+# JPEGs) or "synthetic" (random images, nothing decoded; train.py: as many as the folder's files,
+# so that its epochs end at the same steps).
+JPEG_RUNS = (
+    ("train", "train_jpeg", "folder", ("--augment", "device", "--decode", "auto")),
+    ("train", "train_synthetic", "synthetic", ("--augment", "device")),
+    ("eval", "eval_jpeg", "folder", ("--decode", "auto")),
+    ("eval", "eval_synthetic", "synthetic", ()),
+    ("train", "train_jpeg_host", "folder", ("--augment", "host", "--decode", "host")),
+    ("eval", "eval_jpeg_host", "folder", ("--decode", "host")),
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +149,28 @@ class Plan:
     e2e_steps: int = 20
     repeated_steps: int = 2  # training steps run twice from the same state: are they repeatable?
     decode_images: int = 512
+    # jpeg_pipeline: train.py and eval.py on a folder of JPEGs (bench/gpu/jpeg_pipeline.py)
+    jpeg_images: int = 4096
+    jpeg_progressive: int = 32  # of them progressive JPEGs
+    jpeg_png: int = 8  # of them PNG bytes named .jpg
+    jpeg_copies: int = 6  # each file and 5 hard links of it: 24,576 files, more than training reads
+    jpeg_eval_synthetic: int = 65536  # eval.py's synthetic images: about 4 s at its H200 rate
+    jpeg_model: str = "tresnet_m"
+    jpeg_precision: str = "bf16"
+    jpeg_batch: int = 256
+    jpeg_train_steps: int = 80  # 20,480 images
+    jpeg_log_every: int = 10
+    jpeg_skip_rows: int = 2  # rows left out of the rate: compilation, warm-up, the pool filling
+    jpeg_runs: tuple[tuple[str, str, str, tuple[str, ...]], ...] = JPEG_RUNS
+    # more_models: what the inference and training sections leave out or leave for last, most
+    # wanted first: (model, mode, precision, batch, timm variants)
+    more_models: tuple[tuple[str, str, str, int, tuple[str, ...]], ...] = (
+        ("tresnet_xl", "train", "bf16", 256, EAGER),
+        ("tresnet_xl", "infer", "bf16", 256, EAGER),
+        ("tresnet_l", "infer", "fp16", 256, EAGER),
+        ("tresnet_l", "train", "fp16", 256, EAGER),
+        ("tresnet_xl", "infer", "fp16", 256, EAGER),
+    )
     budgets: dict[str, float] = dataclasses.field(default_factory=lambda: dict(BUDGETS))
     needs: dict[str, float] = dataclasses.field(default_factory=lambda: dict(NEEDS))
 
@@ -120,7 +181,11 @@ SMOKE = Plan(
     image_size=32, check_size=32, checks=("fp32", "fp32_tf32"), infer_batch=2,
     inference=(("tresnet_m", "fp32", EAGER),), train_precision="fp32", train_batch=2, train_variants=EAGER,
     warmup=0, windows=1, steps=1, max_batch_limit=2, max_batch_probes=1, probe_timeout_s=300, e2e_batch=2,
-    e2e_steps=1, repeated_steps=1, decode_images=8, budgets=dict.fromkeys(SECTIONS, 900.0),
+    e2e_steps=1, repeated_steps=1, decode_images=8, jpeg_images=24, jpeg_progressive=1, jpeg_png=1, jpeg_copies=2,
+    jpeg_precision="fp32", jpeg_batch=4, jpeg_train_steps=4, jpeg_log_every=1, jpeg_skip_rows=1,
+    jpeg_runs=(("train", "train_jpeg", "folder", ("--augment", "device", "--decode", "host")),
+               ("eval", "eval_jpeg", "folder", ("--decode", "host"))),
+    more_models=(("tresnet_m", "infer", "fp32", 2, EAGER),), budgets=dict.fromkeys(SECTIONS, 900.0),
     needs=dict.fromkeys(NEEDS, 0.0),
 )  # fmt: skip
 
@@ -296,6 +361,74 @@ def end_to_end_section(ctx: Context, record: Record, budget: Budget) -> None:
             record.skip(key, "time budget")
 
 
+def jpeg_pipeline_section(ctx: Context, record: Record, budget: Budget) -> None:
+    """train.py and eval.py as commands (bench/gpu/jpeg_pipeline.py) on a folder of ImageNet-like
+    JPEGs and on synthetic data, in the order of ``plan.jpeg_runs``; the ratios against the
+    targets after each run. Images, workdirs and weights go to a temporary folder, removed at the
+    end; each command's log, metrics and JSON to DIR/jpeg_pipeline/."""
+    plan, needs = ctx.plan, ctx.plan.needs
+    with tempfile.TemporaryDirectory(prefix="jpeg_pipeline-") as scratch:
+        setup = jpeg_pipeline.Setup(
+            plan.jpeg_model, plan.jpeg_precision, plan.jpeg_batch, plan.image_size, plan.jpeg_train_steps,
+            plan.jpeg_log_every, plan.jpeg_skip_rows, Path(scratch), ctx.output / "jpeg_pipeline",
+        )  # fmt: skip
+        folder, files = setup.scratch / "images", plan.jpeg_images * plan.jpeg_copies
+        environment = jpeg_pipeline.noted_environment()
+        counts = {"images_written": plan.jpeg_images, "files": files, "host_cores": os.cpu_count()}
+        shown = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(setup).items()}
+        record.put("setup", {**shown, **counts, "environment": environment})
+        written = None
+        if budget.allows(needs["jpeg_write"]):
+            written = record.attempt("images", lambda: jpeg_pipeline.write_images(
+                folder, plan.jpeg_images, plan.jpeg_progressive, plan.jpeg_png, plan.jpeg_copies,
+                setup.logs / "write_images.log", budget.left()))  # fmt: skip
+        else:
+            record.skip("images", "time budget")
+        weights: Path | None = None
+        for command, key, data, flags in plan.jpeg_runs:
+            need = needs[f"jpeg_{command}"] + (needs["jpeg_weights"] if command == "eval" and weights is None else 0)
+            if data == "folder" and written is None:
+                record.skip(key, "no images")
+                continue
+            if not budget.allows(need):
+                record.skip(key, "time budget")
+                continue
+            if command == "eval" and weights is None:
+                made = record.attempt("eval_weights", lambda: jpeg_pipeline.random_weights(
+                    setup.scratch / "weights", plan.jpeg_model))  # fmt: skip
+                if made is None:
+                    record.skip(key, "no weights")
+                    continue
+                weights = Path(made["directory"])
+            where = ["--train_dir" if command == "train" else "--val_dir", str(folder)]
+            synthetic = files if command == "train" else plan.jpeg_eval_synthetic  # train: the folder's epochs
+            source = where if data == "folder" else ["--synthetic-data", str(synthetic)]
+            run = jpeg_pipeline.train_run if command == "train" else partial(jpeg_pipeline.eval_run, weights=weights)
+            record.attempt(key, partial(run, setup, key, source, flags, timeout_s=budget.left()))
+            record.put("ratios", jpeg_pipeline.ratios(record.data["results"]))
+
+
+def more_models_section(ctx: Context, record: Record, budget: Budget) -> None:
+    """The comparisons with timm that the inference and training sections leave out (XL's
+    training step, L in fp16) or leave for last, each skipped when this run's inference or
+    training section already measured it (in DIR/inference.json, DIR/training.json)."""
+    plan = ctx.plan
+    measured = {mode: _measured(ctx.output / f"{section}.json") for mode, section in
+                (("infer", "inference"), ("train", "training"))}  # fmt: skip
+    for model, mode, precision, batch, variants in plan.more_models:
+        key = f"{model}_{precision}_{mode}"
+        if (model, precision, batch) in measured[mode]:
+            record.skip(key, f"measured by the {'inference' if mode == 'infer' else 'training'} section")
+            continue
+        if not budget.allows(plan.needs[f"more_{mode}"]):
+            record.skip(key, "time budget")
+            continue
+        spec = BenchSpec(model, mode, precision, batch, plan.image_size)
+        record.attempt(
+            key, lambda spec=spec, v=variants: {"mode": spec.mode, **_with_flops(_compare(spec, v, ctx), spec, ctx)}
+        )
+
+
 SECTION_FUNCTIONS = {
     "environment": environment_section,
     "correctness": correctness_section,
@@ -303,6 +436,8 @@ SECTION_FUNCTIONS = {
     "training": training_section,
     "max_batch": max_batch_section,
     "end_to_end": end_to_end_section,
+    "jpeg_pipeline": jpeg_pipeline_section,
+    "more_models": more_models_section,
 }
 
 
@@ -382,6 +517,21 @@ def _search(fits: Callable[[int], bool | None], start: int, probes: list[dict[st
     return {"largest_fitting": good, "smallest_failing": bad, "start": start, "step": step, "probes": probes}
 
 
+def _measured(path: Path) -> set[tuple[str, str, int]]:
+    """(model, precision, batch) of every configuration a section's JSON holds figures of."""
+    try:
+        results = json.loads(path.read_text())["results"]
+    except (OSError, ValueError, KeyError):
+        return set()
+    return {
+        (row["model"], row["precision"], row["batch_size"])
+        for result in results.values()
+        if isinstance(result, dict)
+        for row in result.get("rows", [])[:1]
+        if "images_per_s" in row
+    }
+
+
 def _release(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -454,6 +604,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--time-limit", type=float, help="seconds for the sections, after start-up (default: 480; none with --smoke)"
     )
     parser.add_argument("--cache-dir", help="JAX's persistent compilation cache (default: runs/gpu_suite_cache)")
+    parser.add_argument("--jpeg-model", help="the model jpeg_pipeline's train.py and eval.py run (default: tresnet_m)")
     return parser.parse_args(argv)
 
 
@@ -471,7 +622,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ[COMPILATION_CACHE_ENV] = str(Path(args.cache_dir or "runs/gpu_suite_cache").absolute())
     cache_dir = enable_compilation_cache()
     torch.backends.cudnn.benchmark = True  # timm's own scripts do: the fastest cuDNN algorithms
-    ctx = Context(SMOKE if args.smoke else Plan(), args.output, cache_dir, args.photos, torch_device())
+    plan = SMOKE if args.smoke else Plan()
+    plan = dataclasses.replace(plan, jpeg_model=args.jpeg_model) if args.jpeg_model else plan
+    ctx = Context(plan, args.output, cache_dir, args.photos, torch_device())
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     print(f"GPU suite{' (smoke)' if args.smoke else ''}, started {started}: {', '.join(sections)}", flush=True)
     documents = run_sections(ctx, sections, time_limit)

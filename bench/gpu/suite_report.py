@@ -17,6 +17,8 @@ def markdown(documents: dict[str, dict[str, Any]], targets: dict[str, float]) ->
         ("training", lambda doc: _training(doc, targets)),
         ("max_batch", _max_batch),
         ("end_to_end", _end_to_end),
+        ("jpeg_pipeline", lambda doc: _jpeg_pipeline(doc, targets)),
+        ("more_models", _more_models),
     ):
         if name in documents:
             parts.append(render(documents[name]))
@@ -181,6 +183,88 @@ def _end_to_end(doc: dict[str, Any]) -> str:
             f"{', '.join(notes)} |"
         )
     return "\n".join(lines)
+
+
+JPEG_RUNS = ("train_jpeg", "train_synthetic", "train_jpeg_host", "eval_jpeg", "eval_synthetic", "eval_jpeg_host")
+
+
+def _jpeg_pipeline(doc: dict[str, Any], targets: dict[str, float]) -> str:
+    results = doc.get("results", {})
+    setup, images, found = results.get("setup", {}), results.get("images") or {}, results.get("ratios") or {}
+    model = f"{setup.get('model')}, {setup.get('precision')}, batch {setup.get('batch')}, {setup.get('image_size')} px"
+    lines = [
+        f"## train.py and eval.py on JPEGs ({model}; {setup.get('files')} files: {setup.get('images_written')} "
+        f"written and hard links to them; {setup.get('host_cores')} host cores)",
+        "",
+    ]
+    if "writing_s" in images:
+        width, height = images["mean_size"]
+        lines += [
+            f"Wrote {images['images']} ImageNet-like images ({images['progressive']} progressive, "
+            f"{images['png_named_jpg']} PNG named .jpg; mean {width:.0f}×{height:.0f}, {images['mib']:.0f} MiB) "
+            f"in {images['writing_s']:.1f} s with {images['workers']} processes ({images['wall_s']:.1f} s in all).",
+            "",
+        ]
+    met = found.get("target_met") or {}
+
+    def verdict(name: str, text: str) -> str:
+        bound = "≤" if name.startswith("host") else "≥"
+        mark = "" if met.get(name) is None else (", met" if met[name] else ", **not met**")
+        return f"{text} (target {bound} {targets.get(name)}{mark})"
+
+    host_path = [_ratio(found.get(f"{c}_jpeg_host_over_synthetic")) for c in ("train", "eval")]
+    lines += [
+        "- train.py, JPEG ÷ synthetic: "
+        + verdict("train_jpeg_over_synthetic", _ratio(found.get("train_jpeg_over_synthetic"))),
+        "- eval.py, JPEG ÷ synthetic (steady rates): "
+        + verdict("eval_jpeg_over_synthetic", _ratio(found.get("eval_jpeg_over_synthetic"))),
+        "- host core-ms per training image: "
+        + verdict("host_core_ms_per_train_image", _number(found.get("host_core_ms_per_train_image"), ".2f")),
+        f"- the host path (`--augment host --decode host`) ÷ synthetic: train {host_path[0]}, eval {host_path[1]}",
+        "",
+        "| run | images/s | steady | compile (s) | host cores | host core-ms per image | unreadable or skipped "
+        "| wall (s) | decoding, as the command said |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key in JPEG_RUNS:
+        row = results.get(key)
+        if row is None:
+            continue
+        if "error" in row:
+            lines.append(f"| {key} | failed: {row['error']} | | | | | | | |")
+            continue
+        lost = row.get("skipped_images", row.get("unreadable_images"))
+        cells = [
+            key + (" (stopped)" if row.get("stopped") else ""),
+            _number(row.get("images_per_s"), ".0f"),
+            _number(row.get("images_per_s_steady", row.get("images_per_s_window")), ".0f"),
+            _number(row.get("compile_s"), ".1f"),
+            _number(row.get("host_cores"), ".1f"),
+            _number(row.get("host_core_ms_per_image"), ".2f"),
+            "–" if lost is None else str(lost),
+            _number(row.get("wall_s"), ".0f"),
+            "; ".join(row.get("decoding_lines") or []) or "–",
+        ]
+        lines.append(f"| {' | '.join(cells)} |")
+    lines += [
+        "",
+        f"train.py: images/s is the median of the metrics rows after the first {setup.get('skip_rows')} "
+        f"({setup.get('log_every')} steps a row), steady the mean over the same steps; eval.py: images/s as it "
+        "reports it (first batch included), steady after the first batch. Host cores: CPU seconds of the command "
+        "and its workers (from /proc) over those steps.",
+    ]
+    return "\n".join(lines)
+
+
+def _more_models(doc: dict[str, Any]) -> str:
+    header = [
+        "## More models (images/s; JAX ÷ timm)",
+        "",
+        "| model | precision | batch | JAX | timm eager | timm channels_last | timm torch.compile | JAX ÷ best eager "
+        "| JAX ÷ torch.compile | mode |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    return "\n".join(header + _comparison_rows(doc.get("results", {}), lambda result: [result.get("mode", "")]))
 
 
 def _problems(documents: dict[str, dict[str, Any]]) -> str:

@@ -280,6 +280,17 @@ def decoder_peak_memory(decoder: BatchDecoder) -> int | None:
     return int(_torch().cuda.max_memory_allocated(decoder.device))
 
 
+def decoder_report(decoder: BatchDecoder) -> str:
+    """One line on what the decoder did (for a run's log and the GPU suite, which reads it)."""
+    counts = decoder.counts
+    line = (
+        f"JPEG decoder {decoder.name}: {counts['decoded']} images decoded, {counts['rejected']} passed to the host, "
+        f"{counts['batch_retries']} batches retried image by image"
+    )
+    peak = decoder_peak_memory(decoder)
+    return line if peak is None else f"{line}; decoder memory peak {peak / 2**20:.0f} MiB"
+
+
 def to_jax(tensor: torch.Tensor) -> jax.Array:
     """A torch tensor as a jax.Array on the same device, through DLPack: no copy through the
     host (JAX's stream waits for torch's work on the tensor; the memory stays torch's until

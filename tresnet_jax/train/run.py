@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from tresnet_jax.data.gpu_batches import decoded_train_batches
+from tresnet_jax.data.gpu_decode import decoder_report
 from tresnet_jax.data.host_pool import HostCost
 from tresnet_jax.data.train_stream import train_batches
 from tresnet_jax.errors import InputError
@@ -138,6 +139,8 @@ def train_steps(
         if done:
             break
     bar.close()
+    if parts.decoder is not None:
+        parts.log(decoder_report(parts.decoder))
     return state, last_eval
 
 
