@@ -28,7 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tresnet_jax.data.gpu_batches import decoded_eval_batches
 from tresnet_jax.data.gpu_decode import BatchDecoder
 from tresnet_jax.data.host_pool import ordered_map, stack_rows
-from tresnet_jax.data.preprocess import Preprocessing, decode_pil, pil_transform
+from tresnet_jax.data.preprocess import Preprocessing, decode_pil, padded_rows, pil_transform
 from tresnet_jax.data.sources import LabelMap, SyntheticSource
 from tresnet_jax.metrics import average_precision_per_class
 from tresnet_jax.runtime.parallel import BATCH_AXIS, local_batch_size, local_rows, prefetch_to_devices, replicate
@@ -215,15 +215,8 @@ def preprocessed_batches(
 
 def pad_batch(images: np.ndarray, labels: np.ndarray, indices: np.ndarray, rows: int) -> Batch:
     """``rows`` rows: the given ones, then zeros masked out."""
-    n = len(images)
-    pad = rows - n
-    labels = labels if labels.ndim == 2 else labels.astype(np.int32)  # multi-hot rows stay uint8
-    return {
-        "image": np.concatenate([images, np.zeros((pad, *images.shape[1:]), np.uint8)]),
-        "label": np.concatenate([labels, np.zeros((pad, *labels.shape[1:]), labels.dtype)]),
-        "mask": np.arange(rows) < n,
-        "index": np.concatenate([indices, np.full(pad, -1, indices.dtype)]).astype(np.int32),
-    }
+    padding = np.zeros((rows - len(images), *images.shape[1:]), np.uint8)
+    return {"image": np.concatenate([images, padding]), **padded_rows(labels, indices, rows)}
 
 
 def evaluate(

@@ -23,7 +23,7 @@ from tresnet_jax.data.augment import AugmentConfig, crop_box
 from tresnet_jax.data.gpu_decode import BatchDecoder, Box, _torch, to_jax
 from tresnet_jax.data.host_pool import UNREADABLE, ordered_map
 from tresnet_jax.data.jpeg_header import gpu_rejection, header_size
-from tresnet_jax.data.preprocess import PIL_ERRORS, Preprocessing, decode_pil, pil_transform
+from tresnet_jax.data.preprocess import PIL_ERRORS, Preprocessing, decode_pil, padded_rows, pil_transform
 from tresnet_jax.data.sources import Label, LabelMap, Source, SyntheticSource
 from tresnet_jax.data.train_stream import (
     Augmented,
@@ -261,12 +261,5 @@ def _eval_entries_batch(
 
 
 def _eval_batch(padded: torch.Tensor, labels: np.ndarray, indices: Sequence[int], rows: int) -> dict[str, Any]:
-    """``evaluation.pad_batch`` (which data/ may not import) for images already padded on the device."""
-    n = len(indices)
-    labels = labels if labels.ndim == 2 else labels.astype(np.int32)  # multi-hot rows stay uint8
-    return {
-        "image": to_jax(padded),
-        "label": np.concatenate([labels, np.zeros((rows - n, *labels.shape[1:]), labels.dtype)]),
-        "mask": np.arange(rows) < n,
-        "index": np.concatenate([np.asarray(indices, np.int64), np.full(rows - n, -1, np.int64)]).astype(np.int32),
-    }
+    """An evaluation batch (``evaluation.pad_batch``'s columns) for images already padded on the device."""
+    return {"image": to_jax(padded), **padded_rows(labels, indices, rows)}

@@ -13,7 +13,7 @@ import dataclasses
 import io
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -111,3 +111,16 @@ def named_decoding_errors(name: str) -> Iterator[None]:
         yield
     except PIL_ERRORS as err:
         raise UnreadableImage(name, f"unreadable image ({err})") from None
+
+
+def padded_rows(labels: np.ndarray, indices: Sequence[int], rows: int) -> dict[str, np.ndarray]:
+    """An evaluation batch's host columns padded to ``rows``: labels (zeros below; multi-hot rows
+    stay uint8, classes become int32), ``mask`` of the real rows, each row's dataset ``index``
+    (-1 below)."""
+    n = len(indices)
+    labels = labels if labels.ndim == 2 else labels.astype(np.int32)
+    return {
+        "label": np.concatenate([labels, np.zeros((rows - n, *labels.shape[1:]), labels.dtype)]),
+        "mask": np.arange(rows) < n,
+        "index": np.concatenate([np.asarray(indices, np.int64), np.full(rows - n, -1, np.int64)]).astype(np.int32),
+    }
