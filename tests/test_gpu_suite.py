@@ -179,7 +179,14 @@ def test_smoke_runs_train_py_and_eval_py_on_jpegs(jpeg_smoke):
     assert "| train_jpeg |" in summary
     assert "| eval_jpeg |" in summary
     logs = sorted(p.name for p in (out / "jpeg_pipeline").iterdir())
-    assert logs == ["eval_jpeg.json", "eval_jpeg.log", "train_jpeg.log", "train_jpeg_metrics.jsonl", "write_images.log"]
+    assert logs == [
+        "eval_jpeg.json",
+        "eval_jpeg.log",
+        "eval_jpeg.npz",
+        "train_jpeg.log",
+        "train_jpeg_metrics.jsonl",
+        "write_images.log",
+    ]
 
 
 # --- the suite's parts --------------------------------------------------------------------------
@@ -563,3 +570,16 @@ def test_evaluation_batch_defaults_to_a_gpus_size_on_a_gpu(monkeypatch):
     assert eval_cli.default_batch_size(mesh) == 2 * 64
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert eval_cli.default_batch_size(mesh) == 2 * 256
+
+
+def test_eval_logits_on_the_gpu_path_are_compared_with_pil_s_over_the_images_both_read(tmp_path):
+    reference = np.array([[1.0, 2.0, 0.0], [3.0, -1.0, 0.5], [np.nan] * 3, [0.0, 0.0, 4.0]])
+    got = reference + np.array([[0.1, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0] * 3, [0.0, 4.5, 0.0]])
+    got[0] = [np.nan] * 3  # unread on one side: left out
+    np.savez(tmp_path / "gpu.npz", logits=got)
+    np.savez(tmp_path / "pil.npz", logits=reference)
+    found = jpeg_pipeline.logits_agreement(tmp_path / "gpu.npz", tmp_path / "pil.npz")
+    assert found["images"] == 2
+    assert found["max_abs_over_max_abs"] == pytest.approx(4.5 / 4.0)
+    assert found["relative_l2"] == pytest.approx(4.5 / np.sqrt(9 + 1 + 0.25 + 16))
+    assert found["top1_agreement"] == 0.5  # the last image's top-1 moved to class 1

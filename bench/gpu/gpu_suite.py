@@ -406,6 +406,9 @@ def jpeg_pipeline_section(ctx: Context, record: Record, budget: Budget) -> None:
             run = jpeg_pipeline.train_run if command == "train" else partial(jpeg_pipeline.eval_run, weights=weights)
             record.attempt(key, partial(run, setup, key, source, flags, timeout_s=budget.left()))
             record.put("ratios", jpeg_pipeline.ratios(record.data["results"]))
+            gpu, pil = setup.logs / "eval_jpeg.npz", setup.logs / "eval_jpeg_host.npz"
+            if key in ("eval_jpeg", "eval_jpeg_host") and gpu.exists() and pil.exists():
+                record.attempt("eval_logits_decode_auto_against_pil", partial(jpeg_pipeline.logits_agreement, gpu, pil))
 
 
 def more_models_section(ctx: Context, record: Record, budget: Budget) -> None:

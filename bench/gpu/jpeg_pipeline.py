@@ -291,10 +291,11 @@ def eval_run(
     """eval.py on ``data`` (``--val_dir F`` or ``--synthetic-data N``) with ``flags``: its
     images/s, the steady rate after the first batch, host CPU over the loop after it."""
     output = setup.logs / f"{key}.json"
+    logits = ["--save-logits", str(setup.logs / f"{key}.npz")] if "--val_dir" in data else []
     argv = [
         sys.executable, str(REPO_ROOT / "eval.py"), "--weights", str(weights), "--dtype",
         EVAL_DTYPES[setup.precision], "--batch-size", str(setup.batch), "--image-size", str(setup.image_size),
-        "--no-progress", "--output", str(output), *data, *flags,
+        "--no-progress", "--output", str(output), *logits, *data, *flags,
     ]  # fmt: skip
     finished = run_command(argv, setup.logs / f"{key}.log", timeout_s)
     if finished.returncode is None:
@@ -318,6 +319,22 @@ def eval_run(
         "host_cores_whole_run": finished.rusage_cpu_s / finished.wall_s,
         **_decoding_lines(finished.output),
     }  # fmt: skip
+
+
+def logits_agreement(got: Path, reference: Path) -> dict[str, Any]:
+    """eval.py's saved logits on the GPU path (``got``) against the PIL path's (``reference``),
+    over the images both read: max |difference| / max |reference|, the relative L2 error, and
+    the share of images whose top-1 class is the same."""
+    with np.load(got) as a, np.load(reference) as b:
+        first, second = a["logits"].astype(np.float64), b["logits"].astype(np.float64)
+    both = ~np.isnan(first).any(1) & ~np.isnan(second).any(1)
+    first, second = first[both], second[both]
+    return {
+        "images": int(both.sum()),
+        "max_abs_over_max_abs": float(np.abs(first - second).max() / np.abs(second).max()),
+        "relative_l2": float(np.linalg.norm(first - second) / np.linalg.norm(second)),
+        "top1_agreement": float(np.mean(first.argmax(1) == second.argmax(1))),
+    }
 
 
 def ratios(results: Mapping[str, Any]) -> dict[str, Any]:
