@@ -21,6 +21,11 @@ import pytest
 import timm  # noqa: F401
 import torch  # noqa: F401
 
+from tests.timings import file_durations
+from tresnet_jax.cli import COMPILATION_CACHE_ENV, enable_compilation_cache
+
+pytest_plugins = ["tests.timings"]  # where the run's time went, printed at its end
+
 
 @pytest.fixture
 def weights_root(tmp_path, monkeypatch):
@@ -47,11 +52,24 @@ def tiny_model():
         yield name
 
 
-@pytest.fixture(scope="session", autouse=True)
-def compilation_cache_of_the_run(tmp_path_factory):
-    """The command-line tools' persistent compilation cache (by default the user's ~/.cache) in
-    this run's temporary directory, for the processes the tests start too: tests write nothing
-    outside it, and no run is faster for what an earlier one compiled."""
-    path = tmp_path_factory.mktemp("jax_cache")
-    os.environ["TRESNET_JAX_COMPILATION_CACHE"] = str(path)
-    return path
+@pytest.hookimpl(trylast=True)  # after pytest's own, which makes the temporary directory's factory
+def pytest_configure(config: pytest.Config) -> None:
+    """One persistent compilation cache for the whole run, in its temporary directory: the
+    controller makes it before the xdist workers start, and they, the processes the tests start
+    (train.py, eval.py, the notebook's kernel) and this process share it through the
+    environment, so a program any of them compiled is read back by the others (the key holds
+    XLA_FLAGS: processes with other device counts compile their own). Tests write nothing
+    outside the run's directory, and no run is faster for what an earlier run compiled."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        path = config._tmp_path_factory.getbasetemp() / "jax_cache"
+        path.mkdir(exist_ok=True)
+        os.environ[COMPILATION_CACHE_ENV] = str(path)
+    enable_compilation_cache()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The longest files first (tests/durations.json, a file not in it last), in their own order
+    within: pytest-xdist hands the files out in this order, so the last to start is short."""
+    seconds = file_durations()
+    root = config.rootpath
+    items.sort(key=lambda item: -seconds.get(item.path.relative_to(root).as_posix(), 0.0))
