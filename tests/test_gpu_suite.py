@@ -26,6 +26,7 @@ from bench.gpu.flops import bf16_peak_tflops, flops_per_image
 from bench.gpu.max_batch import bounded_search
 from bench.gpu.numerics import agreement
 from bench.gpu.suite_report import markdown
+from tests import tiny_model
 from tests.blocked_imports import blocker
 from tests.tiny_model import SPEC as TINY  # one block a stage
 from tresnet_jax.evaluation import batch_spec, make_eval_step
@@ -39,13 +40,16 @@ from tresnet_jax.train.step import OptimConfig, create_state, make_optimizer, ma
 
 REPO = Path(__file__).resolve().parent.parent
 PARITY_BOUND = 1e-4  # tests/test_parity.py's bound on max |diff| / max(1, max |timm|)
-# The smoke of the suite runs every section but jpeg_pipeline, which runs train.py and eval.py as
-# commands: its own smoke (below) trains tests/tiny_model.py's model, registered in those commands.
-MAIN_SMOKE = [s for s in gpu_suite.SECTIONS if s != "jpeg_pipeline"]
-TINY_IN_COMMANDS = """
-if sys.argv and sys.argv[0].endswith(("train.py", "eval.py", "gpu_suite.py")):
-    from tests.tiny_model import register
-    register()
+# The smoke runs every section on tests/tiny_model.py's model (the same kinds of layer as the
+# published TResNets; what is measured does not depend on the size): registered for JAX in the
+# suite and the commands it starts (train.py, eval.py, the max-batch probes), and for timm
+# where timm builds it.
+TINY_IN_EVERY_PROCESS = """
+if any(arg.endswith(("train.py", "eval.py", "gpu_suite.py", "bench.gpu.max_batch")) for arg in sys.orig_argv):
+    from tests import tiny_model
+    tiny_model.register()
+    if any(arg.endswith("gpu_suite.py") or arg.startswith("timm") for arg in sys.orig_argv):
+        tiny_model.register_in_timm()
 """
 
 
@@ -54,45 +58,48 @@ if sys.argv and sys.argv[0].endswith(("train.py", "eval.py", "gpu_suite.py")):
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    """``gpu_suite.py --smoke`` run once: (the finished process, each section's JSON, summary.md)."""
+    """``gpu_suite.py --smoke --model tresnet_tiny`` run once, every section: (the finished
+    process, each section's JSON, summary.md, the output folder)."""
     root = tmp_path_factory.mktemp("smoke")
     (root / "site").mkdir()
     # The suite and every process it starts: TensorFlow is not found, as on the lent machines.
-    (root / "site" / "sitecustomize.py").write_text(blocker({"tensorflow", "tensorflow_datasets"}))
+    site = blocker({"tensorflow", "tensorflow_datasets"}) + TINY_IN_EVERY_PROCESS
+    (root / "site" / "sitecustomize.py").write_text(site)
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(root / "site"), str(REPO)]),
         "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
     }
     command = [sys.executable, str(REPO / "bench" / "gpu" / "gpu_suite.py"), "--smoke", "--output", str(root / "out"),
-               "--cache-dir", str(root / "cache"), "--sections", ",".join(MAIN_SMOKE)]  # fmt: skip
+               "--cache-dir", str(root / "cache"), "--model", tiny_model.NAME]  # fmt: skip
     done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
     results = {p.stem: json.loads(p.read_text()) for p in (root / "out").glob("*.json")}
-    return done, results, (root / "out" / "summary.md").read_text()
+    return done, results, (root / "out" / "summary.md").read_text(), root / "out"
 
 
 def test_smoke_runs_every_section_without_tensorflow(smoke):
-    done, results, summary = smoke
+    done, results, summary, _ = smoke
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert sorted(results) == sorted(MAIN_SMOKE)
+    assert sorted(results) == sorted(gpu_suite.SECTIONS)
     # more_models' only item is the inference section's: measured once (its own path: below)
-    measured = [{"item": "tresnet_m_fp32_infer", "reason": "measured by the inference section"}]
+    measured = [{"item": "tresnet_tiny_fp32_infer", "reason": "measured by the inference section"}]
     for name, record in results.items():
         skipped = measured if name == "more_models" else []
         assert (record["status"], record["failed"], record["skipped"]) == ("done", [], skipped), name
     assert results["end_to_end"]["results"]["data"]["tensorflow_importable"] is False
     for heading in ("## Correctness", "## Inference", "## Training step", "## Largest training batch", "## End to end",
-                    "## More models"):  # fmt: skip
+                    "## train.py and eval.py on JPEGs", "## More models"):  # fmt: skip
         assert heading in summary
-    assert "| tresnet_m | fp32 | 2 |" in summary
+    assert "| tresnet_tiny | fp32 | 2 |" in summary
     problems = summary[summary.index("## Skipped and failed") :].strip().splitlines()
-    assert problems[2:] == ["- more_models: tresnet_m_fp32_infer skipped (measured by the inference section)"]
+    assert problems[2:] == ["- more_models: tresnet_tiny_fp32_infer skipped (measured by the inference section)"]
 
 
 def test_smoke_correctness_is_timm_parity_in_float32(smoke):
-    _, results, _ = smoke
+    _, results, _, _ = smoke
     checks = results["correctness"]["results"]
     assert checks["images"]["shape"] == [12, 32, 32, 3]  # scikit-image's photographs here
+    assert checks["images"]["model"] == tiny_model.NAME
     assert checks["fp32"]["matmul_precision"] == "highest"
     assert checks["fp32"]["vs_timm_float32"] <= PARITY_BOUND
     # On the CPU, TF32 is float32: the "TF32" run agrees with float32 to rounding.
@@ -102,15 +109,16 @@ def test_smoke_correctness_is_timm_parity_in_float32(smoke):
 
 
 def test_smoke_compares_jax_with_timm_and_reads_the_cache_back(smoke):
-    _, results, _ = smoke
-    inference = results["inference"]["results"]["tresnet_m_fp32"]
-    training = results["training"]["results"]["tresnet_m_fp32"]
+    _, results, _, _ = smoke
+    inference = results["inference"]["results"]["tresnet_tiny_fp32"]
+    training = results["training"]["results"]["tresnet_tiny_fp32"]
     for result in (inference, training):
         assert [row["runner"] for row in result["rows"]] == ["jax", "timm_eager", "timm_channels_last"]
         assert all(row["images_per_s"] > 0 for row in result["rows"])
         assert result["jax_over_best_eager"] > 0
         assert result["jax_over_compile"] is None  # no torch.compile in the smoke
-    assert training["stated_flops_per_image"] == pytest.approx(3 * 2 * 5.75e9 * (32 / 224) ** 2)
+    assert training["stated_flops_per_image"] is None  # no stated count for this model: no peak fraction
+    assert "peak_fraction" not in training["rows"][0]
     # The cache was empty: the training step compiled cold and was written; the max-batch probe,
     # a fresh process, read that same program back.
     jax_row = training["rows"][0]
@@ -125,7 +133,7 @@ def test_smoke_compares_jax_with_timm_and_reads_the_cache_back(smoke):
 
 
 def test_smoke_runs_the_library_steps_end_to_end(smoke):
-    _, results, _ = smoke
+    _, results, _, _ = smoke
     e2e = results["end_to_end"]["results"]
     assert e2e["evaluation_step"]["images_counted"] == 2 * 2  # a first batch and one timed
     assert e2e["training_step"]["repeatable"] is True  # the CPU is deterministic
@@ -133,29 +141,9 @@ def test_smoke_runs_the_library_steps_end_to_end(smoke):
     assert e2e["host_jpeg_decoding"]["images"] == 8
 
 
-@pytest.fixture(scope="module")
-def jpeg_smoke(tmp_path_factory):
-    """``gpu_suite.py --smoke --sections jpeg_pipeline`` with tests/tiny_model.py's model: (the
-    finished process, the section's JSON, summary.md, the output folder)."""
-    root = tmp_path_factory.mktemp("jpeg_smoke")
-    (root / "site").mkdir()
-    (root / "site" / "sitecustomize.py").write_text(blocker({"tensorflow", "tensorflow_datasets"}) + TINY_IN_COMMANDS)
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(root / "site"), str(REPO)]),
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
-    }
-    command = [sys.executable, str(REPO / "bench" / "gpu" / "gpu_suite.py"), "--smoke", "--output", str(root / "out"),
-               "--cache-dir", str(root / "cache"), "--sections", "jpeg_pipeline",
-               "--jpeg-model", "tresnet_tiny"]  # fmt: skip
-    done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
-    record = json.loads((root / "out" / "jpeg_pipeline.json").read_text())
-    return done, record, (root / "out" / "summary.md").read_text(), root / "out"
-
-
-def test_smoke_runs_train_py_and_eval_py_on_jpegs(jpeg_smoke):
-    done, record, summary, out = jpeg_smoke
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+def test_smoke_runs_train_py_and_eval_py_on_jpegs(smoke):
+    _, results, summary, out = smoke
+    record = results["jpeg_pipeline"]
     assert (record["status"], record["failed"], record["skipped"]) == ("done", [], [])
     results = record["results"]
     plan = gpu_suite.SMOKE
@@ -164,6 +152,7 @@ def test_smoke_runs_train_py_and_eval_py_on_jpegs(jpeg_smoke):
     assert written["files"] == plan.jpeg_images * plan.jpeg_copies
     train = results["train_jpeg"]
     assert "--augment device --decode host" in train["command"]
+    assert f"--model {tiny_model.NAME}" in train["command"]
     assert (train["returncode"], train["rows"], train["steps"]) == (0, plan.jpeg_train_steps, plan.jpeg_train_steps)
     assert train["rows_used"] == plan.jpeg_train_steps - plan.jpeg_skip_rows
     assert train["images_per_s"] > 0
@@ -175,7 +164,6 @@ def test_smoke_runs_train_py_and_eval_py_on_jpegs(jpeg_smoke):
     assert (evaluated["images"], evaluated["skipped_images"]) == (written["files"], 0)
     assert evaluated["images_per_s"] > 0
     assert results["ratios"]["targets"] == jpeg_pipeline.TARGETS
-    assert "## train.py and eval.py on JPEGs" in summary
     assert "| train_jpeg |" in summary
     assert "| eval_jpeg |" in summary
     logs = sorted(p.name for p in (out / "jpeg_pipeline").iterdir())
@@ -187,6 +175,16 @@ def test_smoke_runs_train_py_and_eval_py_on_jpegs(jpeg_smoke):
         "train_jpeg_metrics.jsonl",
         "write_images.log",
     ]
+
+
+def test_a_model_for_every_section_replaces_each_item_s_model_once():
+    plan = gpu_suite.Plan().with_model("tresnet_l")
+    assert (plan.check_model, plan.train_model, plan.jpeg_model) == ("tresnet_l",) * 3
+    assert [(m, p) for m, p, _ in plan.inference] == [("tresnet_l", "bf16"), ("tresnet_l", "fp16")]
+    assert [(m, mode, p) for m, mode, p, *_ in plan.more_models] == [
+        ("tresnet_l", "train", "bf16"), ("tresnet_l", "infer", "bf16"), ("tresnet_l", "infer", "fp16"),
+        ("tresnet_l", "train", "fp16"),
+    ]  # fmt: skip
 
 
 # --- the suite's parts --------------------------------------------------------------------------
@@ -404,7 +402,9 @@ def test_more_models_skips_what_this_run_measured_already(tmp_path, monkeypatch)
     record = gpu_suite.Record(tmp_path / "more_models.json", "more_models")
     gpu_suite.more_models_section(ctx, record, gpu_suite.Budget(120.0, clock=lambda: now[0]))
     assert [(s.model, s.mode, s.precision) for s in compared] == [("tresnet_xl", "train", "bf16")]
-    assert record.data["results"]["tresnet_xl_bf16_train"]["mode"] == "train"
+    trained = record.data["results"]["tresnet_xl_bf16_train"]
+    assert trained["mode"] == "train"
+    assert trained["stated_flops_per_image"] == pytest.approx(3 * 2 * 15.2e9 * (plan.image_size / 224) ** 2)
     assert record.data["skipped"] == [
         {"item": "tresnet_xl_bf16_infer", "reason": "time budget"},
         {"item": "tresnet_l_fp16_infer", "reason": "measured by the inference section"},
@@ -434,6 +434,7 @@ def test_photographs_from_a_folder_else_the_bundled_ones(tmp_path, monkeypatch):
     [
         (["--sections", "inference,speed"], "error: unknown section 'speed'; known: environment, correctness"),
         (["--photos", "no/such/dir"], "error: --photos no/such/dir: no such directory"),
+        (["--model", "tresnet_s"], "error: --model tresnet_s: unknown; known: tresnet_m, tresnet_l"),
     ],
 )
 def test_bad_flags_are_one_line_errors(flags, message, tmp_path, capsys):

@@ -23,6 +23,23 @@ def register() -> None:
     ARCHITECTURES[NAME] = SPEC
 
 
+def register_in_timm() -> None:
+    """The same network in timm (``timm.create_model(NAME)``), for the benchmark's and the GPU
+    suite's comparisons, which build both sides by name."""
+    import timm
+    from timm.models import register_model
+    from timm.models.tresnet import TResNet
+
+    if NAME in timm.list_models(NAME):
+        return
+
+    def tresnet_tiny(pretrained: bool = False, **kwargs: object) -> TResNet:
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")}
+        return TResNet(layers=list(SPEC.layers), width_factor=SPEC.width_factor, **kwargs)
+
+    register_model(tresnet_tiny)
+
+
 @contextlib.contextmanager
 def registered() -> Iterator[str]:
     """``tresnet_tiny`` in the registry inside the ``with`` block."""

@@ -25,8 +25,11 @@ BF16_PEAK_TFLOPS = (
 )
 
 
-def flops_per_image(model: str, image_size: int, mode: str) -> float:
-    """The stated FLOPs of one image of ``model`` at ``image_size`` in ``mode`` (infer/train)."""
+def flops_per_image(model: str, image_size: int, mode: str) -> float | None:
+    """The stated FLOPs of one image of ``model`` at ``image_size`` in ``mode`` (infer/train);
+    None for a model without a stated count."""
+    if model not in GMACS_AT_224:
+        return None
     passes = TRAINING_PASSES if mode == "train" else 1
     return 2e9 * GMACS_AT_224[model] * (image_size / 224) ** 2 * passes
 

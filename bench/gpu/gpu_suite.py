@@ -82,6 +82,7 @@ from bench.spec import BenchSpec
 from bench.timm_side import torch_device
 from tresnet_jax.cli import COMPILATION_CACHE_ENV, command, enable_compilation_cache
 from tresnet_jax.errors import InputError
+from tresnet_jax.model.registry import ARCHITECTURES
 
 EAGER = ("eager", "channels_last")
 ALL_TIMM = (*EAGER, "compile")
@@ -122,6 +123,7 @@ class Plan:
     """Sizes and time budgets of one run: a lent GPU's by default, toy ones for --smoke."""
 
     image_size: int = 224
+    check_model: str = numerics.MODEL
     check_size: int = 224
     checks: tuple[str, ...] = ("fp32", "fp32_tf32", "bf16", "fp16")
     infer_batch: int = 256
@@ -173,6 +175,19 @@ class Plan:
     )
     budgets: dict[str, float] = dataclasses.field(default_factory=lambda: dict(BUDGETS))
     needs: dict[str, float] = dataclasses.field(default_factory=lambda: dict(NEEDS))
+
+    def with_model(self, model: str) -> Plan:
+        """Every section's items on ``model`` (``--model``), each item once."""
+        inference: dict[str, tuple] = {}
+        for _, precision, variants in self.inference:
+            inference.setdefault(precision, (model, precision, variants))
+        more: dict[tuple, tuple] = {}
+        for _, mode, precision, batch, variants in self.more_models:
+            more.setdefault((mode, precision, batch), (model, mode, precision, batch, variants))
+        return dataclasses.replace(
+            self, check_model=model, inference=tuple(inference.values()), train_model=model, jpeg_model=model,
+            more_models=tuple(more.values()),
+        )  # fmt: skip
 
 
 # Toy sizes, every code path once; float32, which XLA:CPU compiles and runs fastest (the
@@ -276,9 +291,10 @@ def environment_section(ctx: Context, record: Record, budget: Budget) -> None:
 
 def correctness_section(ctx: Context, record: Record, budget: Budget) -> None:
     images, source = photographs(ctx.plan.check_size, ctx.photos)
-    record.put("images", {"source": source, "shape": list(images.shape), "model": numerics.MODEL})
+    record.put("images", {"source": source, "shape": list(images.shape), "model": ctx.plan.check_model})
     checks = list(ctx.plan.checks)
-    for done, (name, figures) in enumerate(numerics.check_numerics(images, checks, ctx.device), start=1):
+    found = numerics.check_numerics(images, checks, ctx.device, ctx.plan.check_model)
+    for done, (name, figures) in enumerate(found, start=1):
         record.put(name, figures)
         if done < len(checks) and not budget.allows(ctx.plan.needs["check"]):
             for later in checks[done:]:
@@ -480,7 +496,7 @@ def _with_flops(result: dict[str, Any], spec: BenchSpec, ctx: Context) -> dict[s
     per_image = flops.flops_per_image(spec.model, spec.image_size, spec.mode)
     peak = flops.bf16_peak_tflops(name)
     for row in result["rows"]:
-        if "images_per_s" in row and peak is not None:
+        if "images_per_s" in row and peak is not None and per_image is not None:
             row["peak_fraction"] = row["images_per_s"] * per_image / (peak * 1e12)
         if "xla_flops" in row:
             row["xla_flops_per_image"] = row["xla_flops"] / spec.batch_size
@@ -607,7 +623,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--time-limit", type=float, help="seconds for the sections, after start-up (default: 480; none with --smoke)"
     )
     parser.add_argument("--cache-dir", help="JAX's persistent compilation cache (default: runs/gpu_suite_cache)")
-    parser.add_argument("--jpeg-model", help="the model jpeg_pipeline's train.py and eval.py run (default: tresnet_m)")
+    parser.add_argument("--model", help="run every section on this model (default: each section's own models)")
     return parser.parse_args(argv)
 
 
@@ -620,13 +636,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise InputError(f"unknown section {unknown[0]!r}; known: {', '.join(SECTIONS)}" if unknown else "no sections")
     if args.photos is not None and not args.photos.is_dir():
         raise InputError(f"--photos {args.photos}: no such directory")
+    if args.model is not None and args.model not in ARCHITECTURES:
+        raise InputError(f"--model {args.model}: unknown; known: {', '.join(ARCHITECTURES)}")
     time_limit = args.time_limit if args.time_limit is not None else (None if args.smoke else 480.0)
     args.output.mkdir(parents=True, exist_ok=True)
     os.environ[COMPILATION_CACHE_ENV] = str(Path(args.cache_dir or "runs/gpu_suite_cache").absolute())
     cache_dir = enable_compilation_cache()
     torch.backends.cudnn.benchmark = True  # timm's own scripts do: the fastest cuDNN algorithms
     plan = SMOKE if args.smoke else Plan()
-    plan = dataclasses.replace(plan, jpeg_model=args.jpeg_model) if args.jpeg_model else plan
+    plan = plan.with_model(args.model) if args.model else plan
     ctx = Context(plan, args.output, cache_dir, args.photos, torch_device())
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     print(f"GPU suite{' (smoke)' if args.smoke else ''}, started {started}: {', '.join(sections)}", flush=True)

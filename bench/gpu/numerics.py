@@ -1,4 +1,4 @@
-"""tresnet_m against timm on the same device in true float32, and its reduced-precision logits
+"""A TResNet (tresnet_m unless told) against timm on the same device in true float32, and its reduced-precision logits
 against its float32 ones, on photographs.
 
 Weights: the parity tests' random TResNet (``tests/reference.py``: every tensor random,
@@ -34,16 +34,18 @@ MODEL = "tresnet_m"
 
 
 def check_numerics(
-    images: np.ndarray, checks: Sequence[str], device: torch.device
+    images: np.ndarray, checks: Sequence[str], device: torch.device, model_name: str = MODEL
 ) -> Iterator[tuple[str, dict[str, Any]]]:
     """(check, figures) for each of ``checks`` (keys of CHECKS; float32 first), one at a time:
     the error against timm's float32 logits, and for reduced precision the agreement with
     float32."""
-    reference = random_timm_model(MODEL, seed=0)
-    variables = jax.device_put(convert_state_dict({k: v.numpy() for k, v in reference.state_dict().items()}).variables)
+    reference = random_timm_model(model_name, seed=0)
+    spec = resolve(model_name)
+    state_dict = {k: v.numpy() for k, v in reference.state_dict().items()}
+    variables = jax.device_put(convert_state_dict(state_dict, spec).variables)
     with true_float32_torch():
         expected = timm_logits(reference, images, device)
-    model = TResNet(resolve(MODEL).arch, expected.shape[-1])
+    model = TResNet(spec.arch, expected.shape[-1])
     float32 = None
     for name in checks:
         dtype, precision = CHECKS[name]
