@@ -1,4 +1,4 @@
-"""train.py: it learns, reads TFDS splits and folders (without TensorFlow), handles fp16
+"""train.py: it learns, reads TFDS splits and folders, handles fp16
 overflow, diverging losses, fine-tuning and bad input. One run done other ways (devices,
 processes, interrupted): test_train_resume.py."""
 
@@ -17,7 +17,6 @@ import predict as predict_cli
 import train as train_cli
 import tresnet_jax
 from tests import tiny_model
-from tests.blocked_imports import run_without
 from tests.reference import random_timm_model
 from tests.tfds_folders import prepare_from_folders
 from tests.training_runs import SIZE, TINY, assert_trees_equal, metrics, subset, tiny_args
@@ -296,35 +295,3 @@ def test_unknown_model_is_a_usage_error(tmp_path, capsys):
         train_cli.main(["--model", "resnet50", "--workdir", str(tmp_path)])
     assert exit_info.value.code == 2
     assert "invalid choice: 'resnet50'" in capsys.readouterr().err
-
-
-def test_trains_on_a_folder_without_tensorflow_and_passes_over_a_corrupt_jpeg(digits, tmp_path):
-    """As on a GPU machine with no TensorFlow: train.py reads a folder, and a JPEG that cannot
-    be decoded is named, counted and replaced; training goes on."""
-    train_dir = subset(digits / "train", 2, tmp_path / "train")
-    (train_dir / "digit1" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 64)  # a JPEG header, no image
-    images = sum(1 for _ in train_dir.rglob("*.*"))
-    workdir = tmp_path / "run"
-    args = [
-        str(a)
-        for a in [
-            *TINY,
-            "--train_dir",
-            train_dir,
-            "--workdir",
-            workdir,
-            "--batch-size",
-            images,
-            "--max-steps",
-            1,
-            "--num-devices",
-            1,
-            "--no-compilation-cache",
-        ]
-    ]
-    code = f"{tiny_model.REGISTER}import train; sys.exit(train.main({args!r}))"
-    done = run_without({"tensorflow", "tensorflow_datasets"}, code)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert f"unreadable training image {train_dir / 'digit1' / 'broken.jpg'}: unreadable image" in done.stdout
-    assert metrics(workdir)[-1]["unreadable_images"] == 1
-    assert (workdir / "export" / "metadata.json").exists()
