@@ -29,10 +29,10 @@ def pil_preprocess(path, size: int, crop_pct: float = 0.875, squish: bool = Fals
     return pixels[top : top + size, left : left + size] / 255
 
 
-def fitted_classifier(folder: Path, path: Path, size: int, seed: int = 8):
-    """A timm TResNet-M for the classes of ``folder`` (``tests.images.image_folder``), saved to
-    ``path``: random backbone, and a head fitted (ridge regression on its pooled features) so
-    its predictions differ from image to image.
+def fitted_classifier(folder: Path, path: Path, size: int, seed: int = 8, model_name: str = "tresnet_m"):
+    """A timm TResNet (``model_name``) for the classes of ``folder`` (``tests.images.image_folder``),
+    saved to ``path``: random backbone, and a head fitted (ridge regression on its pooled
+    features) so its predictions differ from image to image.
 
     Returns (timm model, checkpoint path, reference logits and labels of the readable images at
     ``size`` px, their files)."""
@@ -40,7 +40,7 @@ def fitted_classifier(folder: Path, path: Path, size: int, seed: int = 8):
     readable = [i for i, f in enumerate(source.files) if "corrupt" not in f]
     images = np.stack([pil_preprocess(source.files[i], size) for i in readable])
     labels = source.labels[readable]
-    model = random_timm_model("tresnet_m", num_classes=len(source.class_names), seed=seed)
+    model = random_timm_model(model_name, num_classes=len(source.class_names), seed=seed)
     with torch.no_grad():
         features = model.forward_head(model.forward_features(torch.from_numpy(images).permute(0, 3, 1, 2)), True)
     features = features.numpy().astype(np.float64)

@@ -1,5 +1,6 @@
-"""The benchmark end to end on a tiny configuration (no timing is asserted), its batch-size
-search, and its one-line errors."""
+"""The benchmark end to end on a tiny configuration (no timing is asserted): tests/tiny_model.py's
+TResNet on both sides, registered in JAX and in timm; its batch-size search, and its one-line
+errors."""
 
 import json
 
@@ -13,9 +14,12 @@ from bench.gpu.max_batch import largest_fitting
 from bench.report import add_speedups
 from bench.spec import BenchSpec
 from bench.xla_profile import program_ops
+from tests.tiny_model import NAME as TINY_MODEL
+from tests.tiny_model import register_in_timm
 from tresnet_jax.model.layers import conv2d
 
-TINY = ["--image-size", "64", "--warmup", "1", "--windows", "2", "--steps", "1", "--no-compilation-cache"]
+TINY = ["--model", TINY_MODEL, "--image-size", "64", "--warmup", "1", "--windows", "2", "--steps", "1",
+        "--no-compilation-cache"]  # fmt: skip
 ROW_FIELDS = {
     "runner", "framework", "model", "mode", "precision", "batch_size", "image_size", "images_per_s", "step_ms",
     "windows_ms", "spread", "first_call_s", "compile_s", "peak_memory_bytes",
@@ -30,11 +34,20 @@ def read(path):
     return document["results"]
 
 
+@pytest.fixture
+def tiny_everywhere(tiny_model):
+    """tresnet_tiny in JAX's registry during the test and in timm's (where it stays: timm has no
+    way to remove a model, and a model of a test's own name disturbs nothing)."""
+    register_in_timm()
+    return tiny_model
+
+
+@pytest.mark.usefixtures("tiny_everywhere")
 def test_inference_sweep_writes_rows_for_both_frameworks_and_a_png(tmp_path, capsys):
     compare = ["--compare", "timm", "--timm-variants", "eager"]
     args = [*TINY, "--mode", "infer", "--sweep", "--batch-sizes", "1,2", *compare]
     assert benchmark.main([*args, "--output", str(tmp_path)]) == 0
-    rows = read(tmp_path / "tresnet_m_infer_fp32_64px_sweep.json")
+    rows = read(tmp_path / "tresnet_tiny_infer_fp32_64px_sweep.json")
     expected = [("jax", 1), ("timm_eager", 1), ("jax", 2), ("timm_eager", 2)]
     assert [(r["runner"], r["batch_size"]) for r in rows] == expected
     for row in rows:
@@ -44,15 +57,16 @@ def test_inference_sweep_writes_rows_for_both_frameworks_and_a_png(tmp_path, cap
         assert row["jax_speedup"] > 0
     assert rows[0]["compile_s"] > 0
     assert rows[0]["xla_temp_bytes"] > 0
-    png = (tmp_path / "tresnet_m_infer_fp32_64px_sweep.png").read_bytes()
+    png = (tmp_path / "tresnet_tiny_infer_fp32_64px_sweep.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n")
     assert "| timm_eager | 2 |" in capsys.readouterr().out
 
 
+@pytest.mark.usefixtures("tiny_everywhere")
 def test_training_step_runs_for_both_frameworks(tmp_path):
     args = [*TINY, "--mode", "train", "--batch-size", "2", "--compare", "timm", "--timm-variants", "eager"]
     assert benchmark.main([*args, "--output", str(tmp_path)]) == 0
-    rows = read(tmp_path / "tresnet_m_train_fp32_64px_b2.json")
+    rows = read(tmp_path / "tresnet_tiny_train_fp32_64px_b2.json")
     assert [r["runner"] for r in rows] == ["jax", "timm_eager"]
     assert all(set(r) >= ROW_FIELDS and r["mode"] == "train" for r in rows)
 

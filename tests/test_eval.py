@@ -1,5 +1,7 @@
 """eval.py and predict.py against an independent computation: PIL preprocessing and the timm
-model with the same weights."""
+model with the same weights (tests/tiny_model.py's TResNet, in JAX's registry and timm's:
+what eval.py does with a model does not depend on its size; parity on the published variants
+is tests/test_parity.py's)."""
 
 import json
 import re
@@ -14,6 +16,7 @@ from PIL import Image
 import eval as eval_cli
 import predict as predict_cli
 from convert import torch_to_flax
+from tests import tiny_model
 from tests.blocked_imports import run_without
 from tests.classifier import fitted_classifier, pil_preprocess
 from tests.images import image_folder, photo_files
@@ -22,6 +25,7 @@ from tresnet_jax.data.gpu_decode import BatchDecoder
 from tresnet_jax.data.preprocess import Preprocessing, load_image
 from tresnet_jax.data.tfds_reader import open_split
 
+pytestmark = pytest.mark.usefixtures("tiny_model")  # eval.py and predict.py find tresnet_tiny by its tensors
 SIZE = 64  # small inputs keep the model cheap on CPU; the preprocessing test also runs 224
 # eval.py's pixels equal the reference's (both are PIL's), so its logits differ from timm's only
 # by float32 arithmetic in two frameworks: the parity tests' bound for the same inputs.
@@ -63,10 +67,12 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def classifier(folder, tmp_path_factory):
-    """A timm TResNet-M for the 8 classes of the folder, its head fitted to them (see
+    """A timm tresnet_tiny for the 8 classes of the folder, its head fitted to them (see
     tests/classifier.py): (timm model, checkpoint path, reference logits and labels of the
     readable images, their files)."""
-    return fitted_classifier(folder, tmp_path_factory.mktemp("weights") / "tresnet_m_8cls.pth", SIZE)
+    tiny_model.register_in_timm()
+    path = tmp_path_factory.mktemp("weights") / "tiny_8cls.pth"
+    return fitted_classifier(folder, path, SIZE, model_name=tiny_model.NAME)
 
 
 def top_k_accuracy(logits, labels, k):
@@ -88,7 +94,6 @@ def eval_args(classifier, tmp_path, *extra):
         "--image-size",
         SIZE,
         "--no-progress",
-        "--no-compilation-cache",
         "--output",
         tmp_path / "results.json",
         "--save-logits",
@@ -122,7 +127,7 @@ def test_folder_eval_equals_pil_and_timm(folder, classifier, tmp_path, capsys):
     assert "skipped 1" in out
     assert f"images 20 | top-1 {results['top1']:.3f}" in out
     assert (results["model"], results["dtype"], results["preprocessing"]["input_size"]) == (
-        "tresnet_m",
+        tiny_model.NAME,
         "float32",
         SIZE,
     )
@@ -133,7 +138,8 @@ def test_eval_reads_a_folder_without_tensorflow(folder, classifier, tmp_path):
     skipped and named, and the time to the first batch reported."""
     _, _, expected, labels, _ = classifier
     args = [str(a) for a in eval_args(classifier, tmp_path, "--val_dir", folder, "--batch-size", 8)]
-    done = run_without({"tensorflow", "tensorflow_datasets"}, f"import sys, eval; sys.exit(eval.main({args!r}))")
+    code = f"{tiny_model.REGISTER}import eval; sys.exit(eval.main({args!r}))"
+    done = run_without({"tensorflow", "tensorflow_datasets"}, code)
     assert done.returncode == 0, done.stdout + done.stderr
     results = json.loads((tmp_path / "results.json").read_text())
     assert (results["images"], results["skipped"]) == (20, 1)

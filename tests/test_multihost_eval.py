@@ -5,7 +5,6 @@ single-process run."""
 import concurrent.futures
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +17,7 @@ from tests.images import image_folder
 from tests.multihost import coordinator_flags, describe, run_processes
 from tests.multilabel_digits import write_canvases
 
-EVAL_PY = Path(eval_cli.__file__).resolve()
+EVAL_WITH_TINY = tiny_model.REGISTER + "import eval\nsys.exit(eval.main(sys.argv[1:]))\n"  # eval.py, tresnet_tiny known
 SIZE = 64
 PROCESSES, DEVICES_PER_PROCESS = 2, 2
 BATCH = 8  # 4 rows per process, 2 per device: divides neither the 21 files nor the 20 readable ones
@@ -29,8 +28,11 @@ LOGIT_TOLERANCE = 1e-5
 
 @pytest.fixture(scope="module")
 def folder_and_weights(tmp_path_factory):
+    """tests/tiny_model.py's TResNet fitted to the folder's 8 classes (tests/classifier.py)."""
     folder = image_folder(tmp_path_factory.mktemp("images") / "val")
-    _, weights, *_ = fitted_classifier(folder, tmp_path_factory.mktemp("weights") / "tresnet_m_8cls.pth", SIZE)
+    tiny_model.register_in_timm()
+    path = tmp_path_factory.mktemp("weights") / "tiny_8cls.pth"
+    _, weights, *_ = fitted_classifier(folder, path, SIZE, model_name=tiny_model.NAME)
     return folder, weights
 
 
@@ -45,10 +47,10 @@ def eval_args(folder, weights):
         "--batch-size",
         BATCH,
         "--no-progress",
-        "--no-compilation-cache",
     ]
 
 
+@pytest.mark.usefixtures("tiny_model")
 def test_two_processes_count_every_image_once(folder_and_weights, tmp_path, capsys):
     folder, weights = folder_and_weights
     out = tmp_path / "out"
@@ -63,7 +65,7 @@ def test_two_processes_count_every_image_once(folder_and_weights, tmp_path, caps
             out / f"logits{i}.npz",
         ]
 
-    command = [sys.executable, EVAL_PY, *eval_args(folder, weights)]
+    command = [sys.executable, "-c", EVAL_WITH_TINY, *eval_args(folder, weights)]
     env = {
         "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}",
         "TRESNET_JAX_WEIGHTS": str(tmp_path / "no_weights"),
@@ -129,11 +131,10 @@ def test_two_processes_give_the_multi_label_map_of_one(tmp_path, capsys):
     args = ["--weights", workdir / "export", "--val-labels", val_csv, "--batch-size", BATCH, "--no-progress"]
     out = tmp_path / "out"
     out.mkdir()
-    code = tiny_model.REGISTER + "import eval\nsys.exit(eval.main(sys.argv[1:]))\n"
     env = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}", "TF_CPP_MIN_LOG_LEVEL": "2"}
     flags = lambda address, n, i: [*coordinator_flags(address, n, i), "--output", out / f"results{i}.json"]  # noqa: E731
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        command = [sys.executable, "-c", code, *args]
+        command = [sys.executable, "-c", EVAL_WITH_TINY, *args]
         job = pool.submit(run_processes, command, PROCESSES, env=env, timeout=240, cwd=tmp_path, flags=flags)
         single_code = eval_cli.main([str(a) for a in [*args, "--output", tmp_path / "single.json"]])
         runs = job.result()

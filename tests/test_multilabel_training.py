@@ -43,7 +43,7 @@ def test_learns_multi_label_digits_and_eval_and_predict_read_the_export(loss, ca
         *("--loss", loss, "--optimizer", "adam", "--lr", 2e-3, "--weight-decay", 1e-4),
         *("--image-size", SIZE, "--resize", "squish", "--batch-size", 32, "--epochs", EPOCHS),
         *("--randaugment-ops", 0, "--cutout", 0, "--no-flip", "--label-smoothing", 0, "--ema-decay", 0),
-        *("--eval-every", 0, "--workdir", workdir, "--no-progress", "--no-compilation-cache", "--num-devices", 1),
+        *("--eval-every", 0, "--workdir", workdir, "--no-progress", "--num-devices", 1),
     ]
     assert train_cli.main([str(a) for a in args]) == 0
     out = capsys.readouterr().out

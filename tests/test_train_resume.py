@@ -31,12 +31,6 @@ from tresnet_jax.train.config import TrainConfig
 pytestmark = pytest.mark.usefixtures("tiny_model")  # the runs train tresnet_tiny (tests/tiny_model.py)
 
 
-def one_device_env():
-    """One device a process; the run's compilation cache (conftest.py) comes with the
-    environment, so the program compiled for the reference serves the resumed runs."""
-    return {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-
-
 @pytest.fixture(scope="module")
 def data(digits, tmp_path_factory):
     """What every run of this file trains on: 3 digits of each class and a JPEG that cannot be
@@ -62,7 +56,7 @@ def reference(data, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("reference")
     code = blocker({"tensorflow", "tensorflow_datasets"}) + train_command(data, workdir)[2]
     command = [sys.executable, "-c", code, *train_command(data, workdir)[3:]]
-    done = subprocess.run(command, env=one_device_env(), capture_output=True, text=True, timeout=300, cwd=REPO)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert done.returncode == 0, done.stdout + done.stderr
     return Finished(workdir, done.stdout)
 
@@ -111,7 +105,7 @@ def test_two_devices_follow_the_same_loss_curve(data, tmp_path, reference_run):
     CPUs and models, and real bugs land far beyond them (measured on the 1,397 digits): a psum
     for the pmean (gradients doubled) gives losses 1.4e-2 apart at step 2, weights 1.5 and
     statistics 0.06; per-device BatchNorm statistics 1e-2 at step 1, 0.8 and 0.07."""
-    assert train_cli.main(tiny_args(data, tmp_path, "--num-devices", 2, "--no-compilation-cache")) == 0
+    assert train_cli.main(tiny_args(data, tmp_path, "--num-devices", 2)) == 0
     one, two = metrics(reference_run), metrics(tmp_path)
     assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3, 4]
     np.testing.assert_allclose([r["loss"] for r in two], [r["loss"] for r in one], rtol=1e-4)
@@ -134,9 +128,8 @@ def test_two_processes_stop_together_on_one_s_sigterm_and_resume_under_srun_with
     variables, no coordinator flags: a requeued job): they find their job through JAX's cluster
     detection, say so, and end with the parameters of one process, compared as 1 and 2 devices
     are, for the same reasons (only the order of additions differs)."""
-    # One device a process; the resumed processes read the program the first ones compiled
-    # from the run's compilation cache (conftest.py): the job's shape is the same.
-    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    # One device a process (the tiny run's --num-devices 1); the resumed processes read the
+    # program the first ones compiled from the run's compilation cache (conftest.py).
 
     def terminate_process_1(processes):
         def when_configured():  # process 0 writes config.json inside the run, before compiling
@@ -148,7 +141,7 @@ def test_two_processes_stop_together_on_one_s_sigterm_and_resume_under_srun_with
         threading.Thread(target=when_configured, daemon=True).start()
 
     command = train_command(data, tmp_path)
-    stopped = run_processes(command, 2, env=env, timeout=420, on_start=terminate_process_1, exit_codes=(0, 143))
+    stopped = run_processes(command, 2, timeout=420, on_start=terminate_process_1, exit_codes=(0, 143))
     assert [r.returncode for r in stopped] == [128 + signal.SIGTERM] * 2, describe(stopped)
     said = re.search(r"stopped by SIGTERM at step (\d+) of 4: checkpoint (\S+);", stopped[0].stdout)
     assert said, describe(stopped)
@@ -168,7 +161,7 @@ def test_two_processes_stop_together_on_one_s_sigterm_and_resume_under_srun_with
     command[2] = (
         "import os, sys\nos.environ['SLURM_PROCID'] = os.environ['SLURM_LOCALID'] = sys.argv.pop()\n" + command[2]
     )
-    resumed = run_processes(command, 2, env={**env, **slurm}, timeout=420, flags=lambda address, n, i: [i])
+    resumed = run_processes(command, 2, env=slurm, timeout=420, flags=lambda address, n, i: [i])
     assert [r.returncode for r in resumed] == [0, 0], describe(resumed)
     for index, run in enumerate(resumed):
         assert f"joined the SLURM (srun) job of 2 processes as process {index}" in run.stdout, describe(resumed)
@@ -187,9 +180,8 @@ def test_two_processes_stop_together_on_one_s_sigterm_and_resume_under_srun_with
 def test_killed_and_restarted_run_ends_exactly_like_an_uninterrupted_one(data, tmp_path, reference_run):
     """SIGKILL right after the step-2 checkpoint, then the same command again: bit-identical
     weights to the uninterrupted run in the same conditions (one device, same program)."""
-    env = one_device_env()
     command = [str(a) for a in train_command(data, tmp_path)]
-    run = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
     # Steps 3 and 4 and their checkpoint take about 0.7 s after this one appears: poll often.
     while not (tmp_path / "checkpoints" / "2").exists() and run.poll() is None and time.time() < deadline:
@@ -198,7 +190,7 @@ def test_killed_and_restarted_run_ends_exactly_like_an_uninterrupted_one(data, t
     output = run.communicate()[0]
     assert (tmp_path / "checkpoints" / "2").exists(), output
     assert not (tmp_path / "export").exists(), "the run finished before it could be killed"
-    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "resumed from the checkpoint at step 2" in again.stdout
     for name in ("export", "export_ema"):
@@ -212,9 +204,8 @@ def test_sigterm_checkpoints_the_current_step_and_the_same_command_resumes_bit_e
     reclaimed): it stops after the step in flight, step 1, between scheduled checkpoints, writes
     that step's checkpoint and says so; the same command then ends with the uninterrupted run's
     weights, bit for bit. (A signal sent later would race the tiny run's 20 ms steps.)"""
-    env = one_device_env()
     command = [str(a) for a in train_command(data, tmp_path)]
-    run = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     for line in run.stdout:
         lines.append(line)
@@ -230,7 +221,7 @@ def test_sigterm_checkpoints_the_current_step_and_the_same_command_resumes_bit_e
     assert Path(stopped.group(2)) == tmp_path / "checkpoints" / str(step)
     assert (tmp_path / "checkpoints" / str(step)).exists()
     assert not (tmp_path / "export").exists()
-    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stdout + again.stderr
     assert f"resumed from the checkpoint at step {step}" in again.stdout
     for name in ("export", "export_ema"):
@@ -239,7 +230,7 @@ def test_sigterm_checkpoints_the_current_step_and_the_same_command_resumes_bit_e
 
 
 def test_resuming_with_other_settings_is_refused(data, reference_run, capsys):
-    code = train_cli.main(tiny_args(data, reference_run, "--lr", "0.1", "--no-compilation-cache"))
+    code = train_cli.main(tiny_args(data, reference_run, "--lr", "0.1"))
     assert code == 1
     assert "holds a run with other settings (lr 0.05 -> 0.1); use a new --workdir" in capsys.readouterr().err
 

@@ -54,12 +54,18 @@ def subset(folder: Path, per_class: int, target: Path) -> Path:
     return target
 
 
-# The tiny run: tresnet_tiny (tests/tiny_model.py), 4 steps of batch 8 at 32 px, checkpoints at
-# steps 2 and 4, augmented on the device (the GPU's default path: the resume, device-count and
-# multi-process tests hold it to their promises; the host path's are tests/test_train_data.py's).
+# The tiny run: tresnet_tiny (tests/tiny_model.py), 4 steps of batch 8 at 32 px on one device,
+# checkpoints at steps 2 and 4, augmented on the device (the GPU's default path: the resume,
+# device-count and multi-process tests hold it to their promises; the host path's are
+# tests/test_train_data.py's). Its training and evaluation steps are compiled once a test run:
+# every process the tests start has the test process's XLA_FLAGS (conftest.py), which the
+# persistent compilation cache's key holds, so a run on the same settings and any data in
+# another test or process reads them back.
 TINY = [
     "--augment",
     "device",
+    "--num-devices",
+    1,
     "--model",
     tiny_model.NAME,
     "--image-size",
