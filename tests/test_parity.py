@@ -1,7 +1,9 @@
 """Converted weights reproduce timm, for every variant and both checkpoint layouts.
 
 Each case: a timm model with every tensor random -> saved as a checkpoint file -> converted
-by the command-line tool -> loaded by name or path -> Flax outputs vs timm outputs in float32.
+by the command-line tool -> loaded by name or path -> Flax outputs vs timm outputs in float32
+(the official layout of the variants other than tresnet_m: converted in memory, see
+``variant``).
 Bound: max |diff| <= 1e-4 * max(1, max |reference|), on logits and every stage's features.
 """
 
@@ -53,7 +55,12 @@ def convert_cli(args):
 
 @pytest.fixture(scope="module", params=list(OFFICIAL_KEYS))
 def variant(request, tmp_path_factory):
-    """Per variant: timm references for both layouts and the CLI conversions of each."""
+    """Per variant: timm references for both layouts and their conversions, as (timm model, the
+    converted model's name, Linen model, variables, the checkpoint's key count). The timm layout
+    goes through the command line and a weights directory for every variant; the official
+    layout does for tresnet_m, and through ``convert_state_dict`` (what the command line calls)
+    for the others: reading a file and storing the result do not depend on the variant, and
+    writing and reading a large model's weights directory takes seconds."""
     name = request.param
     classes = CLASSES.get(name, 1000)
     work = tmp_path_factory.mktemp(name)
@@ -66,22 +73,27 @@ def variant(request, tmp_path_factory):
             keys = len(state_dict["model"])
         else:
             keys = len(state_dict)
+        if layout == "official" and name != "tresnet_m":
+            converted = convert_state_dict({k: v.numpy() for k, v in state_dict["model"].items()})
+            model = tresnet_jax.TResNet(converted.model.arch, converted.num_classes)
+            cases[layout] = (reference, converted.model_name, model, converted.variables, keys)
+            continue
         path = work / f"{name}_{layout}.pth"
         torch.save(state_dict, path)
         # timm's tresnet_v2_l tensors are ambiguous with 1000 classes: name the model there.
         model_flag = ["--model", name] if layout == "timm" and name == "tresnet_l_v2" else []
         convert_cli([path, "--output", work / layout, *model_flag])
-        cases[layout] = (reference, work / layout, keys)
-    return name, cases
+        model, variables = tresnet_jax.load(work / layout)
+        cases[layout] = (reference, tresnet_jax.load_metadata(work / layout)["model"], model, variables, keys)
+    return name, cases, work
 
 
 @pytest.mark.parametrize("layout", ["timm", "official"])
 def test_converted_logits_and_stage_features_equal_timm(variant, layout):
-    name, cases = variant
-    reference, weights, keys = cases[layout]
+    name, cases, _ = variant
+    reference, converted_name, model, variables, keys = cases[layout]
     assert keys == (OFFICIAL_KEYS if layout == "official" else TIMM_KEYS)[name]
-    model, variables = tresnet_jax.load(weights)
-    assert tresnet_jax.load_metadata(weights)["model"] == name
+    assert converted_name == name
     logits, stages = forward_all(model)(variables, IMAGES)
     assert parity_error(logits, torch_logits(reference, IMAGES)) <= PARITY_BOUND
     for ours, theirs in zip(stages, torch_stage_features(reference, IMAGES), strict=True):
@@ -90,11 +102,10 @@ def test_converted_logits_and_stage_features_equal_timm(variant, layout):
 
 
 def test_round_trip_flax_torch_flax_is_exact_and_timm_loads_strictly(variant, tmp_path):
-    name, cases = variant
-    reference, weights, _ = cases["timm"]
-    _, variables = tresnet_jax.load(weights)
+    name, cases, work = variant
+    reference, _, _, variables, _ = cases["timm"]
     out = tmp_path / "back.safetensors"
-    assert flax_to_torch.main([str(weights), str(out)]) == 0
+    assert flax_to_torch.main([str(work / "timm"), str(out)]) == 0
     from safetensors.torch import load_file
 
     state_dict = load_file(out)
