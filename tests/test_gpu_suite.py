@@ -30,9 +30,8 @@ from tests import tiny_model
 from tests.blocked_imports import blocker
 from tests.tiny_model import SPEC as TINY  # one block a stage
 from tresnet_jax.evaluation import batch_spec, make_eval_step
-from tresnet_jax.model.initialization import random_variables
 from tresnet_jax.model.linen import TResNet
-from tresnet_jax.runtime.parallel import BATCH_AXIS, data_mesh, replicate, shard_batch
+from tresnet_jax.runtime.parallel import BATCH_AXIS, data_mesh
 from tresnet_jax.runtime.xla_options import DETERMINISTIC_GPU_FLAG, TF32_VARIABLE, request_deterministic_gpu_ops
 from tresnet_jax.train.config import TrainConfig, check_resumable
 from tresnet_jax.train.metrics import LaggedMetrics
@@ -501,39 +500,6 @@ def test_float32_steps_are_true_float32_unless_tf32_is_asked_for(dtype, tf32, hi
         assert program.count("stablehlo.convolution") > 0
         convolutions = [line for line in program.splitlines() if "stablehlo.convolution" in line]
         assert all(("precision HIGHEST" in line) == highest for line in convolutions)
-
-
-def test_batchnorm_per_device_is_the_mean_of_the_shards_own_steps():
-    """--no-sync-bn: each device normalises its shard with the shard's statistics, and the
-    gradients and running statistics are averaged, so one step on 2 devices is the mean of one
-    step on each half alone (SGD's first step is linear in the gradients). Synchronised
-    statistics would not give that: the halves' statistics differ from the whole batch's."""
-    cfg = OptimConfig(total_steps=10, lr=0.05, ema_decay=0.0)
-    tx = make_optimizer(cfg)
-    state = jax.tree_util.tree_map(np.asarray, create_state(random_variables(TINY, 10), tx, cfg, seed=0))
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (8, SIZE, SIZE, 3), dtype=np.uint8)
-    images[4:] //= 3  # the halves differ in their statistics
-    labels = rng.integers(0, 10, 8).astype(np.int32)
-
-    def stepper(devices):
-        mesh = data_mesh(jax.devices()[:devices])
-        step = make_train_step(TResNet(TINY, 10), tx, cfg, mesh)  # no axis_name: per-device statistics
-
-        def run(rows):
-            batch = shard_batch({"image": images[rows], "label": labels[rows]}, mesh)
-            new, metrics = step(replicate(state, mesh), batch)
-            return jax.device_get({"params": new.params, "batch_stats": new.batch_stats}), float(metrics["loss"])
-
-        return run
-
-    two, two_loss = stepper(2)(slice(0, 8))
-    one = stepper(1)
-    (first, first_loss), (second, second_loss) = one(slice(0, 4)), one(slice(4, 8))
-    np.testing.assert_allclose(two_loss, (first_loss + second_loss) / 2, rtol=1e-5)
-    mean = jax.tree_util.tree_map(lambda a, b: (a + b) / 2, first, second)
-    for got, want in zip(jax.tree_util.tree_leaves(two), jax.tree_util.tree_leaves(mean), strict=True):
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
 
 
 def test_without_synced_batchnorm_the_device_count_is_a_setting_of_the_run(tmp_path):

@@ -1,6 +1,7 @@
 """The training step on a tiny network: mixup/CutMix mix the global batch the same on any
-number of devices, and an fp16 step skipped for overflow leaves everything, the learning-rate
-schedule included, where it was (with the augmentation on the device too)."""
+number of devices, an fp16 step skipped for overflow leaves everything, the learning-rate
+schedule included, where it was (with the augmentation on the device too), and BatchNorm per
+device is the mean of each shard's own step."""
 
 from collections.abc import Callable
 from typing import Any
@@ -307,3 +308,45 @@ def test_multi_label_step_loss_is_the_asymmetric_loss_of_smoothed_multi_hot_targ
     expected = asymmetric_loss(logits, targets, *gammas, clip)
     assert metrics[0]["loss"] == pytest.approx(float(expected), rel=1e-5)
     assert "accuracy" not in metrics[0]
+
+
+# --- BatchNorm per device ------------------------------------------------------------------------
+
+
+def test_batchnorm_per_device_is_the_mean_of_the_shards_own_steps():
+    """--no-sync-bn: each device normalises its shard with the shard's statistics, and the
+    gradients and running statistics are averaged, so one step on 2 devices is the mean of one
+    step on each half alone (SGD's first step is linear in the gradients). Synchronised
+    statistics would not give that: the halves' statistics differ from the whole batch's."""
+    cfg = OptimConfig(total_steps=10, lr=0.05, ema_decay=0.0)
+    tx = make_optimizer(cfg)
+    model = TinyNet(axis_name=None)  # per-device statistics
+    variables = model.init(jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3)))
+    state = jax.tree_util.tree_map(np.asarray, create_state(variables, tx, cfg, seed=0))
+    batch = random_batches(1, 8)[0]
+    batch["image"][4:] //= 3  # the halves differ in their statistics
+
+    def stepper(devices):
+        mesh = mesh_of(devices)
+        step = make_train_step(model, tx, cfg, mesh)
+
+        def run(rows):
+            new, metrics = step(
+                replicate(state, mesh), shard_batch({k: batch[k][rows] for k in ("image", "label")}, mesh)
+            )
+            return jax.device_get({"params": new.params, "batch_stats": new.batch_stats}), float(metrics["loss"])
+
+        return run
+
+    two, two_loss = stepper(2)(slice(0, 8))
+    one = stepper(1)
+    (first, first_loss), (second, second_loss) = one(slice(0, 4)), one(slice(4, 8))
+    np.testing.assert_allclose(two_loss, (first_loss + second_loss) / 2, rtol=1e-5)
+    mean = jax.tree_util.tree_map(lambda a, b: (a + b) / 2, first, second)
+    for got, want in zip(jax.tree_util.tree_leaves(two), jax.tree_util.tree_leaves(mean), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    # Synchronised statistics would not: the global batch's variance is not the mean of the halves'.
+    mesh = mesh_of(2)
+    synced = make_train_step(model.clone(axis_name=BATCH_AXIS), tx, cfg, mesh)
+    new, _ = synced(replicate(state, mesh), shard_batch({k: batch[k] for k in ("image", "label")}, mesh))
+    assert not np.allclose(jax.device_get(new.batch_stats["bn"]["var"]), two["batch_stats"]["bn"]["var"], rtol=1e-4)
