@@ -116,6 +116,7 @@ def test_coco_logits_equal_timm(coco, monkeypatch):
     assert parity_error(logits, torch_logits(reference, IMAGES)) <= PARITY_BOUND
 
 
+@pytest.mark.slow
 def test_voc_checkpoint_metadata(tmp_path, capsys):
     """ASL's TResNet-XL VOC file: 20 classes at 448, the VOC 2007 mAP."""
     reference = random_timm_model("tresnet_xl", len(VOC_CLASSES), seed=1, positive_gammas=True)
@@ -228,6 +229,7 @@ def printed(lines: list[str]) -> list[tuple[float, str]]:
     return out
 
 
+@pytest.mark.slow
 def test_predict_prints_the_classes_above_the_threshold(coco, photo, monkeypatch, capsys):
     reference, root = coco
     monkeypatch.setenv("TRESNET_JAX_WEIGHTS", str(root))
@@ -277,6 +279,7 @@ def test_threshold_with_single_label_weights_is_an_error(tiny_model, tmp_path, c
     )
 
 
+@pytest.mark.slow
 def test_eval_map_on_a_label_csv_equals_timm_logits_through_scikit_learn(tmp_path, monkeypatch, capsys):
     """eval.py --weights FILE --val-labels CSV on ASL's TResNet-M COCO file (read directly, the
     tag from its name): the mAP and per-class AP that scikit-learn gives for timm's logits of the

@@ -42,6 +42,7 @@ def tiny_everywhere(tiny_model):
     return tiny_model
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("tiny_everywhere")
 def test_inference_sweep_writes_rows_for_both_frameworks_and_a_png(tmp_path, capsys):
     compare = ["--compare", "timm", "--timm-variants", "eager"]
@@ -62,6 +63,7 @@ def test_inference_sweep_writes_rows_for_both_frameworks_and_a_png(tmp_path, cap
     assert "| timm_eager | 2 |" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("tiny_everywhere")
 def test_training_step_runs_for_both_frameworks(tmp_path):
     args = [*TINY, "--mode", "train", "--batch-size", "2", "--compare", "timm", "--timm-variants", "eager"]

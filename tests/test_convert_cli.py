@@ -210,6 +210,7 @@ def test_load_of_a_name_neither_stored_nor_cached_says_how_to_fetch_it(weights_r
         tresnet_jax.load("tresnet_xl")
 
 
+@pytest.mark.slow
 def test_command_line_entry_point(tmp_path, weights_root):
     """The script as a user runs it: usage errors exit 2, bad input exits 1 with one line."""
     script = REPO / "convert" / "torch_to_flax.py"

@@ -133,6 +133,7 @@ def test_folder_eval_equals_pil_and_timm(folder, classifier, tmp_path, capsys):
     )
 
 
+@pytest.mark.slow
 def test_eval_reads_a_folder_without_tensorflow(folder, classifier, tmp_path):
     """As on a GPU machine with neither TensorFlow nor TFDS: the same results, the corrupt file
     skipped and named, and the time to the first batch reported."""
@@ -167,6 +168,7 @@ def test_every_image_counted_once_on_any_device_count(folder, classifier, tmp_pa
     assert np.isfinite(saved["logits"]).all(axis=1).sum() == 20
 
 
+@pytest.mark.slow
 def test_sharded_tfds_split_rows_follow_the_split_and_a_corrupt_record_is_named(
     folder, classifier, tmp_path, capsys, weights_root
 ):

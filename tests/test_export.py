@@ -100,6 +100,7 @@ def test_onnx_equals_flax_at_two_batch_sizes(weights, tmp_path, capsys):
         assert parity_error(logits, expected[:n]) <= PARITY_BOUND
 
 
+@pytest.mark.slow
 def test_onnx_float16_computes_in_float16_close_to_float32(weights, tmp_path, capsys):
     directory, expected = weights
     path = tmp_path / "m16.onnx"
@@ -125,6 +126,7 @@ print(json.dumps({{"platforms": list(forward.platforms), "input": str(forward.in
 """
 
 
+@pytest.mark.slow
 def test_stablehlo_runs_without_this_package_and_equals_flax(weights, tmp_path, capsys):
     directory, expected = weights
     path = tmp_path / "m.stablehlo"

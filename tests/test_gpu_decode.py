@@ -399,6 +399,7 @@ def test_decode_choices_on_a_machine_without_cuda(monkeypatch):
         select_decoder("nvjpeg")
 
 
+@pytest.mark.slow
 def test_without_pytorch_the_module_imports_and_auto_stays_on_the_host():
     code = (
         "import sys\n"

@@ -76,6 +76,7 @@ def smoke(tmp_path_factory):
     return done, results, (root / "out" / "summary.md").read_text(), root / "out"
 
 
+@pytest.mark.slow
 def test_smoke_runs_every_section_without_tensorflow(smoke):
     done, results, summary, _ = smoke
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -94,6 +95,7 @@ def test_smoke_runs_every_section_without_tensorflow(smoke):
     assert problems[2:] == ["- more_models: tresnet_tiny_fp32_infer skipped (measured by the inference section)"]
 
 
+@pytest.mark.slow
 def test_smoke_correctness_is_timm_parity_in_float32(smoke):
     _, results, _, _ = smoke
     checks = results["correctness"]["results"]
@@ -107,6 +109,7 @@ def test_smoke_correctness_is_timm_parity_in_float32(smoke):
     assert (checks["fp32_tf32"]["top1_agreement"], checks["fp32_tf32"]["top5_agreement"]) == (1.0, 1.0)
 
 
+@pytest.mark.slow
 def test_smoke_compares_jax_with_timm_and_reads_the_cache_back(smoke):
     _, results, _, _ = smoke
     inference = results["inference"]["results"]["tresnet_tiny_fp32"]
@@ -131,6 +134,7 @@ def test_smoke_compares_jax_with_timm_and_reads_the_cache_back(smoke):
         assert [p["batch"] for p in probes[f"{side}_search"]["probes"]] == [2]
 
 
+@pytest.mark.slow
 def test_smoke_runs_the_library_steps_end_to_end(smoke):
     _, results, _, _ = smoke
     e2e = results["end_to_end"]["results"]
@@ -140,6 +144,7 @@ def test_smoke_runs_the_library_steps_end_to_end(smoke):
     assert e2e["host_jpeg_decoding"]["images"] == 8
 
 
+@pytest.mark.slow
 def test_smoke_runs_train_py_and_eval_py_on_jpegs(smoke):
     _, results, summary, out = smoke
     record = results["jpeg_pipeline"]
@@ -358,6 +363,7 @@ def test_training_rate_and_host_cpu_from_the_metrics_rows():
     assert jpeg_pipeline.training_figures(rows[:2], 64, 2, finished)["images_per_s"] is None
 
 
+@pytest.mark.slow
 def test_the_cpu_of_a_command_and_its_children_is_sampled(tmp_path):
     if not Path("/proc/self/stat").exists():
         pytest.skip("no /proc here")

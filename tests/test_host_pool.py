@@ -173,6 +173,7 @@ stream.close()
 """
 
 
+@pytest.mark.slow
 def test_a_script_that_stops_early_exits_without_resource_tracker_warnings():
     """The resource tracker names any shared memory not unlinked when the script exits, and
     warns of its own registry going wrong: it must say nothing."""

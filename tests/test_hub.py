@@ -76,6 +76,7 @@ def test_pretrained_by_architecture_equals_timm_and_is_stored_by_tag(offline, we
             np.testing.assert_array_equal(leaf, traverse_util.flatten_dict(variables)[path])
 
 
+@pytest.mark.slow
 def test_new_head_with_pretrained_keeps_the_backbone(offline):
     _, pretrained = tresnet_jax.create_model("tresnet_m", pretrained=True)
     model, variables = tresnet_jax.create_model("tresnet_m", pretrained=True, num_classes=7, seed=1)
@@ -151,6 +152,7 @@ def test_converter_takes_a_hub_repository(offline, weights_root, capsys):
     assert tresnet_jax.load_metadata("m_hub")["source"]["revision"] == COMMIT
 
 
+@pytest.mark.slow
 def test_pretrained_path_needs_neither_torch_nor_tensorflow(hub, tmp_path):
     np.save(tmp_path / "images.npy", IMAGES)
     code = f"""

@@ -32,9 +32,9 @@ def test_parameter_count_equals_published(name):
     ("name", "channels"),
     [
         ("tresnet_m", (64, 64, 128, 1024, 2048)),
-        ("tresnet_l", (76, 76, 152, 1216, 2432)),
-        ("tresnet_xl", (83, 83, 166, 1328, 2656)),
-        ("tresnet_v2_l", (64, 256, 512, 1024, 2048)),
+        pytest.param("tresnet_l", (76, 76, 152, 1216, 2432), marks=pytest.mark.slow),
+        pytest.param("tresnet_xl", (83, 83, 166, 1328, 2656), marks=pytest.mark.slow),
+        pytest.param("tresnet_v2_l", (64, 256, 512, 1024, 2048), marks=pytest.mark.slow),
     ],
 )
 def test_stage_feature_shapes_any_multiple_of_32(name, channels):
@@ -127,7 +127,10 @@ def test_registry_holds_the_published_configurations():
     assert tresnet_jax.list_models() == ["tresnet_m", "tresnet_l", "tresnet_xl", "tresnet_v2_l", "tresnet_l_v2"]
 
 
-@pytest.mark.parametrize("name", list(ARCHITECTURES))
+# Tracing the larger variants' init takes seconds: tresnet_m in the fast tier, all of them in the full run.
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=() if n == "tresnet_m" else pytest.mark.slow) for n in ARCHITECTURES]
+)
 def test_variable_specs_are_the_modules_variables(name):
     """The shapes create_model draws without tracing are exactly those Flax's init creates."""
     for classes in (10, 0):

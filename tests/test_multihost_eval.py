@@ -18,6 +18,8 @@ from tests.multilabel_digits import CLASS_NAMES, write_canvases
 from tresnet_jax.model.initialization import random_variables
 from tresnet_jax.weights.storage import save_weights
 
+pytestmark = pytest.mark.slow  # processes of their own: not in the fast tier
+
 EVAL_WITH_TINY = tiny_model.REGISTER + "import eval\nsys.exit(eval.main(sys.argv[1:]))\n"  # eval.py, tresnet_tiny known
 SIZE = 64
 PROCESSES, DEVICES_PER_PROCESS = 2, 2

@@ -34,6 +34,7 @@ def canvases(tmp_path_factory):
     return write_canvases(tmp_path_factory.mktemp("canvases"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["asl", "bce"])
 def test_learns_multi_label_digits_and_eval_and_predict_read_the_export(loss, canvases, tmp_path, capsys):
     train_csv, val_csv = canvases
@@ -85,6 +86,7 @@ def test_learns_multi_label_digits_and_eval_and_predict_read_the_export(loss, ca
     assert any(re.fullmatch(r"\s+\d+\.\d\d%  digit\d", line) for line in lines), lines
 
 
+@pytest.mark.slow
 def test_trains_on_tfds_voc_and_eval_gives_the_validation_map(tmp_path, capsys):
     """voc/2007 as TFDS lays it out (tests/tfds_folders.py): trained on train+validation,
     validated on test; eval.py on the export computes the same mAP from the same split. TFDS

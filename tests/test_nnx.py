@@ -126,6 +126,7 @@ def fine_tuned(linen):
     return losses, first_statistics
 
 
+@pytest.mark.slow
 def test_train_mode_updates_running_statistics_as_linen(linen, fine_tuned):
     _, first_statistics = fine_tuned
     reference = traverse_util.flatten_dict(linen.train_statistics)
@@ -138,6 +139,7 @@ def test_train_mode_updates_running_statistics_as_linen(linen, fine_tuned):
     assert any(not np.allclose(flat[p], before[p]) for p in flat)
 
 
+@pytest.mark.slow
 def test_nnx_optimizer_fine_tuning_lowers_the_loss(linen, fine_tuned):
     losses, _ = fine_tuned
     first_loss = optax.softmax_cross_entropy_with_integer_labels(linen.train_logits, LABELS).mean()

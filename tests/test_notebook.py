@@ -16,6 +16,8 @@ from tests.hub_cache import add_repo, timm_files
 from tests.reference import random_timm_model
 from tresnet_jax.data.classes import imagenet_index
 
+pytestmark = pytest.mark.slow  # processes of their own: not in the fast tier
+
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "quickstart.ipynb"
 KERNEL = "tresnet-jax-test"

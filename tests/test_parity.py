@@ -53,7 +53,11 @@ def convert_cli(args):
     assert torch_to_flax.main([str(a) for a in args]) == 0
 
 
-@pytest.fixture(scope="module", params=list(OFFICIAL_KEYS))
+# tresnet_m in the fast tier, every variant in the full run.
+@pytest.fixture(
+    scope="module",
+    params=[pytest.param(name, marks=() if name == "tresnet_m" else pytest.mark.slow) for name in OFFICIAL_KEYS],
+)
 def variant(request, tmp_path_factory):
     """Per variant: timm references for both layouts and their conversions, as (timm model, the
     converted model's name, Linen model, variables, the checkpoint's key count). The timm layout
@@ -128,6 +132,7 @@ def tresnet_m_timm(tmp_path_factory):
     return reference, path, tresnet_jax.TResNet(tresnet_jax.ARCHITECTURES["tresnet_m"]), converted.variables
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("height", "width"), [(448, 448), (160, 96)])
 def test_large_and_non_square_inputs(tresnet_m_timm, height, width):
     reference, _, model, variables = tresnet_m_timm
@@ -137,6 +142,7 @@ def test_large_and_non_square_inputs(tresnet_m_timm, height, width):
     assert parity_error(stages[-1], torch_stage_features(reference, images)[-1]) <= PARITY_BOUND
 
 
+@pytest.mark.slow
 def test_imagenet21k_head_from_safetensors(tmp_path, weights_root):
     reference = random_timm_model("tresnet_m", num_classes=11221, seed=4)
     path = tmp_path / "tresnet_m.miil_in21k" / "model.safetensors"
@@ -172,6 +178,7 @@ def test_training_mode_forward_and_batch_statistics_equal_timm(tresnet_m_timm):
 REDUCED_PRECISION_BOUNDS = {jnp.bfloat16: 1e-2, jnp.float16: 2e-3}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", list(REDUCED_PRECISION_BOUNDS))
 def test_reduced_precision_against_float32(tresnet_m_timm, dtype):
     reference, _, model, variables = tresnet_m_timm

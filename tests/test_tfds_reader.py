@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
@@ -134,6 +133,8 @@ def test_records_are_what_tfds_gives_for_each_index(prepared, expected):
 def test_split_order_is_the_shard_files_read_in_order(prepared, expected):
     """TFDS's split order: shard files 0..N-1, records in file order. Its whole-split read with
     shuffle_files=False is not that order: it interleaves the shards in blocks of 16 records."""
+    import tensorflow as tf  # here, not at import: collecting the tests needs no TensorFlow
+
     version_dir = _version_dir(prepared["tfrecord"])
     files = [str(_shard(version_dir, i)) for i in range(SHARDS)]
     raw = [parse_example(record.numpy()) for record in tf.data.TFRecordDataset(files)]
@@ -188,6 +189,7 @@ def test_threads_read_what_one_thread_reads(prepared, file_format):
     assert got == wanted
 
 
+@pytest.mark.slow
 def test_reads_without_tensorflow_or_tfds(prepared, expected, multi_label, multi_expected):
     digest = hashlib.sha256(b"".join(image + bytes([label]) for image, label in expected)).hexdigest()
     code = f"""
@@ -455,6 +457,8 @@ def test_class_names(prepared, tmp_path):
 
 
 def test_parse_example_agrees_with_tensorflow():
+    import tensorflow as tf
+
     features = {
         "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"\x89PNG" + bytes(300), b""])),
         "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[0, 7, -1, 2**63 - 1, -(2**63), 300])),
@@ -653,6 +657,8 @@ def test_none_of_the_label_layouts(multi_label, tmp_path):
 
 def _rewrite_first_record(shard: Path, edit) -> None:
     """Replace record 0 of a tfrecord shard by its tf.train.Example as ``edit`` changes it."""
+    import tensorflow as tf
+
     records = [bytes(record.numpy()) for record in tf.data.TFRecordDataset([str(shard)])]
     example = tf.train.Example.FromString(records[0])
     edit(example.features.feature)
@@ -661,6 +667,8 @@ def _rewrite_first_record(shard: Path, edit) -> None:
 
 
 def test_malformed_label_lists(multi_label, multi_expected, tmp_path):
+    import tensorflow as tf
+
     version_dir = _voc_copy(multi_label, tmp_path)
     shard = version_dir / f"voc-train.tfrecord-00000-of-{MULTI_SHARDS:05d}"
     original = shard.read_bytes()

@@ -38,6 +38,7 @@ pytestmark = pytest.mark.usefixtures("tiny_model")
 # --- learning for real ------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_learns_digits_and_exports_weights_eval_can_read(digits, tmp_path, capsys):
     """From scratch, two epochs of 1397 digits at 32x32 with AdamW: held-out top-1 >= 90 %
     (measured 98.0-98.5 % over seeds 0-2 and both XLA:CPU convolution orderings). The model is
@@ -118,6 +119,7 @@ def test_learns_digits_and_exports_weights_eval_can_read(digits, tmp_path, capsy
     assert json.loads(results.read_text())["top1"] == pytest.approx(final["val_top1"])
 
 
+@pytest.mark.slow
 def test_trains_from_a_tfds_dataset_and_validates_on_its_validation_split(digits, tmp_path):
     """A split in 3 shards of 30 records (read by index across shards), its validation split beside it."""
     data_dir = tmp_path / "tfds"
@@ -139,6 +141,7 @@ def test_trains_from_a_tfds_dataset_and_validates_on_its_validation_split(digits
 # --- precision ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_fp16_overflow_skips_the_step_and_halves_the_loss_scale():
     """On tresnet_tiny (XLA:CPU compiles float16 slowly), the real step."""
     mesh = data_mesh(jax.devices()[:1])
@@ -171,6 +174,7 @@ def test_fp16_overflow_skips_the_step_and_halves_the_loss_scale():
         assert not np.array_equal(old, new), path
 
 
+@pytest.mark.slow
 def test_diverging_loss_stops_without_writing_a_bad_checkpoint(digits, tmp_path, capsys):
     args = tiny_args(digits, tmp_path, "--checkpoint-every", "1", "--lr", "1e30")
     assert train_cli.main(args) == 1

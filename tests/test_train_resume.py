@@ -28,7 +28,10 @@ from tresnet_jax.model.registry import resolve
 from tresnet_jax.train.checkpoints import initial_variables
 from tresnet_jax.train.config import TrainConfig
 
-pytestmark = pytest.mark.usefixtures("tiny_model")  # the runs train tresnet_tiny (tests/tiny_model.py)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.usefixtures("tiny_model"),
+]  # the runs train tresnet_tiny (tests/tiny_model.py)
 
 
 @pytest.fixture(scope="module")

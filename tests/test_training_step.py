@@ -150,6 +150,7 @@ def test_partners_are_the_reversed_global_batch():
         np.testing.assert_array_equal(partners, rows[::-1], err_msg=f"{devices} devices")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MIXES)
 def test_mixing_on_n_devices_is_bitwise_what_one_device_computes(name):
     cfg = MIXES[name]
@@ -177,6 +178,7 @@ def test_mixing_on_n_devices_is_bitwise_what_one_device_computes(name):
     assert kinds == ({"mixup", "cutmix"} if name == "both" else {name})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["cross_entropy", "asl"])
 def test_train_step_with_mixup_and_cutmix_on_two_devices_follows_one(loss):
     """Three steps of batch 8, mixup and CutMix on. The mixed batches are bitwise the same on 1
@@ -205,7 +207,10 @@ def test_train_step_with_mixup_and_cutmix_on_two_devices_follows_one(loss):
 FINE, OVERFLOW = 2.0**10, 2.0**100  # 2**100 times the loss overflows float16 in the backward pass
 
 
-@pytest.mark.parametrize(("optimizer", "augment"), [("sgd", None), ("adamw", None), ("sgd", DEVICE_AUGMENT)])
+@pytest.mark.parametrize(
+    ("optimizer", "augment"),
+    [("sgd", None), ("adamw", None), pytest.param("sgd", DEVICE_AUGMENT, marks=pytest.mark.slow)],
+)
 def test_fp16_skipped_step_leaves_everything_and_the_schedule_where_it_was(optimizer, augment):
     """Steps 1-4, step 2 overflowing: after it the weights, optimizer state, BatchNorm
     statistics and EMA are what they were; the schedule's count did not move, so each step's
