@@ -21,7 +21,6 @@ import pytest
 import timm  # noqa: F401
 import torch  # noqa: F401
 
-from tests.timings import file_durations
 from tresnet_jax.cli import COMPILATION_CACHE_ENV, enable_compilation_cache
 
 pytest_plugins = ["tests.timings"]  # where the run's time went, printed at its end
@@ -56,7 +55,7 @@ def tiny_model():
 def pytest_configure(config: pytest.Config) -> None:
     """One persistent compilation cache for the whole run, in its temporary directory: the
     controller makes it before the xdist workers start, and they, the processes the tests start
-    (train.py, eval.py, the notebook's kernel) and this process share it through the
+    (train.py, eval.py and the benchmark's commands) and this process share it through the
     environment, so a program any of them compiled is read back by the others (the key holds
     XLA_FLAGS: processes with other device counts compile their own). Tests write nothing
     outside the run's directory, and no run is faster for what an earlier run compiled."""
@@ -65,11 +64,3 @@ def pytest_configure(config: pytest.Config) -> None:
         path.mkdir(exist_ok=True)
         os.environ[COMPILATION_CACHE_ENV] = str(path)
     enable_compilation_cache()
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The longest files first (tests/durations.json, a file not in it last), in their own order
-    within: pytest-xdist hands the files out in this order, so the last to start is short."""
-    seconds = file_durations()
-    root = config.rootpath
-    items.sort(key=lambda item: -seconds.get(item.path.relative_to(root).as_posix(), 0.0))

@@ -11,8 +11,8 @@ Under pytest-xdist every worker sends its rows to the controller, which prints:
 - the slowest files, with the same columns.
 
 ``--timings-json PATH`` also writes every row, for a before/after comparison;
-``--store-durations`` writes each file's seconds to tests/durations.json, from which
-conftest.py sends the longest files to the workers first.
+``--store-durations`` writes each file's seconds to tests/durations.json, from which the
+collection is ordered so that the longest files go to the workers first.
 """
 
 from __future__ import annotations
@@ -157,3 +157,11 @@ def _line(name: str, rows: list[dict], columns: tuple[str, ...]) -> str:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(Timings(config), "tresnet_timings")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The longest files first (tests/durations.json, a file not in it last), in their own order
+    within: pytest-xdist hands the files out in this order, so the last to start is short."""
+    seconds = file_durations()
+    root = config.rootpath
+    items.sort(key=lambda item: -seconds.get(item.path.relative_to(root).as_posix(), 0.0))

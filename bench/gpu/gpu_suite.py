@@ -191,13 +191,14 @@ class Plan:
 
 
 # Toy sizes, every code path once; float32, which XLA:CPU compiles and runs fastest (the
-# precision is a parameter of the same code).
+# precision is a parameter of the same code). train.py's JPEG run reads its 48 files once: more
+# than its input pool holds in flight, so the rows after the first still count host work.
 SMOKE = Plan(
     image_size=32, check_size=32, checks=("fp32", "fp32_tf32"), infer_batch=2,
     inference=(("tresnet_m", "fp32", EAGER),), train_precision="fp32", train_batch=2, train_variants=EAGER,
     warmup=0, windows=1, steps=1, max_batch_limit=2, max_batch_probes=1, probe_timeout_s=300, e2e_batch=2,
     e2e_steps=1, repeated_steps=1, decode_images=8, jpeg_images=24, jpeg_progressive=1, jpeg_png=1, jpeg_copies=2,
-    jpeg_precision="fp32", jpeg_batch=4, jpeg_train_steps=4, jpeg_log_every=1, jpeg_skip_rows=1,
+    jpeg_precision="fp32", jpeg_batch=4, jpeg_train_steps=12, jpeg_log_every=1, jpeg_skip_rows=1,
     jpeg_runs=(("train", "train_jpeg", "folder", ("--augment", "device", "--decode", "host")),
                ("eval", "eval_jpeg", "folder", ("--decode", "host"))),
     more_models=(("tresnet_m", "infer", "fp32", 2, EAGER),), budgets=dict.fromkeys(SECTIONS, 900.0),
