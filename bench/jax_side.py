@@ -15,8 +15,9 @@ import optax
 import tresnet_jax
 from bench.spec import BenchSpec, synthetic_batch
 from bench.timing import Runner, timed
+from tresnet_jax.runtime.precision import PRECISIONS
+from tresnet_jax.runtime.xla_options import pointwise_as_matmul_for
 
-COMPUTE_DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
 # float16 gradients underflow without scaling; a fixed scale is enough to time the step
 # (a trainer adjusts it dynamically).
 FP16_LOSS_SCALE = 1024.0
@@ -66,7 +67,7 @@ def jax_runner(spec: BenchSpec, options: dict[str, str] | None = None, name: str
     ``first_call_s`` counts tracing, compilation and the first step; initialising the
     variables is not counted."""
     model, variables = initialised(spec.model, spec.num_classes)
-    model = model.clone(dtype=COMPUTE_DTYPES[spec.precision])
+    model = benchmarked(model, spec)
     images, labels = (jax.device_put(a) for a in synthetic_batch(spec))
     options = options or {}
     start = time.perf_counter()
@@ -92,7 +93,14 @@ def jax_runner(spec: BenchSpec, options: dict[str, str] | None = None, name: str
 def initialised(name: str, num_classes: int) -> tuple[tresnet_jax.TResNet, Any]:
     """A fresh model, initialised once per process: a sweep and the side-by-side runners use the
     same variables at every batch size."""
-    return tresnet_jax.create_model(name, num_classes)
+    return tuple(tresnet_jax.create_model(name, num_classes=num_classes))
+
+
+def benchmarked(model: tresnet_jax.TResNet, spec: BenchSpec) -> tresnet_jax.TResNet:
+    """The model as ``spec`` runs it: in its precision, float32 with TF32 allowed as timm's
+    convolutions are by default (cuDNN's ``allow_tf32``), 1x1 convolutions written as train.py
+    writes them on this backend."""
+    return model.clone(dtype=PRECISIONS[spec.precision], allow_tf32=True, pointwise_as_matmul=pointwise_as_matmul_for())
 
 
 def _train_step(model: tresnet_jax.TResNet, variables: Any, spec: BenchSpec) -> tuple[Any, TrainState]:

@@ -32,7 +32,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx as fnnx
+from flax import nnx
 
 import tresnet_jax.nnx
 from bench.jax_side import TrainState, initialised, jax_runner, memory_notes, train_loop
@@ -46,13 +46,13 @@ from tresnet_jax.runtime.xla_options import compiler_options
 NNX_WAYS = ("nnx_jit", "nnx_jit_tree", "nnx_split_merge")
 
 
-def train_step(model: tresnet_jax.nnx.TResNet, optimizer: fnnx.Optimizer, images: jax.Array, labels: jax.Array):
+def train_step(model: tresnet_jax.nnx.TResNet, optimizer: nnx.Optimizer, images: jax.Array, labels: jax.Array):
     """One NNX training step in place (model in training mode): the work of the Linen step."""
 
     def loss_fn(model: tresnet_jax.nnx.TResNet) -> jax.Array:
         return optax.softmax_cross_entropy_with_integer_labels(model(images), labels).mean()
 
-    loss, grads = fnnx.value_and_grad(loss_fn)(model)
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
     optimizer.update(model, grads)
     return loss
 
@@ -62,19 +62,19 @@ def nnx_runner(way: str, spec: BenchSpec, options: dict[str, str]) -> Runner:
     linen_model, variables = initialised(spec.model, spec.num_classes)
     model = tresnet_jax.nnx.from_linen_variables(linen_model, jax.tree.map(jnp.copy, variables))
     model.train()
-    optimizer = fnnx.Optimizer(model, optax.sgd(spec.learning_rate, momentum=0.9), wrt=fnnx.Param)
+    optimizer = nnx.Optimizer(model, optax.sgd(spec.learning_rate, momentum=0.9), wrt=nnx.Param)
     images, labels = (jax.device_put(a) for a in synthetic_batch(spec))
     if way == "nnx_split_merge":
-        graphdef, state = fnnx.split((model, optimizer))
+        graphdef, state = nnx.split((model, optimizer))
 
         def pure_step(state: Any, images: jax.Array, labels: jax.Array) -> tuple[Any, jax.Array]:
-            model, optimizer = fnnx.merge(graphdef, state)
+            model, optimizer = nnx.merge(graphdef, state)
             loss = train_step(model, optimizer, images, labels)
-            return fnnx.state((model, optimizer)), loss
+            return nnx.state((model, optimizer)), loss
 
         jit, step, args, donate, loop = jax.jit, pure_step, (state, images, labels), (0,), train_loop
     else:
-        jit = functools.partial(fnnx.jit, graph=way == "nnx_jit")
+        jit = functools.partial(nnx.jit, graph=way == "nnx_jit")
         step, args, donate, loop = train_step, (model, optimizer, images, labels), (0, 1), _in_place_loop
     overhead_ms = call_overhead_ms(jit, args)
     start = time.perf_counter()
@@ -114,7 +114,7 @@ def _in_place_loop(compiled: Callable, *args: Any) -> Callable[[int], None]:
         loss = None
         for _ in range(steps):
             loss = compiled(*args)
-        jax.block_until_ready((fnnx.state(args[0]), loss))
+        jax.block_until_ready((nnx.state(args[0]), loss))
 
     return run
 

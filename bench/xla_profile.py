@@ -30,8 +30,7 @@ import argparse
 import jax
 import optax
 
-import tresnet_jax
-from bench.jax_side import COMPUTE_DTYPES, TrainState, make_train_step
+from bench.jax_side import TrainState, benchmarked, initialised, make_train_step
 from bench.spec import MODES, PRECISIONS, BenchSpec, synthetic_batch, validate
 from tresnet_jax.cli import command, enable_compilation_cache
 from tresnet_jax.runtime.xla_options import compiler_options
@@ -176,7 +175,8 @@ def summary(ops: dict[str, Op], times: Counter, wall_s: float, top: int) -> str:
 def compiled_step(spec: BenchSpec, options: dict[str, str]) -> tuple[Any, tuple]:
     """(executable, arguments) of the benchmark's JAX step for ``spec``, compiled with XLA
     ``options``. Training does not donate its state here: every call gets the same one."""
-    model, variables = tresnet_jax.create_model(spec.model, spec.num_classes, dtype=COMPUTE_DTYPES[spec.precision])
+    model, variables = initialised(spec.model, spec.num_classes)
+    model = benchmarked(model, spec)
     images, labels = (jax.device_put(a) for a in synthetic_batch(spec))
     if spec.mode == "infer":
         step, args = jax.jit(model.apply), (variables, images)

@@ -115,13 +115,8 @@ def test_unknown_model_name_is_a_clear_error():
 
 def test_registry_holds_the_published_configurations():
     cfg = tresnet_jax.PRETRAINED["tresnet_m.miil_in1k_448"]
-    assert (cfg.input_size, cfg.crop_pct, cfg.interpolation, cfg.num_classes, cfg.top1) == (
-        448,
-        0.875,
-        "bilinear",
-        1000,
-        81.710,
-    )
+    assert cfg.preprocessing == tresnet_jax.Preprocessing(448, crop_pct=0.875, interpolation="bilinear")
+    assert (cfg.num_classes, cfg.top1) == (1000, 81.710)
     assert tresnet_jax.default_config("tresnet_m").tag == "tresnet_m.miil_in21k_ft_in1k"
     assert tresnet_jax.default_config("tresnet_m", 11221).tag == "tresnet_m.miil_in21k"
     assert tresnet_jax.list_models() == ["tresnet_m", "tresnet_l", "tresnet_xl", "tresnet_v2_l", "tresnet_l_v2"]

@@ -10,14 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import nnx as fnnx
-from flax import traverse_util
+from flax import nnx, traverse_util
 
 import tresnet_jax
 import tresnet_jax.nnx
 from bench.nnx_vs_linen import train_step
 from tests import tiny_model
-from tresnet_jax.model.architecture import FEATURE_STRIDES, block_units, stage_plan
+from tresnet_jax.model.architecture import FEATURE_STRIDES, stage_plan
 from tresnet_jax.model.initialization import random_variables
 from tresnet_jax.model.linen import TResNet
 from tresnet_jax.weights.storage import save_weights
@@ -88,7 +87,7 @@ def assert_trees_equal(a, b):
 
 def test_state_paths_are_the_linen_variable_paths_and_round_trip_exactly(linen):
     model = make_nnx(linen)
-    paths = {tuple(map(str, path)) for path, _ in fnnx.to_flat_state(fnnx.state(model, fnnx.BatchStat))}
+    paths = {tuple(map(str, path)) for path, _ in nnx.to_flat_state(nnx.state(model, nnx.BatchStat))}
     assert ("body", "layer3", "0", "conv2", "bn", "var") in paths
     assert ("body", "layer3", "0", "downsample", "1", "bn", "mean") in paths
     assert_trees_equal(tresnet_jax.nnx.to_linen_variables(model), linen.variables)
@@ -103,7 +102,7 @@ def test_variables_that_do_not_fit_are_refused(linen):
 
 
 def test_eval_logits_equal_linen(linen):
-    logits = fnnx.jit(lambda model, x: model(x))(make_nnx(linen), IMAGES)
+    logits = nnx.jit(lambda model, x: model(x))(make_nnx(linen), IMAGES)
     reference = linen.logits
     assert logits.dtype == jnp.float32
     assert float(jnp.max(jnp.abs(reference))) > 1.0  # far from a trivial (zero-centred) output
@@ -118,8 +117,8 @@ def fine_tuned(linen):
     from the linen variables: the losses, and the running statistics after the first step."""
     model = make_nnx(linen)
     model.train()
-    optimizer = fnnx.Optimizer(model, optax.adamw(1e-3), wrt=fnnx.Param)
-    step = fnnx.jit(train_step)
+    optimizer = nnx.Optimizer(model, optax.adamw(1e-3), wrt=nnx.Param)
+    step = nnx.jit(train_step)
     losses = [float(step(model, optimizer, IMAGES, LABELS))]
     first_statistics = tresnet_jax.nnx.to_linen_variables(model)["batch_stats"]
     losses += [float(step(model, optimizer, IMAGES, LABELS)) for _ in range(2)]
@@ -149,7 +148,7 @@ def test_nnx_optimizer_fine_tuning_lowers_the_loss(linen, fine_tuned):
 
 def test_train_and_eval_switch_every_batch_norm(linen):
     model = make_nnx(linen)
-    norms = [node for _, node in fnnx.iter_graph(model) if isinstance(node, tresnet_jax.nnx.BatchNorm)]
+    norms = [node for _, node in nnx.iter_graph(model) if isinstance(node, tresnet_jax.nnx.BatchNorm)]
     assert len(norms) == len(traverse_util.flatten_dict(linen.variables["batch_stats"])) // 2
     assert all(bn.use_running_average for bn in norms)
     model.train()
@@ -171,14 +170,9 @@ def conv_count(jaxpr) -> int:
 
 
 def expected_convs(last: int) -> int:
-    """The plan's convolutions up to feature index ``last``, the stem's included (on the CPU
-    1x1 convolutions are matrix products: ``layers.conv2d``)."""
-    kernels = []
-    for blocks in stage_plan(ARCH)[:last]:
-        for block in blocks:
-            kernels += [unit[3] for unit in block_units(block)] + [1] * block.project
-    pointwise_too = jax.default_backend() != "cpu"
-    return 1 + sum(k == 3 or pointwise_too for k in kernels)
+    """The plan's convolutions (3x3 and 1x1) up to feature index ``last``, the stem's included."""
+    blocks = [block for stage in stage_plan(ARCH)[:last] for block in stage]
+    return 1 + sum(len(block.units) + bool(block.shortcut) for block in blocks)
 
 
 @pytest.mark.parametrize("system", ["linen", "nnx"])
@@ -192,9 +186,9 @@ def test_out_indices_select_stages_and_run_no_later_one(linen, system):
     maps = jax.eval_shape(lambda x: stages(x, (4, 0, 2)), x)
     assert [m.shape for m in maps] == [(4, 2, 2, 512), (4, 16, 16, 16), (4, 8, 8, 32)]
     assert [64 // m.shape[1] for m in maps] == [FEATURE_STRIDES[i] for i in (4, 0, 2)]
-    # the stem, then one block a stage: 2, 2, 1 and 1 3x3 convolutions
+    # the stem, then one block a stage: 2, 2 + shortcut, 3 + shortcut and 3 + shortcut convolutions
     assert conv_count(jax.make_jaxpr(lambda x: stages(x, (1,)))(x).jaxpr) == expected_convs(1) == 3
-    assert conv_count(jax.make_jaxpr(lambda x: stages(x, (0, 1, 2, 3, 4)))(x).jaxpr) == expected_convs(4) == 7
+    assert conv_count(jax.make_jaxpr(lambda x: stages(x, (0, 1, 2, 3, 4)))(x).jaxpr) == expected_convs(4) == 14
     with pytest.raises(ValueError, match=r"out_indices must be 0 \(stem\) to 4 \(last stage\), got \(1, 5\)"):
         stages(IMAGES, (1, 5))
 
@@ -202,12 +196,12 @@ def test_out_indices_select_stages_and_run_no_later_one(linen, system):
 def test_load_from_a_saved_weights_directory(linen, tmp_path, tiny_model):
     model = make_nnx(linen)
     directory = save_weights(
-        tmp_path / "weights", tresnet_jax.nnx.to_linen_variables(model), {"model": tiny_model, "num_classes": 10}
+        tmp_path / "weights", tresnet_jax.nnx.to_linen_variables(model), tresnet_jax.WeightsInfo(tiny_model, 10)
     )
     loaded = tresnet_jax.nnx.load(directory, dtype=jnp.bfloat16)
     assert isinstance(loaded, tresnet_jax.nnx.TResNet)
     assert (loaded.num_classes, loaded.dtype) == (10, jnp.bfloat16)
-    logits, maps = fnnx.eval_shape(lambda m, x: (m(x), m.stage_features(x, (1,))), loaded, IMAGES)
+    logits, maps = nnx.eval_shape(lambda m, x: (m(x), m.stage_features(x, (1,))), loaded, IMAGES)
     assert (logits.dtype, maps[0].dtype) == (jnp.float32, jnp.bfloat16)  # bf16 compute, float32 logits
     assert_trees_equal(tresnet_jax.nnx.to_linen_variables(loaded), linen.variables)
 

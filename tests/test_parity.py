@@ -19,7 +19,6 @@ import torch
 from safetensors.torch import save_file
 
 import tresnet_jax
-from convert import flax_to_torch, torch_to_flax
 from tests.reference import (
     official_state_dict,
     parity_error,
@@ -29,6 +28,8 @@ from tests.reference import (
     torch_logits,
     torch_stage_features,
 )
+from tresnet_jax.cli import convert as torch_to_flax
+from tresnet_jax.cli import to_torch as flax_to_torch
 from tresnet_jax.model.registry import resolve
 from tresnet_jax.weights.conversion import convert_state_dict, variables_to_state_dict
 
@@ -79,7 +80,7 @@ def variant(request, tmp_path_factory):
             keys = len(state_dict)
         if layout == "official" and name != "tresnet_m":
             converted = convert_state_dict({k: v.numpy() for k, v in state_dict["model"].items()})
-            model = tresnet_jax.TResNet(converted.model.arch, converted.num_classes)
+            model = tresnet_jax.TResNet(converted.model.arch, converted.checkpoint_classes)
             cases[layout] = (reference, converted.model_name, model, converted.variables, keys)
             continue
         path = work / f"{name}_{layout}.pth"
@@ -88,7 +89,7 @@ def variant(request, tmp_path_factory):
         model_flag = ["--model", name] if layout == "timm" and name == "tresnet_l_v2" else []
         convert_cli([path, "--output", work / layout, *model_flag])
         model, variables = tresnet_jax.load(work / layout)
-        cases[layout] = (reference, tresnet_jax.load_metadata(work / layout)["model"], model, variables, keys)
+        cases[layout] = (reference, tresnet_jax.load_metadata(work / layout).model, model, variables, keys)
     return name, cases, work
 
 
@@ -133,8 +134,10 @@ def tresnet_m_timm(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("height", "width"), [(448, 448), (160, 96)])
+@pytest.mark.parametrize(("height", "width"), [(448, 448), (132, 200)])
 def test_large_and_non_square_inputs(tresnet_m_timm, height, width):
+    """448: the published high-resolution size; 132 x 200: sides that are multiples of 4 (the
+    space-to-depth stem) but not of 32, odd at every stride (ceil-mode pooling, blur padding)."""
     reference, _, model, variables = tresnet_m_timm
     images = random_images(1, height, width, seed=height)
     logits, stages = forward_all(model)(variables, images)
@@ -149,8 +152,8 @@ def test_imagenet21k_head_from_safetensors(tmp_path, weights_root):
     path.parent.mkdir()
     save_file(reference.state_dict(), str(path))
     convert_cli([path])  # stored by name in the weights root
-    metadata = tresnet_jax.load_metadata("tresnet_m")
-    assert (metadata["num_classes"], metadata["tag"]) == (11221, "tresnet_m.miil_in21k")
+    info = tresnet_jax.load_metadata("tresnet_m")
+    assert (info.num_classes, info.tag) == (11221, "tresnet_m.miil_in21k")
     model, variables = tresnet_jax.load("tresnet_m")
     logits = jax.jit(model.apply)(variables, IMAGES)
     assert logits.shape == (2, 11221)

@@ -14,12 +14,13 @@ import optax
 import pytest
 from jax.sharding import Mesh, PartitionSpec
 
+from tests.settings import config
 from tresnet_jax.data.augment import AugmentConfig
-from tresnet_jax.model.layers import KAIMING, BatchNorm, Conv, Dense
+from tresnet_jax.model.layers import KAIMING, BatchNorm, Conv, Dense, Numerics
 from tresnet_jax.runtime.parallel import BATCH_AXIS, data_mesh, replicate, select_devices, shard_batch
+from tresnet_jax.train.config import TrainConfig
 from tresnet_jax.train.losses import asymmetric_loss
 from tresnet_jax.train.step import (
-    OptimConfig,
     applied_updates,
     create_state,
     decay_mask,
@@ -46,10 +47,11 @@ class TinyNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        x = Conv(8, 3, dtype=self.dtype, name="conv")(x)
+        numerics = Numerics.of(self.dtype)
+        x = Conv(8, 3, numerics, name="conv")(x)
         x = BatchNorm(not train, axis_name=self.axis_name, name="bn")(x)
         x = jnp.mean(jax.nn.relu(x).astype(jnp.float32), axis=(1, 2))
-        return Dense(self.num_classes, KAIMING, self.dtype, name="fc")(x)
+        return Dense(self.num_classes, KAIMING, numerics, name="fc")(x)
 
 
 def mesh_of(devices: int) -> Mesh:
@@ -73,7 +75,8 @@ def random_batches(count: int, size: int, seed: int = 0, multi_hot: bool = False
 
 def run_steps(
     model: TinyNet,
-    cfg: OptimConfig,
+    cfg: TrainConfig,
+    total_steps: int,
     devices: int,
     batches: list[dict[str, np.ndarray]],
     scales: list[float] | None = None,
@@ -82,10 +85,10 @@ def run_steps(
     """The states after each step and the metrics of each step; ``scales``: the loss scale to
     set before each step (fp16); ``augment``: augmented in the step (else ids are ignored)."""
     mesh = mesh_of(devices)
-    tx = make_optimizer(cfg)
+    tx = make_optimizer(cfg, total_steps)
     variables = model.init(jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3)))
-    state = replicate(create_state(variables, tx, cfg, seed=0), mesh)
-    step = make_train_step(model, tx, cfg, mesh, augment, seed=3)
+    state = replicate(create_state(variables, tx, cfg), mesh)
+    step = make_train_step(model, tx, cfg, total_steps, mesh, augment)
     if augment is None:
         batches = [{k: v for k, v in batch.items() if k != "augment_ids"} for batch in batches]
     states, metrics = [jax.device_get(state)], []
@@ -117,13 +120,13 @@ def assert_trees_equal(a: Any, b: Any) -> None:
 # --- mixup / CutMix ------------------------------------------------------------------------------
 
 MIXES = {
-    "mixup": OptimConfig(1, mixup=0.4),
-    "cutmix": OptimConfig(1, cutmix=1.0),
-    "both": OptimConfig(1, mixup=0.4, cutmix=1.0),
+    "mixup": config(mixup=0.4),
+    "cutmix": config(cutmix=1.0),
+    "both": config(mixup=0.4, cutmix=1.0),
 }
 
 
-def sharded_mix(cfg: OptimConfig, devices: int) -> Callable:
+def sharded_mix(cfg: TrainConfig, devices: int) -> Callable:
     """``mix`` as the step runs it: each device its shard of the global batch, partners from
     ``global_partners``, the same key everywhere."""
     batch = PartitionSpec(BATCH_AXIS)
@@ -192,10 +195,10 @@ def test_train_step_with_mixup_and_cutmix_on_two_devices_follows_one(loss):
     per device, or mixing with the device's own shard reversed, moved the losses by 0.3-0.8 %.
     Multi-label (asl): the multi-hot rows travel and mix as the class indices do. (Augmented on
     the device: tests/test_train_resume.py's tiny run, on 1 and 2 devices.)"""
-    cfg = OptimConfig(total_steps=3, lr=0.2, mixup=0.4, cutmix=1.0, ema_decay=0, loss=loss)
+    cfg = config(lr=0.2, mixup=0.4, cutmix=1.0, ema_decay=0.0, loss=loss)
     batches = random_batches(3, 8, multi_hot=loss == "asl")
-    one_states, one = run_steps(TinyNet(), cfg, 1, batches)
-    two_states, two = run_steps(TinyNet(), cfg, 2, batches)
+    one_states, one = run_steps(TinyNet(), cfg, 3, 1, batches)
+    two_states, two = run_steps(TinyNet(), cfg, 3, 2, batches)
     np.testing.assert_allclose([m["loss"] for m in two], [m["loss"] for m in one], rtol=1e-5)
     for name in ("params", "batch_stats"):
         start, one_end, two_end = (getattr(s, name) for s in (one_states[0], one_states[-1], two_states[-1]))
@@ -217,10 +220,10 @@ def test_fp16_skipped_step_leaves_everything_and_the_schedule_where_it_was(optim
     learning rate is the schedule at the number of updates applied before it, and the run ends
     one update behind its step count, with the weights of a run that never saw batch 2 (with
     the augmentation on the device too: the images' draws travel with them, not with the step)."""
-    cfg = OptimConfig(total_steps=6, lr=0.1, optimizer=optimizer, precision="fp16")
+    cfg = config(lr=0.1, optimizer=optimizer, precision="fp16")
     model = TinyNet(dtype=jnp.float16)
     batches = random_batches(4, 4)
-    states, metrics = run_steps(model, cfg, 1, batches, scales=[FINE, OVERFLOW, FINE, FINE], augment=augment)
+    states, metrics = run_steps(model, cfg, 6, 1, batches, scales=[FINE, OVERFLOW, FINE, FINE], augment=augment)
     assert [m["finite"] for m in metrics] == [1.0, 0.0, 1.0, 1.0]
     assert all(m["params_finite"] == 1.0 for m in metrics)
     before, after = states[1], states[2]
@@ -230,12 +233,12 @@ def test_fp16_skipped_step_leaves_everything_and_the_schedule_where_it_was(optim
     assert_trees_equal(after.opt_state.inner_state, before.opt_state.inner_state)
     assert int(after.opt_state.total_notfinite) == 1
     assert (int(after.step), float(after.loss_scale)) == (2, OVERFLOW / 2)
-    schedule = learning_rate(cfg)
+    schedule = learning_rate(cfg, 6)
     assert [int(applied_updates(s.opt_state)) for s in states] == [0, 1, 1, 2, 3]
     assert [m["lr"] for m in metrics] == [pytest.approx(float(schedule(k))) for k in (0, 1, 1, 2)]
     assert len({m["lr"] for m in metrics}) == 3  # the schedule moves between updates
     # The skipped step is as if batch 2 had never come (same loss scale for the others).
-    unskipped, _ = run_steps(model, cfg, 1, [batches[0], *batches[2:]], scales=[FINE] * 3, augment=augment)
+    unskipped, _ = run_steps(model, cfg, 6, 1, [batches[0], *batches[2:]], scales=[FINE] * 3, augment=augment)
     for name in ("params", "batch_stats", "ema_params", "ema_batch_stats"):
         assert_trees_equal(getattr(states[-1], name), getattr(unskipped[-1], name))
     assert_trees_equal(states[-1].opt_state.inner_state, unskipped[-1].opt_state.inner_state)
@@ -245,18 +248,18 @@ def test_fp16_skipped_step_leaves_everything_and_the_schedule_where_it_was(optim
 def test_without_fp16_each_step_applies_the_schedule_at_its_index(precision):
     """No skipping outside fp16: the optimizer is the plain one (checkpoints keep their
     structure) and step k's learning rate is the schedule at k."""
-    cfg = OptimConfig(total_steps=4, lr=0.1, precision=precision)
+    cfg = config(lr=0.1, precision=precision)
     dtype = {"fp32": jnp.float32, "bf16": jnp.bfloat16}[precision]
-    states, metrics = run_steps(TinyNet(dtype=dtype), cfg, 1, random_batches(3, 4))
+    states, metrics = run_steps(TinyNet(dtype=dtype), cfg, 4, 1, random_batches(3, 4))
     plain = optax.chain(
         optax.trace(0.9, nesterov=True),
         optax.add_decayed_weights(1e-4, mask=decay_mask),
-        optax.scale_by_learning_rate(learning_rate(cfg)),
+        optax.scale_by_learning_rate(learning_rate(cfg, 4)),
     )
     assert jax.tree_util.tree_structure(states[0].opt_state) == jax.tree_util.tree_structure(
         plain.init(states[0].params)
     )
-    schedule = learning_rate(cfg)
+    schedule = learning_rate(cfg, 4)
     assert [m["lr"] for m in metrics] == [pytest.approx(float(schedule(k))) for k in range(3)]
     assert len({m["lr"] for m in metrics}) == 3
     assert [int(applied_updates(s.opt_state)) for s in states] == [0, 1, 2, 3]
@@ -268,17 +271,17 @@ def test_fp32_step_is_the_plain_update():
     update, the EMA's warm-up indexed by the step). Compared by updates, leaf by leaf in norm:
     the two programs round differently and the conv kernel's gradient, behind BatchNorm, is a
     small difference of large terms (9e-6 measured; bound 1e-4)."""
-    cfg = OptimConfig(total_steps=4, lr=0.1)
+    cfg = config(lr=0.1)
     model = TinyNet()
     batches = random_batches(2, 4)
-    states, _ = run_steps(model, cfg, 1, batches)
-    tx = make_optimizer(cfg)
+    states, _ = run_steps(model, cfg, 4, 1, batches)
+    tx = make_optimizer(cfg, 4)
     plain = model.clone(axis_name=None)  # one device: the batch is the global batch
     params, batch_stats = states[0].params, states[0].batch_stats
     opt_state, ema = tx.init(params), (params, batch_stats)
     for t, batch in enumerate(batches):
         images = jnp.asarray(batch["image"], jnp.float32) / 255.0
-        targets = soft_targets(jnp.asarray(batch["label"]), CLASSES, cfg.label_smoothing)
+        targets = soft_targets(jnp.asarray(batch["label"]), CLASSES, cfg.optim.label_smoothing)
 
         def loss_fn(p, stats=batch_stats, images=images, targets=targets):
             logits, updates = plain.apply(
@@ -289,7 +292,7 @@ def test_fp32_step_is_the_plain_update():
         grads, batch_stats = jax.grad(loss_fn, has_aux=True)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = jax.tree_util.tree_map(jnp.add, params, updates)
-        decay = min(cfg.ema_decay, (1 + t) / (10 + t))
+        decay = min(cfg.optim.ema_decay, (1 + t) / (10 + t))
         ema = jax.tree_util.tree_map(lambda e, n, d=decay: d * e + (1 - d) * n, ema, (params, batch_stats))
     final, initial = states[-1], states[0]
     assert update_error(final.params, params, initial.params) < 1e-4
@@ -302,10 +305,10 @@ def test_fp32_step_is_the_plain_update():
 def test_multi_label_step_loss_is_the_asymmetric_loss_of_smoothed_multi_hot_targets(loss, gammas, clip):
     """The step's first loss is asymmetric_loss (bce: no focusing, no clip) of the model's logits
     and the multi-hot rows smoothed towards 1/2; no accuracy is reported for multi-label."""
-    cfg = OptimConfig(total_steps=1, lr=0.1, ema_decay=0, loss=loss, label_smoothing=0.2)
+    cfg = config(lr=0.1, ema_decay=0.0, loss=loss, label_smoothing=0.2)
     batches = random_batches(1, 8, multi_hot=True)
     model = TinyNet()
-    states, metrics = run_steps(model, cfg, 2, batches)
+    states, metrics = run_steps(model, cfg, 1, 2, batches)
     variables = {"params": states[0].params, "batch_stats": states[0].batch_stats}
     images = batches[0]["image"].astype(np.float32) / 255.0  # BatchNorm over all 8 rows, as synchronised on 2 devices
     logits = TinyNet(axis_name=None).apply(variables, images, train=True, mutable=["batch_stats"])[0]
@@ -323,17 +326,17 @@ def test_batchnorm_per_device_is_the_mean_of_the_shards_own_steps():
     gradients and running statistics are averaged, so one step on 2 devices is the mean of one
     step on each half alone (SGD's first step is linear in the gradients). Synchronised
     statistics would not give that: the halves' statistics differ from the whole batch's."""
-    cfg = OptimConfig(total_steps=10, lr=0.05, ema_decay=0.0)
-    tx = make_optimizer(cfg)
+    cfg = config(lr=0.05, ema_decay=0.0)
+    tx = make_optimizer(cfg, 10)
     model = TinyNet(axis_name=None)  # per-device statistics
     variables = model.init(jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3)))
-    state = jax.tree_util.tree_map(np.asarray, create_state(variables, tx, cfg, seed=0))
+    state = jax.tree_util.tree_map(np.asarray, create_state(variables, tx, cfg))
     batch = random_batches(1, 8)[0]
     batch["image"][4:] //= 3  # the halves differ in their statistics
 
     def stepper(devices):
         mesh = mesh_of(devices)
-        step = make_train_step(model, tx, cfg, mesh)
+        step = make_train_step(model, tx, cfg, 10, mesh)
 
         def run(rows):
             new, metrics = step(
@@ -352,6 +355,6 @@ def test_batchnorm_per_device_is_the_mean_of_the_shards_own_steps():
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
     # Synchronised statistics would not: the global batch's variance is not the mean of the halves'.
     mesh = mesh_of(2)
-    synced = make_train_step(model.clone(axis_name=BATCH_AXIS), tx, cfg, mesh)
+    synced = make_train_step(model.clone(axis_name=BATCH_AXIS), tx, cfg, 10, mesh)
     new, _ = synced(replicate(state, mesh), shard_batch({k: batch[k] for k in ("image", "label")}, mesh))
     assert not np.allclose(jax.device_get(new.batch_stats["bn"]["var"]), two["batch_stats"]["bn"]["var"], rtol=1e-4)

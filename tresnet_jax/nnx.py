@@ -18,7 +18,9 @@ Fine-tuning: a step of ``nnx.value_and_grad`` and ``nnx.Optimizer(model, tx, wrt
 variables of model and optimizer (BENCHMARKS.md, "NNX vs Linen").
 """
 
-from tresnet_jax.model.nnx import (
+from tresnet_jax.factory import create_nnx_model as create_model
+from tresnet_jax.factory import load_nnx as load
+from tresnet_jax.model.nnx_modules import (
     BatchNorm,
     Block,
     Body,
@@ -31,8 +33,6 @@ from tresnet_jax.model.nnx import (
     from_linen_variables,
     to_linen_variables,
 )
-from tresnet_jax.weights.factory import create_nnx_model as create_model
-from tresnet_jax.weights.factory import load_nnx as load
 
 __all__ = [
     "BatchNorm",

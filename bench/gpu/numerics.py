@@ -20,15 +20,14 @@ import torch
 from tests.reference import parity_error, random_timm_model
 from tresnet_jax.model.linen import TResNet
 from tresnet_jax.model.registry import resolve
-from tresnet_jax.runtime.xla_options import matmul_precision
 from tresnet_jax.weights.conversion import convert_state_dict
 
-# check -> (compute dtype, jax_default_matmul_precision); "fp32" follows the library's rule.
+# check -> (compute dtype, allow_tf32): the model's own numerics (``layers.Numerics.of``).
 CHECKS = {
-    "fp32": (jnp.float32, matmul_precision(jnp.float32)),
-    "fp32_tf32": (jnp.float32, "tensorfloat32"),
-    "bf16": (jnp.bfloat16, None),
-    "fp16": (jnp.float16, None),
+    "fp32": (jnp.float32, False),
+    "fp32_tf32": (jnp.float32, True),
+    "bf16": (jnp.bfloat16, False),
+    "fp16": (jnp.float16, False),
 }
 MODEL = "tresnet_m"
 
@@ -48,12 +47,13 @@ def check_numerics(
     model = TResNet(spec.arch, expected.shape[-1])
     float32 = None
     for name in checks:
-        dtype, precision = CHECKS[name]
-        with jax.default_matmul_precision(precision):
-            logits = np.asarray(jax.jit(model.clone(dtype=dtype).apply)(variables, images), np.float64)
+        dtype, allow_tf32 = CHECKS[name]
+        checked = model.clone(dtype=dtype, allow_tf32=allow_tf32)
+        logits = np.asarray(jax.jit(checked.apply)(variables, images), np.float64)
+        precision = checked.numerics.precision
         row = {
             "dtype": jnp.dtype(dtype).name,
-            "matmul_precision": precision or "JAX's default",
+            "matmul_precision": precision.name.lower() if precision is not None else "JAX's default",
             "vs_timm_float32": parity_error(logits, expected),
             "max_abs_timm_logit": float(np.abs(expected).max()),
         }

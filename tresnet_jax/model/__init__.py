@@ -1,5 +1,5 @@
 """The network itself: layers, the architecture's plan (``architecture``), the Linen module
-(``linen``), the NNX module (``nnx``), the original's initialisation, and the tables of variants
+(``linen``), the NNX module (``nnx_modules``), the original's initialisation, and the tables of variants
 and published configurations (``registry``).
 
 May import: ``tresnet_jax.errors`` and nothing else of the package. Weights, data and training

@@ -1,6 +1,8 @@
 """The architecture of TResNet as numbers and plans, shared by the Linen and the NNX module:
-the variants' numbers (``ArchSpec``), each stage's blocks, each block's units, every variable's
-shape and initialiser, and the feature maps a model can return. Nothing here builds a module.
+the variants' numbers (``ArchSpec``), each stage's blocks (``BlockSpec``), each block's
+conv+norm+act units (``UnitSpec``), every variable's shape and initialiser, and the feature maps
+a model can return. Both modules are built from this plan and nothing else; nothing here builds
+a module.
 """
 
 from __future__ import annotations
@@ -59,6 +61,26 @@ class ArchSpec:
 STAGE_STRIDES = (1, 2, 2, 2)
 STAGE_HAS_SE = (True, True, True, False)
 STEM_IN_FEATURES = 48  # 3 colours x the 4x4 space-to-depth block
+SE_AFTER = "conv2"  # squeeze-excite follows this unit in both kinds of block
+SHORTCUT_NAME = {1: "0", 2: "1"}  # timm's downsample Sequential: [AvgPool,] conv+norm
+
+
+@dataclasses.dataclass(frozen=True)
+class UnitSpec:
+    """One conv (stride 1, 'same', no bias) -> BatchNorm -> optional LeakyReLU -> optional
+    anti-aliased stride-2 downsampling, under timm's name for it."""
+
+    name: str
+    in_features: int
+    out_features: int
+    kernel_size: int
+    slope: float | None = None  # LeakyReLU negative slope; None: no activation
+    downsample: bool = False  # anti-aliased stride 2 after the activation
+    zero_init_norm: bool = False  # the norm's scale starts at zero (a residual branch's last unit)
+
+    @property
+    def specs(self) -> Specs:
+        return conv_norm_act_specs(self.in_features, self.out_features, self.kernel_size, self.zero_init_norm)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +98,34 @@ class BlockSpec:
     @property
     def out_features(self) -> int:
         return self.planes * EXPANSION[self.kind]
+
+    @property
+    def units(self) -> tuple[UnitSpec, ...]:
+        """The residual branch's units in order; the squeeze-excite follows ``SE_AFTER``."""
+        down = self.stride == 2
+        if self.kind == BASIC:
+            return (
+                UnitSpec("conv1", self.in_features, self.planes, 3, self.slope, down),
+                UnitSpec("conv2", self.planes, self.planes, 3, zero_init_norm=True),
+            )
+        return (
+            UnitSpec("conv1", self.in_features, self.planes, 1, self.slope),
+            UnitSpec("conv2", self.planes, self.planes, 3, self.slope, down),
+            UnitSpec("conv3", self.planes, self.out_features, 1, zero_init_norm=True),
+        )
+
+    @property
+    def shortcut(self) -> UnitSpec | None:
+        """The projection shortcut's conv + norm (after a 2x2 average pool when the block has
+        stride 2), under ``downsample``; None: the identity."""
+        if not self.project:
+            return None
+        return UnitSpec(SHORTCUT_NAME[self.stride], self.in_features, self.out_features, 1)
+
+
+def stem_unit(arch: ArchSpec) -> UnitSpec:
+    """The stem's unit, on the space-to-depth input."""
+    return UnitSpec("conv1", STEM_IN_FEATURES, arch.planes, 3, arch.stem_slope)
 
 
 def stage_plan(arch: ArchSpec) -> tuple[tuple[BlockSpec, ...], ...]:
@@ -98,50 +148,32 @@ def stage_plan(arch: ArchSpec) -> tuple[tuple[BlockSpec, ...], ...]:
     return tuple(stages)
 
 
-def block_units(block: BlockSpec) -> list[tuple[str, int, int, int, float | None, bool, bool]]:
-    """The residual branch's conv+norm(+act) units in order: (name, in, out, kernel, slope,
-    stride-2 blur after it, zero-initialised norm)."""
-    down = block.stride == 2
-    if block.kind == BASIC:
-        return [
-            ("conv1", block.in_features, block.planes, 3, block.slope, down, False),
-            ("conv2", block.planes, block.planes, 3, None, False, True),
-        ]
-    return [
-        ("conv1", block.in_features, block.planes, 1, block.slope, False, False),
-        ("conv2", block.planes, block.planes, 3, block.slope, down, False),
-        ("conv3", block.planes, block.out_features, 1, None, False, True),
-    ]
-
-
-SE_AFTER = "conv2"  # squeeze-excite follows this unit in both kinds of block
-SHORTCUT_NAME = {1: "0", 2: "1"}  # timm's downsample Sequential: [AvgPool,] conv+norm
-
-
 def block_specs(block: BlockSpec) -> Specs:
     """The variables of one block (``Block``'s, computed without tracing)."""
     specs: Specs = {}
-    if block.project:
-        shortcut = conv_norm_act_specs(block.in_features, block.out_features, 1)
-        specs |= nested(("downsample", SHORTCUT_NAME[block.stride]), shortcut)
-    for name, cin, cout, k, _, _, zero_init in block_units(block):
-        specs |= nested((name,), conv_norm_act_specs(cin, cout, k, zero_init))
-        if name == SE_AFTER and block.se_width:
-            specs |= nested(("se",), squeeze_excite_specs(cout, block.se_width))
+    if block.shortcut:
+        specs |= nested(("downsample", block.shortcut.name), block.shortcut.specs)
+    for unit in block.units:
+        specs |= nested((unit.name,), unit.specs)
+        if unit.name == SE_AFTER and block.se_width:
+            specs |= nested(("se",), squeeze_excite_specs(unit.out_features, block.se_width))
     return specs
-
-
-def head_specs(num_features: int, num_classes: int) -> Specs:
-    return nested(("fc",), dense_specs(num_features, num_classes, HEAD_KERNEL_INIT))
 
 
 HEAD_KERNEL_INIT = Init("normal", 0.01)
 
 
+def head_specs(num_features: int, num_classes: int) -> Specs:
+    """The classifier head's variables: the one declaration of them. A head, in each API, is
+    one module named ``head`` that maps the last stage's feature map to the logits."""
+    return nested(("fc",), dense_specs(num_features, num_classes, HEAD_KERNEL_INIT))
+
+
 def variable_specs(arch: ArchSpec, num_classes: int) -> Specs:
     """Flat (collection, module..., leaf) -> shape and initial distribution of every variable of
     a model, computing and tracing nothing (a test holds it equal to ``TResNet.init``'s)."""
-    specs = nested(("body", "conv1"), conv_norm_act_specs(STEM_IN_FEATURES, arch.planes, 3))
+    stem = stem_unit(arch)
+    specs = nested(("body", stem.name), stem.specs)
     for s, blocks in enumerate(stage_plan(arch), start=1):
         for i, block in enumerate(blocks):
             specs |= nested(("body", f"layer{s}", str(i)), block_specs(block))

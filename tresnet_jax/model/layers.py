@@ -1,7 +1,8 @@
 """The building blocks of TResNet, NHWC, with PyTorch-equal semantics.
 
-Every layer computes in ``dtype`` (float32, bfloat16 or float16) while its parameters and
-BatchNorm statistics stay float32; reductions (BatchNorm statistics, squeeze-excite and global
+Every layer computes as its ``Numerics`` say: in ``dtype`` (float32, bfloat16 or float16) while
+its parameters and BatchNorm statistics stay float32, its convolutions and matrix products at
+the precision the model carries; reductions (BatchNorm statistics, squeeze-excite and global
 pooling) accumulate in float32.
 """
 
@@ -121,25 +122,70 @@ def avg_pool_shortcut(x: Array) -> Array:
         return nn.avg_pool(x, (2, 2), strides=(2, 2), padding=((0, h % 2), (0, w % 2)), count_include_pad=False)
 
 
-def conv2d(x: Array, kernel: Array, pointwise_as_matmul: bool | None = None) -> Array:
-    """Stride-1 convolution with zero 'same' padding: NHWC input, HWIO kernel, odd kernel size.
+def conv2d(
+    x: Array, kernel: Array, *, precision: lax.Precision | None = None, pointwise_as_matmul: bool = False
+) -> Array:
+    """Stride-1 convolution with zero 'same' padding: NHWC input, HWIO kernel, odd kernel size,
+    at ``precision`` (None: JAX's default).
 
-    With ``pointwise_as_matmul`` (default: when JAX's default backend is the CPU) a 1x1
-    convolution is written as the matrix product it is. On XLA:CPU that makes its weight
-    gradient a matrix product too, where the convolution's weight gradient runs over a
-    transposed copy of the input into which XLA re-fuses, and recomputes, the residual
-    additions of every earlier block. Same numbers up to float rounding; other backends keep
-    the convolution.
+    With ``pointwise_as_matmul`` a 1x1 convolution is written as the matrix product it is. On
+    XLA:CPU that makes its weight gradient a matrix product too, where the convolution's weight
+    gradient runs over a transposed copy of the input into which XLA re-fuses, and recomputes,
+    the residual additions of every earlier block (a faster training step, the same inference:
+    BENCHMARKS.md, changes 3 and 5). Same numbers up to float rounding.
     """
-    if pointwise_as_matmul is None:
-        pointwise_as_matmul = jax.default_backend() == "cpu"
     if pointwise_as_matmul and kernel.shape[:2] == (1, 1):
         # A plain 2-D product: as a 4-D einsum XLA:CPU lays out the backward pass with
         # transposed copies of the gradients (the step is 9-17 % slower).
         n, h, w, c = x.shape
-        return (x.reshape(n * h * w, c) @ kernel[0, 0]).reshape(n, h, w, kernel.shape[-1])
+        rows = jnp.matmul(x.reshape(n * h * w, c), kernel[0, 0], precision=precision)
+        return rows.reshape(n, h, w, kernel.shape[-1])
     pad = [(kernel.shape[0] // 2,) * 2, (kernel.shape[1] // 2,) * 2]
-    return lax.conv_general_dilated(x, kernel, (1, 1), pad, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return lax.conv_general_dilated(
+        x, kernel, (1, 1), pad, dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Numerics:
+    """How a model computes its convolutions and matrix products: in ``dtype``, at
+    ``precision`` (None: JAX's default), 1x1 convolutions as matrix products or not
+    (``conv2d``). A model makes its own with ``Numerics.of`` and hands them to every layer, so
+    its numbers do not depend on where it is called from."""
+
+    dtype: Dtype
+    precision: lax.Precision | None
+    pointwise_as_matmul: bool
+
+    @classmethod
+    def of(cls, dtype: Dtype, allow_tf32: bool = False, pointwise_as_matmul: bool = False) -> Numerics:
+        """A model's numerics, the one rule: float32 computes in true float32 (``HIGHEST``)
+        unless ``allow_tf32``, which leaves float32 at JAX's default: TF32 on NVIDIA GPUs since
+        Ampere (10 mantissa bits instead of 23), bfloat16 passes on TPUs, float32 on the CPU.
+        bfloat16 and float16 models compute at JAX's default precision."""
+        true_float32 = jnp.dtype(dtype) == jnp.float32 and not allow_tf32
+        return cls(dtype, lax.Precision.HIGHEST if true_float32 else None, pointwise_as_matmul)
+
+    def in_float32(self) -> Numerics:
+        """The same precision, computing in float32 (the logits of a bfloat16 model)."""
+        return dataclasses.replace(self, dtype=jnp.float32)
+
+    def conv(self, x: Array, kernel: Array) -> Array:
+        """``conv2d`` in ``dtype`` of a float32 ``kernel``."""
+        return conv2d(
+            x.astype(self.dtype),
+            kernel.astype(self.dtype),
+            precision=self.precision,
+            pointwise_as_matmul=self.pointwise_as_matmul,
+        )
+
+    def dense(self, x: Array, kernel: Array, bias: Array) -> Array:
+        """``x @ kernel + bias`` in ``dtype`` of float32 parameters."""
+        product = jnp.matmul(x.astype(self.dtype), kernel.astype(self.dtype), precision=self.precision)
+        return product + bias.astype(self.dtype)
+
+
+FLOAT32 = Numerics.of(jnp.float32)  # a layer's default: true float32, 1x1 convolutions as convolutions
 
 
 def conv_specs(in_features: int, features: int, kernel_size: int) -> Specs:
@@ -225,11 +271,6 @@ def batch_norm(
     return (x.astype(jnp.float32) * mul + add).astype(x.dtype), new_mean, new_var
 
 
-def dense(x: Array, kernel: Array, bias: Array, dtype: Dtype) -> Array:
-    """``x @ kernel + bias`` computed in ``dtype`` (the parameters are stored float32)."""
-    return x.astype(dtype) @ kernel.astype(dtype) + bias.astype(dtype)
-
-
 def squeeze_excite(x: Array, fc1: Callable[[Array], Array], fc2: Callable[[Array], Array]) -> Array:
     """Spatial mean (float32) -> fc1 -> ReLU -> fc2 -> sigmoid -> channel scale of ``x``."""
     s = fc2(jax.nn.relu(fc1(jnp.mean(x.astype(jnp.float32), axis=(1, 2)))))
@@ -249,12 +290,12 @@ class Conv(nn.Module):
 
     features: int
     kernel_size: int
-    dtype: Dtype = jnp.float32
+    numerics: Numerics = FLOAT32
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         kernel = declare(self, conv_specs(x.shape[-1], self.features, self.kernel_size))["kernel"]
-        return conv2d(x.astype(self.dtype), kernel.astype(self.dtype))
+        return self.numerics.conv(x, kernel)
 
 
 class BatchNorm(nn.Module):
@@ -285,36 +326,36 @@ class ConvNormAct(nn.Module):
     downsample: bool = False
     zero_init_norm: bool = False
     train: bool = False
-    dtype: Dtype = jnp.float32
+    numerics: Numerics = FLOAT32
     axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        x = Conv(self.features, self.kernel_size, dtype=self.dtype, name="conv")(x)
+        x = Conv(self.features, self.kernel_size, self.numerics, name="conv")(x)
         x = BatchNorm(not self.train, self.zero_init_norm, self.axis_name, name="bn")(x)
         return conv_norm_act_tail(x, self.slope, self.downsample)
 
 
 class Dense(nn.Module):
-    """``dense`` as a Linen module with the original's initialisation (``dense_specs``)."""
+    """``Numerics.dense`` as a Linen module with the original's initialisation (``dense_specs``)."""
 
     features: int
     kernel_init: Init
-    dtype: Dtype = jnp.float32
+    numerics: Numerics = FLOAT32
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         v = declare(self, dense_specs(x.shape[-1], self.features, self.kernel_init))
-        return dense(x, v["kernel"], v["bias"], self.dtype)
+        return self.numerics.dense(x, v["kernel"], v["bias"])
 
 
 class SqueezeExcite(nn.Module):
     """``squeeze_excite`` with its two dense layers named ``fc1`` and ``fc2``."""
 
     reduced: int
-    dtype: Dtype = jnp.float32
+    numerics: Numerics = FLOAT32
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        fc1 = Dense(self.reduced, KAIMING, self.dtype, name="fc1")
-        return squeeze_excite(x, fc1, Dense(x.shape[-1], KAIMING, self.dtype, name="fc2"))
+        fc1 = Dense(self.reduced, KAIMING, self.numerics, name="fc1")
+        return squeeze_excite(x, fc1, Dense(x.shape[-1], KAIMING, self.numerics, name="fc2"))

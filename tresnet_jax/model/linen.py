@@ -18,17 +18,19 @@ from tresnet_jax.model.architecture import (
     HEAD_KERNEL_INIT,
     LAST_STAGE,
     SE_AFTER,
-    SHORTCUT_NAME,
     ArchSpec,
     BlockSpec,
-    block_units,
+    UnitSpec,
     feature_indices,
     global_pool,
     stage_plan,
+    stem_unit,
 )
 from tresnet_jax.model.layers import (
+    FLOAT32,
     ConvNormAct,
     Dense,
+    Numerics,
     SqueezeExcite,
     avg_pool_shortcut,
     space_to_depth,
@@ -38,29 +40,34 @@ Array = jax.Array
 Dtype = Any
 
 
-class Shortcut(nn.Module):
-    """[AvgPool 2x2 when stride 2] -> 1x1 conv + norm; named ``1`` (after the pool) or ``0`` as
-    in timm's ``downsample`` Sequential."""
+def unit_module(unit: UnitSpec, train: bool, numerics: Numerics, axis_name: str | None) -> ConvNormAct:
+    """The ``ConvNormAct`` of one unit of the plan, named as the unit is."""
+    return ConvNormAct(
+        unit.out_features,
+        unit.kernel_size,
+        unit.slope,
+        unit.downsample,
+        unit.zero_init_norm,
+        train=train,
+        numerics=numerics,
+        axis_name=axis_name,
+        name=unit.name,
+    )
 
-    features: int
-    stride: int
+
+class Shortcut(nn.Module):
+    """[AvgPool 2x2 when stride 2] -> the block's shortcut unit (``BlockSpec.shortcut``)."""
+
+    block: BlockSpec
     train: bool = False
-    dtype: Dtype = jnp.float32
+    numerics: Numerics = FLOAT32
     axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        if self.stride == 2:
+        if self.block.stride == 2:
             x = avg_pool_shortcut(x)
-        return ConvNormAct(
-            self.features,
-            1,
-            None,
-            train=self.train,
-            dtype=self.dtype,
-            axis_name=self.axis_name,
-            name=SHORTCUT_NAME[self.stride],
-        )(x)
+        return unit_module(self.block.shortcut, self.train, self.numerics, self.axis_name)(x)
 
 
 class Block(nn.Module):
@@ -68,21 +75,19 @@ class Block(nn.Module):
 
     spec: BlockSpec
     train: bool = False
-    dtype: Dtype = jnp.float32
+    numerics: Numerics = FLOAT32
     axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        unit = dict(train=self.train, dtype=self.dtype, axis_name=self.axis_name)
         block = self.spec
-        shortcut = x
-        if block.project:
-            shortcut = Shortcut(block.out_features, block.stride, name="downsample", **unit)(x)
+        common = dict(train=self.train, numerics=self.numerics, axis_name=self.axis_name)
+        shortcut = Shortcut(block, name="downsample", **common)(x) if block.shortcut else x
         y = x
-        for name, _, cout, k, slope, down, zero_init in block_units(block):
-            y = ConvNormAct(cout, k, slope, downsample=down, zero_init_norm=zero_init, name=name, **unit)(y)
-            if name == SE_AFTER and block.se_width:
-                y = SqueezeExcite(block.se_width, dtype=self.dtype, name="se")(y)
+        for unit in block.units:
+            y = unit_module(unit, **common)(y)
+            if unit.name == SE_AFTER and block.se_width:
+                y = SqueezeExcite(block.se_width, self.numerics, name="se")(y)
         return nn.relu(y + shortcut)
 
 
@@ -91,13 +96,13 @@ class Stage(nn.Module):
 
     blocks: tuple[BlockSpec, ...]
     train: bool = False
-    dtype: Dtype = jnp.float32
+    numerics: Numerics = FLOAT32
     axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         for i, spec in enumerate(self.blocks):
-            x = Block(spec, train=self.train, dtype=self.dtype, axis_name=self.axis_name, name=str(i))(x)
+            x = Block(spec, self.train, self.numerics, self.axis_name, name=str(i))(x)
         return x
 
 
@@ -107,30 +112,32 @@ class Body(nn.Module):
 
     arch: ArchSpec
     train: bool = False
-    dtype: Dtype = jnp.float32
+    numerics: Numerics = FLOAT32
     axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x: Array, out_indices: Sequence[int] = FEATURE_INDICES) -> list[Array]:
         out_indices = feature_indices(out_indices)
-        unit = dict(train=self.train, dtype=self.dtype, axis_name=self.axis_name)
-        x = space_to_depth(x.astype(self.dtype))
-        x = ConvNormAct(self.arch.planes, 3, self.arch.stem_slope, name="conv1", **unit)(x)
+        x = space_to_depth(x.astype(self.numerics.dtype))
+        x = unit_module(stem_unit(self.arch), self.train, self.numerics, self.axis_name)(x)
         maps = [x]
         for s, blocks in enumerate(stage_plan(self.arch)[: max(out_indices)], start=1):
-            x = Stage(blocks, name=f"layer{s}", **unit)(x)
+            x = Stage(blocks, self.train, self.numerics, self.axis_name, name=f"layer{s}")(x)
             maps.append(x)
         return [maps[i] for i in out_indices]
 
 
 class Head(nn.Module):
-    """Global average pool -> linear, in float32 (the logits feed softmax and the loss)."""
+    """The classifier (``architecture.head_specs``): global average pool of the last feature
+    map -> ``fc``, in float32 (the logits feed softmax and the loss)."""
 
     num_classes: int
+    numerics: Numerics = FLOAT32
 
     @nn.compact
-    def __call__(self, features: Array) -> Array:
-        return Dense(self.num_classes, HEAD_KERNEL_INIT, jnp.float32, name="fc")(features)
+    def __call__(self, feature_map: Array) -> Array:
+        fc = Dense(self.num_classes, HEAD_KERNEL_INIT, self.numerics.in_float32(), name="fc")
+        return fc(global_pool(feature_map))
 
 
 class TResNet(nn.Module):
@@ -141,24 +148,38 @@ class TResNet(nn.Module):
     ``method="stage_features"`` feature maps for use as a backbone: the stem's and the four
     stages', or those of ``out_indices=(1, 2, 3, 4)`` (0: stem, 1-4: stages, as in timm).
     Training mode: ``model.apply(variables, images, train=True, mutable=["batch_stats"])``.
+
+    How it computes is its own (``numerics``), wherever it is called from: ``dtype`` is the
+    compute precision (parameters and BatchNorm statistics stay float32); a float32 model runs
+    its convolutions and matrix products in true float32 unless ``allow_tf32`` (JAX's default
+    precision: TF32 on NVIDIA GPUs since Ampere); ``pointwise_as_matmul`` writes 1x1
+    convolutions as matrix products (``layers.conv2d``: a faster training step on XLA:CPU,
+    ``runtime.xla_options.pointwise_as_matmul_for``), off by default so that a traced or
+    exported program does not depend on the backend that traced it.
     """
 
     arch: ArchSpec
     num_classes: int = 1000
     dtype: Dtype = jnp.float32
     axis_name: str | None = None
+    allow_tf32: bool = False
+    pointwise_as_matmul: bool = False
+
+    @property
+    def numerics(self) -> Numerics:
+        return Numerics.of(self.dtype, self.allow_tf32, self.pointwise_as_matmul)
 
     @nn.compact
     def __call__(
         self, x: Array, train: bool = False, output: str = "logits", out_indices: Sequence[int] = FEATURE_INDICES
     ) -> Array | list[Array]:
-        body = Body(self.arch, train=train, dtype=self.dtype, axis_name=self.axis_name, name="body")
+        body = Body(self.arch, train, self.numerics, self.axis_name, name="body")
         if output == "stages":
             return body(x, out_indices)
-        features = global_pool(body(x, (LAST_STAGE,))[0])
+        last = body(x, (LAST_STAGE,))[0]
         if output == "features" or self.num_classes == 0:
-            return features
-        return Head(self.num_classes, name="head")(features)
+            return global_pool(last)
+        return Head(self.num_classes, self.numerics, name="head")(last)
 
     def features(self, x: Array, train: bool = False) -> Array:
         """Globally pooled features, (N, num_features), float32."""

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from typing import Any
 
 from tresnet_jax.errors import InputError
 from tresnet_jax.model.architecture import ArchSpec
+from tresnet_jax.preprocessing import Preprocessing
 
 ARCHITECTURES: dict[str, ArchSpec] = {
     "tresnet_m": ArchSpec(layers=(3, 4, 11, 3), width_factor=1.0),
@@ -25,16 +25,13 @@ class PretrainedConfig:
     """How a set of published weights was trained and evaluated, and what it scored."""
 
     tag: str
-    input_size: int = 224
-    crop_pct: float = 0.875
-    interpolation: str = "bilinear"
+    preprocessing: Preprocessing = dataclasses.field(default_factory=Preprocessing)
     num_classes: int = 1000
     top1: float | None = None  # ImageNet-1k validation, as reported by timm
     top5: float | None = None
     imagenet_v2_top1: float | None = None
     source: str = "timm"  # timm: on the Hugging Face hub; official, asl: a file from the authors
     multi_label: bool = False  # one sigmoid per class (ASL), not a softmax over classes
-    squish: bool = False  # resize to input_size x input_size, no crop
     mean_ap: float | None = None  # mAP (percent) the authors report, on ``dataset``
     dataset: str | None = None  # the TFDS name of the set mean_ap was measured on (coco/2014)
     file: str | None = None  # the published file, for weights that are not on the hub
@@ -53,18 +50,17 @@ def _asl(tag: str, size: int, classes: int, mean_ap: float, dataset: str, file: 
     """An ASL model: multi-label, squished to ``size`` (validate.py's Resize((size, size)))."""
     return PretrainedConfig(
         tag,
-        size,
-        crop_pct=1.0,
+        Preprocessing(size, crop_pct=1.0, squish=True),
         num_classes=classes,
         source="asl",
         multi_label=True,
-        squish=True,
         mean_ap=mean_ap,
         dataset=dataset,
         file=file,
     )
 
 
+AT_448 = Preprocessing(448)
 # Tags in timm's order (the first tag of an architecture is its default weights), then the
 # weights published as files only.
 PRETRAINED: dict[str, PretrainedConfig] = {
@@ -75,13 +71,13 @@ PRETRAINED: dict[str, PretrainedConfig] = {
         PretrainedConfig("tresnet_m.miil_in1k", top1=80.816, top5=94.862, imagenet_v2_top1=69.68),
         PretrainedConfig("tresnet_l.miil_in1k", top1=81.498, top5=95.652, imagenet_v2_top1=70.67),
         PretrainedConfig("tresnet_xl.miil_in1k", top1=82.060, top5=95.932, imagenet_v2_top1=71.46),
-        PretrainedConfig("tresnet_m.miil_in1k_448", input_size=448, top1=81.710, top5=95.562, imagenet_v2_top1=70.78),
-        PretrainedConfig("tresnet_l.miil_in1k_448", input_size=448, top1=82.278, top5=95.988, imagenet_v2_top1=71.48),
-        PretrainedConfig("tresnet_xl.miil_in1k_448", input_size=448, top1=83.066, top5=96.180, imagenet_v2_top1=72.20),
+        PretrainedConfig("tresnet_m.miil_in1k_448", AT_448, top1=81.710, top5=95.562, imagenet_v2_top1=70.78),
+        PretrainedConfig("tresnet_l.miil_in1k_448", AT_448, top1=82.278, top5=95.988, imagenet_v2_top1=71.48),
+        PretrainedConfig("tresnet_xl.miil_in1k_448", AT_448, top1=83.066, top5=96.180, imagenet_v2_top1=72.20),
         PretrainedConfig("tresnet_v2_l.miil_in21k_ft_in1k", top1=83.910, top5=96.492, imagenet_v2_top1=73.45),
         PretrainedConfig("tresnet_v2_l.miil_in21k", num_classes=11221),
         # The official repository's only published TResNet-L-V2 weights: Stanford Cars.
-        PretrainedConfig("tresnet_l_v2.stanford_cars", input_size=368, num_classes=196, source="official"),
+        PretrainedConfig("tresnet_l_v2.stanford_cars", Preprocessing(368), num_classes=196, source="official"),
         # ASL's multi-label models (Alibaba-MIIL/ASL, MODEL_ZOO.md; not on the hub): official
         # layout, 80 MS-COCO or 20 Pascal VOC classes, evaluated squished to the input size; the
         # mAP the authors report on COCO 2014 validation and VOC 2007 test.
@@ -92,6 +88,7 @@ PRETRAINED: dict[str, PretrainedConfig] = {
     )
 }
 
+UNTAGGED = "untagged"  # the tag of a configuration no published weights have: tresnet_m.untagged
 # Where the weights that are not on the hub are published, by source: (words, address).
 DOWNLOAD_PAGES = {
     "official": ("the official TResNet model zoo", "https://github.com/Alibaba-MIIL/TResNet/blob/master/MODEL_ZOO.md"),
@@ -124,20 +121,6 @@ class ModelSpec:
         """The published tag, None for weights that are not (or no longer) a published set."""
         return None if self.config.source == "none" else self.config.tag
 
-    def preprocessing(self) -> dict[str, Any]:
-        """The ``preprocessing`` record of weights metadata: size, crop, interpolation, and
-        ``squish: true`` for weights evaluated squished to size x size (absent: resize and
-        centre crop, as metadata written before it says); inputs are RGB in [0, 1] without
-        mean/std (the original's convention)."""
-        return {
-            "input_size": self.config.input_size,
-            "crop_pct": self.config.crop_pct,
-            "interpolation": self.config.interpolation,
-            "mean": [0.0, 0.0, 0.0],
-            "std": [1.0, 1.0, 1.0],
-            **({"squish": True} if self.config.squish else {}),
-        }
-
 
 def resolve(name: str, num_classes: int | None = None) -> ModelSpec:
     """An architecture (``tresnet_m``) or pretrained tag (``tresnet_m.miil_in1k``) with its
@@ -153,7 +136,7 @@ def resolve(name: str, num_classes: int | None = None) -> ModelSpec:
         if cfg.architecture == name and num_classes in (None, cfg.num_classes) and not cfg.multi_label:
             return ModelSpec(architecture, arch, cfg)
     classes = 1000 if num_classes is None else num_classes
-    return ModelSpec(architecture, arch, PretrainedConfig(f"{name}.untrained", num_classes=classes, source="none"))
+    return ModelSpec(architecture, arch, PretrainedConfig(f"{name}.{UNTAGGED}", num_classes=classes, source="none"))
 
 
 def default_tag(architecture: str) -> str | None:

@@ -1,5 +1,5 @@
-"""How the library's compiled steps are compiled: XLA options, matrix-product precision, and
-deterministic GPU kernels.
+"""How the library's compiled steps are compiled: XLA options, what a model built for a backend
+is told (1x1 convolutions as matrix products), and deterministic GPU kernels.
 
 XLA:CPU hands float32 convolutions to YNNPACK by default. On the CPUs measured for
 BENCHMARKS.md, XLA's own convolutions run TResNet 1.2-1.4x faster (inference and above all
@@ -7,28 +7,21 @@ the training step), so on the CPU backend YNNPACK is kept for matrix products an
 only. Other backends compile with XLA's defaults. ``TRESNET_JAX_XLA_DEFAULTS=1`` turns the
 option off (for a JAX whose XLA no longer knows it, or to compare).
 
-Precision, the one rule: a float32 model's convolutions and matrix products run in true
-float32 (``jax_default_matmul_precision`` "highest"), because float32 is what the parity with
-timm is promised for. JAX's default would use TF32 on NVIDIA GPUs since Ampere (10 mantissa
-bits instead of 23) and bfloat16 passes on TPUs. ``TRESNET_JAX_TF32=1`` opts
-into JAX's default for float32 (faster on a GPU). bfloat16 and float16 models are not affected.
-On the CPU the compiled program is the same either way.
+Precision is not set here: it is the model's own (``TResNet.allow_tf32``, ``layers.Numerics.of``),
+and a float32 model runs its convolutions and matrix products in true float32 wherever it is
+called from; the command lines' ``--tf32`` builds their models with ``allow_tf32``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 CPU_COMPILER_OPTIONS = {
     "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
 }
 DEFAULTS_VARIABLE = "TRESNET_JAX_XLA_DEFAULTS"
-TF32_VARIABLE = "TRESNET_JAX_TF32"
 # Deterministic GPU kernels (no atomics in reductions and scatters, no autotuned algorithm
 # choice): the same program gives the same bits in every process. Ignored by other backends.
 DETERMINISTIC_GPU_FLAG = "--xla_gpu_deterministic_ops=true"
@@ -42,17 +35,11 @@ def compiler_options(xla_defaults: bool = False) -> dict[str, str]:
     return dict(CPU_COMPILER_OPTIONS)
 
 
-def matmul_precision(dtype: Any) -> str | None:
-    """The ``jax_default_matmul_precision`` for a model computing in ``dtype``: "highest" for
-    float32 unless ``$TRESNET_JAX_TF32`` is set, else None (JAX's default)."""
-    if jnp.dtype(dtype) != jnp.float32 or _enabled(TF32_VARIABLE):
-        return None
-    return "highest"
-
-
-def precision_scope(dtype: Any) -> contextlib.AbstractContextManager:
-    """Trace a model computing in ``dtype`` inside this (``matmul_precision``)."""
-    return jax.default_matmul_precision(matmul_precision(dtype))
+def pointwise_as_matmul_for(backend: str | None = None) -> bool:
+    """The ``pointwise_as_matmul`` of a model built to train on ``backend`` (default: JAX's
+    default backend): True on the CPU, where a 1x1 convolution's weight gradient is faster as a
+    matrix product (``layers.conv2d``, BENCHMARKS.md); inference runs as fast either way."""
+    return (backend or jax.default_backend()) == "cpu"
 
 
 def request_deterministic_gpu_ops() -> None:

@@ -1,9 +1,9 @@
 """TResNet as a Flax NNX module: the same architecture plan, variables and weights as the Linen
 model, in NNX's object style (the public entry, with loading, is ``tresnet_jax.nnx``).
 
-The modules are built from ``architecture.stage_plan`` / ``architecture.block_units`` and each
-declares its variables from the specs that define the Linen model's
-(``architecture.variable_specs``), so the architecture's numbers are written once.
+The modules are built from the plan (``architecture.stage_plan``, ``BlockSpec.units``,
+``stem_unit``) and each declares its variables from the specs that define the Linen model's
+(``UnitSpec.specs``, ``architecture.variable_specs``), so the architecture is written once.
 ``nnx.state(model)`` paths are the Linen variable paths (``body/layer3/0/conv2/conv/kernel``;
 running statistics are ``nnx.BatchStat``), which is what ``from_linen_variables`` /
 ``to_linen_variables`` rely on: a model is built abstractly and filled with Linen variables, so
@@ -16,29 +16,27 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import nnx as fnnx
-from flax import traverse_util
+from flax import nnx, traverse_util
 
 from tresnet_jax.model.architecture import (
     FEATURE_INDICES,
     LAST_STAGE,
     SE_AFTER,
-    SHORTCUT_NAME,
     ArchSpec,
     BlockSpec,
-    block_units,
+    UnitSpec,
     feature_indices,
     global_pool,
     stage_plan,
+    stem_unit,
     variable_specs,
 )
 from tresnet_jax.model.layers import (
+    Numerics,
     Specs,
     avg_pool_shortcut,
     batch_norm,
-    conv2d,
     conv_norm_act_tail,
-    dense,
     space_to_depth,
     squeeze_excite,
 )
@@ -49,7 +47,7 @@ Dtype = Any
 Variables = dict[str, Any]
 Keys = Iterator[jax.Array]  # one PRNG key per variable, in construction order
 
-VARIABLE_TYPES = {"params": fnnx.Param, "batch_stats": fnnx.BatchStat}  # Linen collection -> NNX type
+VARIABLE_TYPES = {"params": nnx.Param, "batch_stats": nnx.BatchStat}  # Linen collection -> NNX type
 
 
 def _under(specs: Specs, name: str) -> Specs:
@@ -57,25 +55,25 @@ def _under(specs: Specs, name: str) -> Specs:
     return {(path[0], *path[2:]): spec for path, spec in specs.items() if path[1] == name}
 
 
-def _declare(module: fnnx.Module, specs: Specs, keys: Keys) -> None:
+def _declare(module: nnx.Module, specs: Specs, keys: Keys) -> None:
     """A module's own variables from their specs, as attributes named by leaf, each drawn with
     the next key. Under ``nnx.eval_shape`` (``from_linen_variables``) they are shapes only."""
     for (collection, name), spec in specs.items():
         setattr(module, name, VARIABLE_TYPES[collection](spec.init(next(keys), spec.shape)))
 
 
-class Conv(fnnx.Module):
-    """``layers.conv2d`` with its ``kernel``, computed in ``dtype``."""
+class Conv(nnx.Module):
+    """``Numerics.conv`` with its ``kernel``."""
 
-    def __init__(self, specs: Specs, dtype: Dtype, *, keys: Keys) -> None:
+    def __init__(self, specs: Specs, numerics: Numerics, *, keys: Keys) -> None:
         _declare(self, specs, keys)
-        self.dtype = dtype
+        self.numerics = numerics
 
     def __call__(self, x: Array) -> Array:
-        return conv2d(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        return self.numerics.conv(x, self.kernel[...])
 
 
-class BatchNorm(fnnx.Module):
+class BatchNorm(nnx.Module):
     """``layers.batch_norm``: running statistics unless ``use_running_average`` is False
     (``model.train()``), which normalises with the batch's and updates ``mean``/``var``."""
 
@@ -92,83 +90,83 @@ class BatchNorm(fnnx.Module):
         return y
 
 
-class ConvNormAct(fnnx.Module):
-    """``conv`` -> ``bn`` -> optional LeakyReLU (``slope``) -> optional anti-aliased stride 2."""
+class ConvNormAct(nnx.Module):
+    """One unit of the plan (``UnitSpec``): ``conv`` -> ``bn`` -> optional LeakyReLU -> optional
+    anti-aliased stride 2."""
 
-    def __init__(self, specs: Specs, slope: float | None, downsample: bool, dtype: Dtype, *, keys: Keys) -> None:
-        self.conv = Conv(_under(specs, "conv"), dtype, keys=keys)
-        self.bn = BatchNorm(_under(specs, "bn"), keys=keys)
-        self.slope, self.downsample = slope, downsample
+    def __init__(self, unit: UnitSpec, numerics: Numerics, *, keys: Keys) -> None:
+        self.conv = Conv(_under(unit.specs, "conv"), numerics, keys=keys)
+        self.bn = BatchNorm(_under(unit.specs, "bn"), keys=keys)
+        self.slope, self.downsample = unit.slope, unit.downsample
 
     def __call__(self, x: Array) -> Array:
         return conv_norm_act_tail(self.bn(self.conv(x)), self.slope, self.downsample)
 
 
-class Dense(fnnx.Module):
-    """``layers.dense`` with its ``kernel`` and ``bias``, computed in ``dtype``."""
+class Dense(nnx.Module):
+    """``Numerics.dense`` with its ``kernel`` and ``bias``."""
 
-    def __init__(self, specs: Specs, dtype: Dtype, *, keys: Keys) -> None:
+    def __init__(self, specs: Specs, numerics: Numerics, *, keys: Keys) -> None:
         _declare(self, specs, keys)
-        self.dtype = dtype
+        self.numerics = numerics
 
     def __call__(self, x: Array) -> Array:
-        return dense(x, self.kernel[...], self.bias[...], self.dtype)
+        return self.numerics.dense(x, self.kernel[...], self.bias[...])
 
 
-class SqueezeExcite(fnnx.Module):
-    def __init__(self, specs: Specs, dtype: Dtype, *, keys: Keys) -> None:
-        self.fc1 = Dense(_under(specs, "fc1"), dtype, keys=keys)
-        self.fc2 = Dense(_under(specs, "fc2"), dtype, keys=keys)
+class SqueezeExcite(nnx.Module):
+    def __init__(self, specs: Specs, numerics: Numerics, *, keys: Keys) -> None:
+        self.fc1 = Dense(_under(specs, "fc1"), numerics, keys=keys)
+        self.fc2 = Dense(_under(specs, "fc2"), numerics, keys=keys)
 
     def __call__(self, x: Array) -> Array:
         return squeeze_excite(x, self.fc1, self.fc2)
 
 
-class Block(fnnx.Module):
-    """One residual block of the plan: ``block_units`` (``conv1``...), ``se`` after
-    ``SE_AFTER``, the projection shortcut ``downsample`` (``downsample/1`` after the average
-    pool, as timm's Sequential numbers it), ReLU."""
+class Block(nnx.Module):
+    """One residual block of the plan: its units (``conv1``...), ``se`` after ``SE_AFTER``, the
+    shortcut's unit in ``downsample`` (``downsample/1`` after the average pool, as timm's
+    Sequential numbers it), ReLU."""
 
-    def __init__(self, block: BlockSpec, specs: Specs, dtype: Dtype, *, keys: Keys) -> None:
+    def __init__(self, block: BlockSpec, specs: Specs, numerics: Numerics, *, keys: Keys) -> None:
         self.block = block
-        if block.project:
-            name = SHORTCUT_NAME[block.stride]
-            shortcut = _under(_under(specs, "downsample"), name)
-            self.downsample = fnnx.Dict({name: ConvNormAct(shortcut, None, False, dtype, keys=keys)})
-        for name, _, _, _, slope, down, _ in block_units(block):
-            setattr(self, name, ConvNormAct(_under(specs, name), slope, down, dtype, keys=keys))
+        if shortcut := block.shortcut:
+            self.downsample = nnx.Dict({shortcut.name: ConvNormAct(shortcut, numerics, keys=keys)})
+        for unit in block.units:
+            setattr(self, unit.name, ConvNormAct(unit, numerics, keys=keys))
         if block.se_width:
-            self.se = SqueezeExcite(_under(specs, "se"), dtype, keys=keys)
+            self.se = SqueezeExcite(_under(specs, "se"), numerics, keys=keys)
 
     def __call__(self, x: Array) -> Array:
         block = self.block
         shortcut = x
-        if block.project:
+        if block.shortcut:
             pooled = avg_pool_shortcut(x) if block.stride == 2 else x
-            shortcut = self.downsample[SHORTCUT_NAME[block.stride]](pooled)
+            shortcut = self.downsample[block.shortcut.name](pooled)
         y = x
-        for name, *_ in block_units(block):
-            y = getattr(self, name)(y)
-            if name == SE_AFTER and block.se_width:
+        for unit in block.units:
+            y = getattr(self, unit.name)(y)
+            if unit.name == SE_AFTER and block.se_width:
                 y = self.se(y)
         return jax.nn.relu(y + shortcut)
 
 
-class Body(fnnx.Module):
+class Body(nnx.Module):
     """Space-to-depth, the stem ``conv1`` and the stages ``layer1``-``layer4`` (lists of blocks)."""
 
-    def __init__(self, arch: ArchSpec, specs: Specs, dtype: Dtype, *, keys: Keys) -> None:
-        self.dtype = dtype
-        self.conv1 = ConvNormAct(_under(specs, "conv1"), arch.stem_slope, False, dtype, keys=keys)
+    def __init__(self, arch: ArchSpec, specs: Specs, numerics: Numerics, *, keys: Keys) -> None:
+        self.numerics = numerics
+        stem = stem_unit(arch)
+        setattr(self, stem.name, ConvNormAct(stem, numerics, keys=keys))
         for s, blocks in enumerate(stage_plan(arch), start=1):
             stage = _under(specs, f"layer{s}")
-            layer = fnnx.List(Block(b, _under(stage, str(i)), dtype, keys=keys) for i, b in enumerate(blocks))
+            layer = nnx.List(Block(b, _under(stage, str(i)), numerics, keys=keys) for i, b in enumerate(blocks))
             setattr(self, f"layer{s}", layer)
 
     def __call__(self, x: Array, out_indices: Sequence[int] = FEATURE_INDICES) -> list[Array]:
         """The feature maps at ``out_indices``; stages after the last one asked for are not run."""
         out_indices = feature_indices(out_indices)
-        x = self.conv1(space_to_depth(x.astype(self.dtype)))
+        x = self.conv1(space_to_depth(x.astype(self.numerics.dtype)))
         maps = [x]
         for s in range(1, max(out_indices) + 1):
             for block in getattr(self, f"layer{s}"):
@@ -177,37 +175,54 @@ class Body(fnnx.Module):
         return [maps[i] for i in out_indices]
 
 
-class Head(fnnx.Module):
-    """The classifier ``fc``, in float32 (the logits feed softmax and the loss)."""
+class Head(nnx.Module):
+    """The classifier (``architecture.head_specs``): global average pool of the last feature
+    map -> ``fc``, in float32 (the logits feed softmax and the loss)."""
 
-    def __init__(self, specs: Specs, *, keys: Keys) -> None:
-        self.fc = Dense(_under(specs, "fc"), jnp.float32, keys=keys)
+    def __init__(self, specs: Specs, numerics: Numerics, *, keys: Keys) -> None:
+        self.fc = Dense(_under(specs, "fc"), numerics.in_float32(), keys=keys)
 
-    def __call__(self, features: Array) -> Array:
-        return self.fc(features)
+    def __call__(self, feature_map: Array) -> Array:
+        return self.fc(global_pool(feature_map))
 
 
-class TResNet(fnnx.Module):
+class TResNet(nnx.Module):
     """TResNet classifier. Input: NHWC images in [0, 1] (no mean/std), sides multiples of 32.
 
     ``model(x)``: float32 logits (the pooled features when ``num_classes`` is 0);
     ``features(x)``: pooled float32 features; ``stage_features(x, out_indices)``: feature maps,
-    0 the stem, 1-4 the stages (strides 4, 4, 8, 16, 32). ``dtype`` is the compute precision;
-    parameters and running statistics stay float32. Built in eval mode; ``train()`` switches
-    BatchNorm to batch statistics. Constructing one directly draws the original's initial
-    values with ``rngs``; ``create_model`` and ``load`` draw nothing on the device.
+    0 the stem, 1-4 the stages (strides 4, 4, 8, 16, 32). ``dtype``, ``allow_tf32`` and
+    ``pointwise_as_matmul`` are the Linen model's (``linen.TResNet``): how it computes is its
+    own, wherever it is called from; parameters and running statistics stay float32. Built in
+    eval mode; ``train()`` switches BatchNorm to batch statistics. Constructing one directly
+    draws the original's initial values with ``rngs``; ``create_model`` and ``load`` draw
+    nothing on the device.
     """
 
-    def __init__(self, arch: ArchSpec, num_classes: int = 1000, dtype: Dtype = jnp.float32, *, rngs: fnnx.Rngs) -> None:
+    def __init__(
+        self,
+        arch: ArchSpec,
+        num_classes: int = 1000,
+        dtype: Dtype = jnp.float32,
+        *,
+        allow_tf32: bool = False,
+        pointwise_as_matmul: bool = False,
+        rngs: nnx.Rngs,
+    ) -> None:
         self.arch, self.num_classes, self.dtype = arch, num_classes, dtype
+        self.allow_tf32, self.pointwise_as_matmul = allow_tf32, pointwise_as_matmul
         specs = variable_specs(arch, num_classes)
         keys = iter(jax.random.split(rngs.params(), len(specs)))
-        self.body = Body(arch, _under(specs, "body"), dtype, keys=keys)
-        self.head = Head(_under(specs, "head"), keys=keys) if num_classes else None
+        self.body = Body(arch, _under(specs, "body"), self.numerics, keys=keys)
+        self.head = Head(_under(specs, "head"), self.numerics, keys=keys) if num_classes else None
+
+    @property
+    def numerics(self) -> Numerics:
+        return Numerics.of(self.dtype, self.allow_tf32, self.pointwise_as_matmul)
 
     def __call__(self, x: Array) -> Array:
-        features = self.features(x)
-        return features if self.head is None else self.head(features)
+        last = self.body(x, (LAST_STAGE,))[0]
+        return global_pool(last) if self.head is None else self.head(last)
 
     def features(self, x: Array) -> Array:
         """Globally pooled features, (N, num_features), float32."""
@@ -224,11 +239,12 @@ def from_linen_variables(model: LinenTResNet, variables: Variables) -> TResNet:
     default device). Raises ValueError when the variables do not fit the architecture. Linen's
     ``axis_name`` has no counterpart: under ``jax.jit`` with the batch sharded over devices, the
     BatchNorm statistics are the whole batch's already."""
-    abstract = fnnx.eval_shape(lambda: TResNet(model.arch, model.num_classes, model.dtype, rngs=fnnx.Rngs(0)))
-    graphdef, state = fnnx.split(abstract)
+    numerics = dict(allow_tf32=model.allow_tf32, pointwise_as_matmul=model.pointwise_as_matmul)
+    abstract = nnx.eval_shape(lambda: TResNet(model.arch, model.num_classes, model.dtype, **numerics, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
     given = traverse_util.flatten_dict(dict(variables))
     filled, wanted = [], set()
-    for path, slot in fnnx.to_flat_state(state):
+    for path, slot in nnx.to_flat_state(state):
         key = (_collection(slot), *map(str, path))
         wanted.add(key)
         value = given.get(key)
@@ -238,7 +254,7 @@ def from_linen_variables(model: LinenTResNet, variables: Variables) -> TResNet:
         filled.append((path, slot.replace(jnp.asarray(value, jnp.float32))))
     if extra := sorted(set(given) - wanted):
         raise ValueError(f"variables do not fit the model: {'/'.join(extra[0])} is not one of its variables")
-    return fnnx.merge(graphdef, fnnx.from_flat_state(filled))
+    return nnx.merge(graphdef, nnx.from_flat_state(filled))
 
 
 def to_linen_variables(model: TResNet) -> Variables:
@@ -246,11 +262,11 @@ def to_linen_variables(model: TResNet) -> Variables:
     for ``TResNet.apply``, ``storage.save_weights`` and the exporters."""
     flat = {
         (_collection(variable), *map(str, path)): variable[...]
-        for path, variable in fnnx.to_flat_state(fnnx.state(model))
+        for path, variable in nnx.to_flat_state(nnx.state(model))
     }
     return traverse_util.unflatten_dict(flat)
 
 
-def _collection(variable: fnnx.Variable) -> str:
+def _collection(variable: nnx.Variable) -> str:
     """The Linen collection an NNX variable belongs to: ``params`` or ``batch_stats``."""
     return next(name for name, kind in VARIABLE_TYPES.items() if isinstance(variable, kind))
