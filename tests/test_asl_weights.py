@@ -18,16 +18,17 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-import predict as predict_cli
 import tresnet_jax
-from convert import torch_to_flax
 from tests.reference import official_state_dict, parity_error, random_images, random_timm_model, torch_logits
-from tresnet_jax.data.preprocess import Preprocessing
+from tresnet_jax.cli import convert as torch_to_flax
+from tresnet_jax.cli import predict as predict_cli
 from tresnet_jax.errors import InputError
 from tresnet_jax.model.initialization import random_variables
 from tresnet_jax.model.registry import PRETRAINED, resolve
+from tresnet_jax.preprocessing import Preprocessing
 from tresnet_jax.weights.conversion import choose_config, convert_checkpoint, variables_to_state_dict
-from tresnet_jax.weights.storage import model_spec, save_weights
+from tresnet_jax.weights.info import Reported, WeightsInfo
+from tresnet_jax.weights.storage import save_weights
 from tresnet_jax.weights.torch_layout import LayoutError, checkpoint_class_names
 
 PARITY_BOUND = 1e-4  # test_parity's, float32
@@ -94,17 +95,16 @@ def test_coco_checkpoint_is_recorded_as_multi_label_with_asl_preprocessing_and_m
     _, root = coco
     monkeypatch.setenv("TRESNET_JAX_WEIGHTS", str(root))
     assert [p.name for p in root.iterdir()] == [COCO_TAG]  # stored under the tag the file name says
-    metadata = tresnet_jax.load_metadata(COCO_TAG)
-    assert (metadata["model"], metadata["num_classes"], metadata["tag"]) == ("tresnet_l", 80, COCO_TAG)
-    assert metadata["multi_label"] is True
-    assert metadata["class_names"] == COCO_CLASSES
-    assert metadata["reported"] == {"mAP": 86.6, "dataset": "coco/2014"}
-    prep = metadata["preprocessing"]
-    assert (prep["input_size"], prep["crop_pct"], prep["squish"]) == (448, 1.0, True)
-    assert (prep["mean"], prep["std"]) == ([0.0] * 3, [1.0] * 3)
-    # eval.py's preprocessing, read from the metadata: a squish to 448 x 448.
-    assert Preprocessing.from_dict(prep) == Preprocessing(448, 1.0, "bilinear", squish=True)
-    assert (metadata["source"]["layout"], metadata["source"]["file"]) == ("official", PRETRAINED[COCO_TAG].file)
+    info = tresnet_jax.load_metadata(COCO_TAG)
+    assert (info.model, info.num_classes, info.tag) == ("tresnet_l", 80, COCO_TAG)
+    assert info.multi_label is True
+    assert info.class_names == tuple(COCO_CLASSES)
+    assert info.reported == Reported(mAP=86.6, dataset="coco/2014")
+    # eval.py's preprocessing: a squish to 448 x 448, recorded with mean 0 and std 1.
+    assert info.preprocessing == Preprocessing(448, 1.0, "bilinear", squish=True)
+    document = json.loads((root / COCO_TAG / "metadata.json").read_text())
+    assert (document["preprocessing"]["mean"], document["preprocessing"]["std"]) == ([0.0] * 3, [1.0] * 3)
+    assert (info.source.layout, info.source.file) == ("official", PRETRAINED[COCO_TAG].file)
 
 
 def test_coco_logits_equal_timm(coco, monkeypatch):
@@ -149,10 +149,10 @@ def test_asl_file_names_name_their_tag_only_for_matching_tensors():
     # Only a tag makes weights multi-label: an untagged 80-class TResNet-L may be a single-label
     # fine-tune (the generic configuration, at 448 as the name says); a timm architecture's is unchanged.
     untagged = choose_config(large, 80, "coco_448.pth")
-    assert (untagged.tag, untagged.config.multi_label, untagged.config.squish) == (None, False, False)
-    assert untagged.config.input_size == 448
+    assert (untagged.tag, untagged.config.multi_label, untagged.config.preprocessing.squish) == (None, False, False)
+    assert untagged.config.preprocessing.input_size == 448
     imagenet = choose_config(large, 1000, "model.pth").config
-    assert (imagenet.multi_label, imagenet.squish, imagenet.crop_pct) == (False, False, 0.875)
+    assert (imagenet.multi_label, imagenet.preprocessing) == (False, Preprocessing(224, 0.875))
     # A --tag whose class count is not the head's is refused.
     with pytest.raises(InputError, match=r"tag tresnet_l.asl_coco_448 is a 80-class tresnet_l, the weights are a 20"):
         choose_config(large, 20, "x.pth", COCO_TAG)
@@ -175,13 +175,14 @@ def test_single_label_weights_are_recorded_so(tiny_model, tmp_path):
     state_dict = variables_to_state_dict(random_variables(tresnet_jax.ARCHITECTURES[tiny_model], 10, 0))
     source = tmp_path / "tiny.pth"
     source.write_bytes(b"stands for the file read")
-    _, metadata = convert_checkpoint(state_dict, source)
-    assert (metadata["multi_label"], metadata["class_names"], metadata["reported"]) == (False, None, None)
-    assert "squish" not in metadata["preprocessing"]
+    _, info = convert_checkpoint(state_dict, source)
+    assert (info.multi_label, info.class_names, info.reported) == (False, None, None)
+    assert info.preprocessing.squish is False
     names = [f"kind {i}" for i in range(10)]
-    assert convert_checkpoint(state_dict, source, class_names=names)[1]["class_names"] == names
-    del metadata["multi_label"]
-    assert model_spec(metadata, tmp_path).config.multi_label is False
+    assert convert_checkpoint(state_dict, source, class_names=names)[1].class_names == tuple(names)
+    document = info.to_json()
+    del document["multi_label"]
+    assert WeightsInfo.from_json(document).multi_label is False
 
 
 def test_idx_to_class_of_the_wrong_length_is_refused(tmp_path, weights_root, capsys):
@@ -190,7 +191,10 @@ def test_idx_to_class_of_the_wrong_length_is_refused(tmp_path, weights_root, cap
     torch.save(asl_checkpoint(reference, COCO_CLASSES) | {"idx_to_class": dict(enumerate(COCO_CLASSES[:79]))}, path)
     code, _, err = convert([path], capsys)
     assert code == 1
-    assert one_error_line(err) == f"error: {path}: its idx_to_class names 79 classes, its head has 80"
+    assert (
+        one_error_line(err)
+        == f"error: {path}: 79 class names (its idx_to_class, or --classes) for a head of 80 classes"
+    )
     assert not weights_root.exists()
 
 
@@ -263,13 +267,10 @@ def test_threshold_outside_0_1_is_a_usage_error(value, capsys):
 def test_threshold_with_single_label_weights_is_an_error(tiny_model, tmp_path, capsys):
     """Weights whose metadata predates "multi_label" are single-label: --threshold is refused."""
     weights = tmp_path / "single"
-    metadata = {
-        "model": tiny_model,
-        "num_classes": 10,
-        "tag": None,
-        "preprocessing": {"input_size": 64, "crop_pct": 0.875, "interpolation": "bilinear"},
-    }
-    save_weights(weights, random_variables(tresnet_jax.ARCHITECTURES[tiny_model], 10, 0), metadata)
+    save_weights(weights, random_variables(tresnet_jax.ARCHITECTURES[tiny_model], 10, 0), WeightsInfo(tiny_model, 10))
+    old = {"model": tiny_model, "num_classes": 10, "tag": None,
+           "preprocessing": {"input_size": 64, "crop_pct": 0.875, "interpolation": "bilinear"}}  # fmt: skip
+    (weights / "metadata.json").write_text(json.dumps(old))  # as written before "multi_label" existed
     image = tmp_path / "x.png"
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
     assert predict_cli.main([str(image), "--weights", str(weights), "--threshold", "0.5"]) == 1
@@ -291,9 +292,9 @@ def test_eval_map_on_a_label_csv_equals_timm_logits_through_scikit_learn(tmp_pat
     the 13 photographs: gaps from 1.5e-3, logits within 2.1e-5)."""
     from sklearn.metrics import average_precision_score
 
-    import eval as eval_cli
     from tests.classifier import pil_preprocess
     from tests.images import photo_files
+    from tresnet_jax.cli import eval as eval_cli
 
     monkeypatch.setenv("TRESNET_JAX_WEIGHTS", str(tmp_path / "weights"))
     files = [path for path in photo_files(tmp_path / "photos") if path.suffix == ".png"]

@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import save_file
 
 import tresnet_jax
-from convert import torch_to_flax
 from tests.reference import random_timm_model
+from tresnet_jax.cli import convert as torch_to_flax
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -135,12 +135,12 @@ def test_existing_output_is_kept_without_force_and_replaced_with_it(tmp_path, we
     stored = weights_root / "tresnet_m"
     before = (stored / "metadata.json").read_text()
     # Nothing in "m.pth" names its weights: no tag, no reported accuracy, the model's preprocessing.
-    metadata = tresnet_jax.load_metadata("tresnet_m")
-    assert (metadata["tag"], metadata["reported"], metadata["preprocessing"]["input_size"]) == (None, None, 224)
+    info = tresnet_jax.load_metadata("tresnet_m")
+    assert (info.tag, info.reported, info.preprocessing.input_size) == (None, None, 224)
     assert_fails([path], capsys, "exists; pass --force to replace it")
     assert (stored / "metadata.json").read_text() == before
     assert run([path, "--force", "--num-classes", "10"], capsys)[0] == 0
-    assert tresnet_jax.load_metadata("tresnet_m")["num_classes"] == 10
+    assert tresnet_jax.load_metadata("tresnet_m").num_classes == 10
     assert sorted(p.name for p in weights_root.iterdir()) == ["tresnet_m"]  # no temporary leftovers
 
 
@@ -181,7 +181,7 @@ def test_fine_tuning_head_and_wrapped_prefixed_checkpoint(tmp_path, weights_root
     torch.save(wrapped, path)
     code, out, _ = run([path, "--num-classes", "10", "--name", "m_c10"], capsys)
     assert code == 0
-    assert "replaced the checkpoint's 1000-class head by a new 10-class one" in out
+    assert "note: replaced the 1000-class head by a new 10-class one (seed 0)" in out
     model, variables = tresnet_jax.load("m_c10")
     assert model.num_classes == 10
     assert variables["params"]["head"]["fc"]["kernel"].shape == (2048, 10)
@@ -189,9 +189,9 @@ def test_fine_tuning_head_and_wrapped_prefixed_checkpoint(tmp_path, weights_root
         variables["params"]["body"]["conv1"]["conv"]["kernel"],
         m_state_dict["body.conv1.conv.weight"].numpy().transpose(2, 3, 1, 0),
     )
-    metadata = tresnet_jax.load_metadata("m_c10")
-    assert (metadata["tag"], metadata["reported"]) == (None, None)
-    assert metadata["source"]["num_classes"] == 1000
+    info = tresnet_jax.load_metadata("m_c10")
+    assert (info.tag, info.reported) == (None, None)
+    assert info.source.num_classes == 1000
 
 
 def test_no_head(tmp_path, weights_root, m_state_dict, capsys):
@@ -199,7 +199,7 @@ def test_no_head(tmp_path, weights_root, m_state_dict, capsys):
     torch.save(m_state_dict, path)
     code, out, _ = run([path, "--num-classes", "0"], capsys)
     assert code == 0
-    assert "dropped the checkpoint's 1000-class head" in out
+    assert "note: dropped the 1000-class head: the model outputs pooled features" in out
     model, variables = tresnet_jax.load("tresnet_m")
     assert "head" not in variables["params"]
     assert model.num_classes == 0

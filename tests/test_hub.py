@@ -10,13 +10,15 @@ import pytest
 import timm
 from flax import traverse_util
 
-import predict
 import tresnet_jax
-from convert import torch_to_flax
 from tests.blocked_imports import run_without
 from tests.hub_cache import COMMIT, add_repo, timm_files
 from tests.reference import parity_error, random_images, random_timm_model, torch_logits
-from tresnet_jax.weights.factory import choose_weights
+from tresnet_jax.cli import convert as torch_to_flax
+from tresnet_jax.cli import predict
+from tresnet_jax.factory import choose_weights
+from tresnet_jax.preprocessing import Preprocessing
+from tresnet_jax.weights.info import WeightsInfo
 from tresnet_jax.weights.storage import save_weights
 
 PARITY_BOUND = 1e-4  # as for converted files (test_parity): float32 rounding, far below a wrong tensor
@@ -58,15 +60,15 @@ def offline(hub, weights_root, monkeypatch):
 def test_pretrained_by_architecture_equals_timm_and_is_stored_by_tag(offline, weights_root, tmp_path, monkeypatch):
     model, variables = tresnet_jax.create_model("tresnet_m", pretrained=True)
     assert parity_error(jax.jit(model.apply)(variables, IMAGES), offline["logits"]) <= PARITY_BOUND
-    metadata = tresnet_jax.load_metadata(DEFAULT_TAG)
-    assert (metadata["tag"], metadata["reported"]["top1"]) == (DEFAULT_TAG, 83.090)
-    assert metadata["source"] | {"created": None} == metadata["source"] | {
-        "repo": f"timm/{DEFAULT_TAG}",
-        "revision": COMMIT,
-        "sha256": offline["sha256"],
-        "file": "model.safetensors",
-        "created": None,
-    }
+    info = tresnet_jax.load_metadata(DEFAULT_TAG)
+    assert (info.tag, info.reported.top1) == (DEFAULT_TAG, 83.090)
+    source = info.source
+    assert (source.repo, source.revision, source.sha256, source.file) == (
+        f"timm/{DEFAULT_TAG}",
+        COMMIT,
+        offline["sha256"],
+        "model.safetensors",
+    )
     assert sorted(p.name for p in weights_root.iterdir()) == [DEFAULT_TAG]
     # The hub cache gone: the second call reads the converted weights, by tag or repository.
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
@@ -121,24 +123,17 @@ def test_bad_names_and_repositories(offline, weights_root):
 
 def test_other_repositories_keep_their_preprocessing_and_get_no_tag(offline, weights_root):
     model, _ = tresnet_jax.load("hf-hub:someone/tresnet-pets")
-    metadata = tresnet_jax.load_metadata("someone--tresnet-pets")
-    assert (model.num_classes, metadata["tag"], metadata["reported"]) == (5, None, None)
-    assert metadata["preprocessing"] | {"mean": None, "std": None} == {
-        "input_size": 256,
-        "crop_pct": 0.9,
-        "interpolation": "bicubic",
-        "mean": None,
-        "std": None,
-    }
+    info = tresnet_jax.load_metadata("someone--tresnet-pets")
+    assert (model.num_classes, info.tag, info.reported) == (5, None, None)
+    assert info.preprocessing == Preprocessing(256, 0.9, "bicubic")
 
 
 def test_names_resolve_stored_weights_first_then_tags_then_architectures(offline, weights_root):
     _, fresh = tresnet_jax.create_model("tresnet_m", num_classes=10)
-    meta = {"model": "tresnet_m", "num_classes": 10, "preprocessing": {"input_size": 224}}
-    save_weights(weights_root / "tresnet_m", fresh, meta)
+    save_weights(weights_root / "tresnet_m", fresh, WeightsInfo("tresnet_m", 10))
     choice = choose_weights("tresnet_m")
     assert (choice.directory, choice.repo) == (weights_root / "tresnet_m", None)
-    assert tresnet_jax.load("tresnet_m")[0].num_classes == 10
+    assert tresnet_jax.load("tresnet_m").model.num_classes == 10
     tag = choose_weights("tresnet_l")
     assert (tag.directory, str(tag.repo)) == (None, "timm/tresnet_l.miil_in1k")
     assert tag.description.startswith("pretrained tresnet_l.miil_in1k (the default weights of tresnet_l), fetched")
@@ -149,7 +144,7 @@ def test_converter_takes_a_hub_repository(offline, weights_root, capsys):
     out = capsys.readouterr().out
     assert f"fetching timm/{DEFAULT_TAG} from the Hugging Face hub" in out
     assert f"(tag {DEFAULT_TAG})" in out
-    assert tresnet_jax.load_metadata("m_hub")["source"]["revision"] == COMMIT
+    assert tresnet_jax.load_metadata("m_hub").source.revision == COMMIT
 
 
 @pytest.mark.slow
@@ -173,6 +168,6 @@ print("imported:", sorted(m for m in ("torch", "tensorflow", "timm") if m in sys
 
 def test_new_head_from_a_hub_repository_keeps_its_preprocessing_without_the_tag(offline, weights_root, capsys):
     assert torch_to_flax.main([f"hf-hub:timm/{DEFAULT_TAG}", "--num-classes", "3", "--name", "m3"]) == 0
-    metadata = tresnet_jax.load_metadata("m3")
-    assert (metadata["num_classes"], metadata["tag"], metadata["reported"]) == (3, None, None)
-    assert metadata["preprocessing"]["input_size"] == 224
+    info = tresnet_jax.load_metadata("m3")
+    assert (info.num_classes, info.tag, info.reported) == (3, None, None)
+    assert info.preprocessing.input_size == 224

@@ -1,6 +1,7 @@
-"""Weights: PyTorch state_dict layouts and their safe reading and writing, conversion both ways,
-the weights directory on disk (``storage``), the Hugging Face hub, and the one rule that turns a
-name into a model and its variables (``factory``: ``create_model``, ``load``, ``load_any``).
+"""Weights: what a set of weights is (``info``: ``WeightsInfo``, the record of metadata.json),
+PyTorch state_dict layouts and their safe reading and writing, conversion both ways, a new head
+(``heads``), the weights directory on disk (``storage``) and the Hugging Face hub. The one rule
+that turns a name into a model and its variables stands on this: ``tresnet_jax.factory``.
 
-May import: ``tresnet_jax.model``, ``tresnet_jax.errors``.
+May import: ``tresnet_jax.model``, ``tresnet_jax.preprocessing``, ``tresnet_jax.errors``.
 """

@@ -16,8 +16,9 @@ from flax import traverse_util
 
 from tresnet_jax.errors import InputError
 from tresnet_jax.model.architecture import variable_shapes
-from tresnet_jax.model.initialization import replace_head
-from tresnet_jax.model.registry import ARCHITECTURES, PRETRAINED, ModelSpec, PretrainedConfig, resolve
+from tresnet_jax.model.registry import ARCHITECTURES, PRETRAINED, UNTAGGED, ModelSpec, PretrainedConfig, resolve
+from tresnet_jax.weights.heads import with_classes
+from tresnet_jax.weights.info import Reported, Source, WeightsInfo
 from tresnet_jax.weights.torch_layout import (
     OFFICIAL,
     LayoutError,
@@ -35,7 +36,6 @@ Variables = dict[str, Any]
 
 # Buffers that carry no learned state.
 _IGNORED_SUFFIXES = (".num_batches_tracked", ".filt")
-_HEAD_PREFIX = "head."
 
 
 @dataclasses.dataclass
@@ -45,17 +45,12 @@ class Converted:
     model: ModelSpec  # the architecture; the configuration is chosen later (``choose_config``)
     layout: str
     checkpoint_classes: int
-    num_classes: int
-    variables: Variables
+    variables: Variables  # the checkpoint's head kept (``weights.heads.with_classes`` gives another)
     notes: list[str]
 
     @property
     def model_name(self) -> str:
         return self.model.name
-
-    @property
-    def head_replaced(self) -> bool:
-        return self.num_classes != self.checkpoint_classes
 
 
 def identify(state_dict: Mapping[str, np.ndarray], layout: str) -> tuple[ModelSpec, int, str]:
@@ -80,17 +75,9 @@ def identify(state_dict: Mapping[str, np.ndarray], layout: str) -> tuple[ModelSp
     return resolve(name), classes, note
 
 
-def convert_state_dict(
-    raw: Mapping[str, np.ndarray],
-    model: ModelSpec | None = None,
-    num_classes: int | None = None,
-    head_seed: int = 0,
-) -> Converted:
-    """Flax variables from a PyTorch state_dict of either layout.
-
-    ``model`` None infers the variant; ``num_classes`` None keeps the checkpoint's head, a
-    different count replaces it by a freshly initialised one (0: no head).
-    """
+def convert_state_dict(raw: Mapping[str, np.ndarray], model: ModelSpec | None = None) -> Converted:
+    """Flax variables from a PyTorch state_dict of either layout, its head kept; ``model`` None
+    infers the variant."""
     layout = detect_layout(raw)
     state_dict = official_to_timm(raw) if layout == OFFICIAL else dict(raw)
     inferred, classes, note = identify(state_dict, layout)
@@ -98,18 +85,9 @@ def convert_state_dict(
     if model is None:
         model = inferred
     elif not same_topology(model.arch, inferred.arch):
-        _to_variables(state_dict, model, classes, inferred, True)  # names the mismatch
+        _to_variables(state_dict, model, classes, inferred)  # names the mismatch
         raise LayoutError(f"--model {model.name} contradicts the checkpoint, which holds {inferred.name}")
-    num_classes = classes if num_classes is None else num_classes
-    variables = _to_variables(state_dict, model, classes, inferred, keep_head=num_classes == classes)
-    if num_classes != classes:
-        variables = replace_head(variables, model.arch, num_classes, head_seed)
-        notes.append(
-            f"replaced the checkpoint's {classes}-class head by a new {num_classes}-class one (seed {head_seed})"
-            if num_classes
-            else f"dropped the checkpoint's {classes}-class head: the model outputs pooled features"
-        )
-    return Converted(model, layout, classes, num_classes, variables, notes)
+    return Converted(model, layout, classes, _to_variables(state_dict, model, classes, inferred), notes)
 
 
 def _fit(value: np.ndarray, shape: tuple[int, ...]) -> np.ndarray | None:
@@ -125,7 +103,7 @@ def _fit(value: np.ndarray, shape: tuple[int, ...]) -> np.ndarray | None:
 
 
 def _to_variables(
-    state_dict: Mapping[str, np.ndarray], model: ModelSpec, classes: int, inferred: ModelSpec, keep_head: bool
+    state_dict: Mapping[str, np.ndarray], model: ModelSpec, classes: int, inferred: ModelSpec
 ) -> Variables:
     """Every Flax variable from its torch tensor, or a LayoutError naming the first missing,
     unexpected and mis-shaped tensors."""
@@ -141,7 +119,7 @@ def _to_variables(
         if value is None:
             want = to_torch_array(path, np.zeros(shapes[path], np.float32)).shape
             mismatched.append(f"{key} is {tuple(np.shape(state_dict[key]))}, expected {want}")
-        elif keep_head or not key.startswith(_HEAD_PREFIX):
+        else:
             flat[path] = value
     position = {key: i for i, key in enumerate(state_dict)}  # report in the checkpoint's order
     mismatched.sort(key=lambda text: position[text.split(" ", 1)[0]])
@@ -195,10 +173,10 @@ def choose_config(model: ModelSpec, num_classes: int, source: str, tag: str | No
     if named:
         return dataclasses.replace(model, config=max(named, key=lambda c: len(c.tag)))
     at_448 = "448" in Path(source).name
-    size = next((c.input_size for c in candidates if (c.input_size == 448) == at_448), None)
+    size = next((c.preprocessing.input_size for c in candidates if (c.preprocessing.input_size == 448) == at_448), None)
     base = resolve(model.name, num_classes).config
-    size = size or base.input_size
-    untagged = dataclasses.replace(base, tag=f"{model.name}.untagged", input_size=size, source="none")
+    preprocessing = base.preprocessing.replace(input_size=size)
+    untagged = dataclasses.replace(base, tag=f"{model.name}.{UNTAGGED}", preprocessing=preprocessing, source="none")
     return dataclasses.replace(model, config=untagged)
 
 
@@ -220,39 +198,24 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def reported_accuracy(cfg: PretrainedConfig) -> dict[str, Any]:
-    """The ``reported`` record of a published tag: the mAP its authors report and the dataset
-    (TFDS name) it was measured on for a multi-label model, else timm's ImageNet figures."""
-    if cfg.multi_label:
-        return {"mAP": cfg.mean_ap, "dataset": cfg.dataset}
-    return {"top1": cfg.top1, "top5": cfg.top5, "imagenet_v2_top1": cfg.imagenet_v2_top1}
-
-
-def weights_metadata(
+def weights_info(
     converted: Converted, chosen: ModelSpec, source: Path, class_names: list[str] | None = None
-) -> dict[str, Any]:
-    """What ``metadata.json`` records about converted weights: the tag and its reported accuracy
-    only for published weights with their own head; ``multi_label`` (sigmoid per class) as the
-    configuration says; the checkpoint's class names while its head is kept."""
+) -> WeightsInfo:
+    """What converted weights are, their head kept: the tag and its reported figures for
+    published weights, multi-label as the configuration says, the checkpoint's class names."""
     cfg = chosen.config
-    published = chosen.tag is not None and not converted.head_replaced
-    return {
-        "model": converted.model_name,
-        "num_classes": converted.num_classes,
-        "tag": cfg.tag if published else None,
-        "multi_label": cfg.multi_label,
-        "class_names": None if converted.head_replaced else class_names,
-        "preprocessing": chosen.preprocessing(),
-        "reported": reported_accuracy(cfg) if published else None,
-        "source": {
-            "file": source.name,
-            "sha256": file_sha256(source),
-            "layout": converted.layout,
-            "num_classes": converted.checkpoint_classes,
-        },
-        "notes": converted.notes,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
+    return WeightsInfo(
+        model=converted.model_name,
+        num_classes=converted.checkpoint_classes,
+        multi_label=cfg.multi_label,
+        class_names=class_names,
+        preprocessing=cfg.preprocessing,
+        tag=chosen.tag,
+        source=Source(source.name, file_sha256(source), converted.layout, converted.checkpoint_classes),
+        reported=Reported.of(cfg) if chosen.tag is not None else None,
+        notes=tuple(converted.notes),
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
 
 
 def convert_checkpoint(
@@ -262,22 +225,28 @@ def convert_checkpoint(
     num_classes: int | None = None,
     tag: str | None = None,
     class_names: list[str] | None = None,
-) -> tuple[Converted, dict[str, Any]]:
-    """(Converted variables, their ``metadata.json``) of a checkpoint read from ``source``;
-    ``class_names``: the checkpoint's own (``torch_io.Checkpoint``), one per class of its head.
+    multi_label: bool = False,
+) -> tuple[Converted, WeightsInfo]:
+    """(Converted variables, what they are) of a checkpoint read from ``source``, with a new
+    ``num_classes`` head when another count is asked for; ``class_names``: one per class of its
+    head (the checkpoint's own, ``torch_io.Checkpoint``, or the user's); ``multi_label``: the
+    user says its classes are independent (a sigmoid each), as only a tag says otherwise.
     Errors name the source."""
     try:
-        converted = convert_state_dict(state_dict, model, num_classes)
+        converted = convert_state_dict(state_dict, model)
         if class_names is not None and len(class_names) != converted.checkpoint_classes:
             raise LayoutError(
-                f"its idx_to_class names {len(class_names)} classes, its head has {converted.checkpoint_classes}"
+                f"{len(class_names)} class names (its idx_to_class, or --classes) for a head of "
+                f"{converted.checkpoint_classes} classes"
             )
     except InputError as err:
         message = str(err)
         raise InputError(message if message.startswith(str(source)) else f"{source}: {message}") from None
-    if class_names is not None and converted.head_replaced:
-        converted.notes.append(f"dropped the checkpoint's {len(class_names)} class names with its head")
     # The tag describes the checkpoint as published: its preprocessing still applies under a new
-    # head (the metadata then records no tag).
+    # head (the record then keeps no tag).
     chosen = choose_config(converted.model, converted.checkpoint_classes, str(source), tag)
-    return converted, weights_metadata(converted, chosen, source, class_names)
+    info = weights_info(converted, chosen, source, class_names)
+    if multi_label:
+        info = info.replace(multi_label=True)
+    variables, info, _ = with_classes(converted.variables, info, num_classes)
+    return dataclasses.replace(converted, variables=variables), info

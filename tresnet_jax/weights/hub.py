@@ -18,6 +18,7 @@ from typing import Any
 
 from tresnet_jax.errors import InputError
 from tresnet_jax.model.registry import ARCHITECTURES, PRETRAINED, ModelSpec, resolve
+from tresnet_jax.weights.info import WeightsInfo
 
 log = logging.getLogger(__name__)
 
@@ -148,24 +149,24 @@ def convert_fetched(
     model: ModelSpec | None = None,
     num_classes: int | None = None,
     tag: str | None = None,
-) -> tuple[Any, dict[str, Any]]:
-    """(Converted variables, metadata) of a fetched checkpoint, in memory and without PyTorch;
-    the tag is the repository's unless ``tag`` is given, the architecture config.json's."""
+) -> tuple[Any, WeightsInfo]:
+    """(Converted variables, what they are) of a fetched checkpoint, in memory and without
+    PyTorch; the tag is the repository's unless ``tag`` is given, the architecture config.json's."""
     from tresnet_jax.weights.conversion import convert_checkpoint
     from tresnet_jax.weights.torch_io import read_state_dict
 
     if model is None and fetched.config.get("architecture") in ARCHITECTURES:
         model = resolve(fetched.config["architecture"])
     try:
-        converted, metadata = convert_checkpoint(
+        converted, info = convert_checkpoint(
             read_state_dict(fetched.checkpoint), fetched.checkpoint, model, num_classes, tag or repo.tag
         )
     except InputError as err:
         raise InputError(f"{repo}: {err}") from None
-    metadata["source"] |= {"repo": repo.repo_id, "revision": fetched.revision}
-    if metadata["tag"] is None:
-        metadata["preprocessing"] |= _config_preprocessing(repo, fetched.config)
-    return converted, metadata
+    info = info.replace(source=dataclasses.replace(info.source, repo=repo.repo_id, revision=fetched.revision))
+    if info.tag is None:
+        info = info.replace(preprocessing=info.preprocessing.replace(**_config_preprocessing(repo, fetched.config)))
+    return converted, info
 
 
 def _config_preprocessing(repo: HubRepo, config: dict[str, Any]) -> dict[str, Any]:
@@ -196,7 +197,7 @@ def pretrained_directory(repo: HubRepo) -> Path:
         return directory
     log.info("fetching %s from the Hugging Face hub", repo)
     fetched = fetch(repo)
-    converted, metadata = convert_fetched(repo, fetched)
-    written = save_weights(directory, converted.variables, metadata)
+    converted, info = convert_fetched(repo, fetched)
+    written = save_weights(directory, converted.variables, info)
     log.info("converted %s (revision %s) to %s", repo, fetched.revision[:12], written)
     return written

@@ -1,14 +1,14 @@
 """Where converted (or trained) weights live and how they are written and read.
 
 A weights directory holds ``variables/`` (an Orbax checkpoint of ``{params, batch_stats}``)
-and ``metadata.json`` (model, classes, preprocessing, source). Converted weights go to
+and ``metadata.json`` (``weights.info.WeightsInfo``: model, classes, preprocessing, source).
+Converted weights go to
 ``$TRESNET_JAX_WEIGHTS/<name>`` (default ``~/.cache/tresnet_jax/weights/<name>``, following
 ``$XDG_CACHE_HOME``), so they can be found by name.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -21,12 +21,11 @@ import numpy as np
 from flax import traverse_util
 
 from tresnet_jax.errors import InputError
-from tresnet_jax.model.registry import PRETRAINED, ModelSpec, PretrainedConfig, resolve
+from tresnet_jax.weights.info import WeightsInfo
 
 WEIGHTS_ENV = "TRESNET_JAX_WEIGHTS"
 VARIABLES_DIR = "variables"
 METADATA_FILE = "metadata.json"
-FORMAT_VERSION = 1
 
 
 def weights_root() -> Path:
@@ -54,9 +53,9 @@ def stored_names() -> list[str]:
 
 
 def save_weights(
-    directory: str | os.PathLike, variables: dict[str, Any], metadata: dict[str, Any], force: bool = False
+    directory: str | os.PathLike, variables: dict[str, Any], info: WeightsInfo, force: bool = False
 ) -> Path:
-    """Write variables and metadata to ``directory`` atomically.
+    """Write variables and what they are (``metadata.json``) to ``directory`` atomically.
 
     Everything is written into a temporary sibling directory that is renamed into place at the
     end: an interrupted or failed write leaves nothing behind, and an existing directory is
@@ -71,8 +70,7 @@ def save_weights(
         tree = jax_tree_to_numpy(variables)
         with this_process_checkpointer() as checkpointer:
             checkpointer.save(tmp / VARIABLES_DIR, tree)
-        metadata = {"format_version": FORMAT_VERSION, **metadata}
-        (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+        (tmp / METADATA_FILE).write_text(json.dumps(info.to_json(), indent=2, sort_keys=True) + "\n")
         if target.exists():
             old = target.parent / f".{target.name}.old-{tmp.name.rsplit('-', 1)[-1]}"
             target.rename(old)
@@ -149,46 +147,16 @@ def jax_tree_to_numpy(variables: dict[str, Any]) -> dict[str, Any]:
     return traverse_util.unflatten_dict({k: np.asarray(v, np.float32) for k, v in flat.items()})
 
 
-def read_metadata(directory: Path) -> dict[str, Any]:
+def read_info(directory: Path) -> WeightsInfo:
+    """What the weights in ``directory`` are: its ``metadata.json``, of any version."""
+    path = directory / METADATA_FILE
     try:
-        metadata = json.loads((directory / METADATA_FILE).read_text())
+        document = json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise InputError(f"{directory / METADATA_FILE}: unreadable metadata ({err})") from None
-    for field in ("model", "num_classes"):
-        if field not in metadata:
-            raise InputError(f"{directory / METADATA_FILE}: no {field!r} entry")
-    return metadata
-
-
-def model_spec(metadata: dict[str, Any], where: Path) -> ModelSpec:
-    """What stored weights are, from their metadata: the architecture (looked up once, here),
-    the tag, the classes, the preprocessing they were made for and whether their classes are
-    independent (``multi_label``; metadata written before it existed: single-label)."""
-    try:
-        spec = resolve(str(metadata["model"]))
-        tag = metadata.get("tag")
-        published = PRETRAINED.get(tag) if isinstance(tag, str) else None
-        prep = metadata.get("preprocessing") or {}
-        reported = metadata.get("reported") or {}
-        config = PretrainedConfig(
-            tag if published else f"{spec.name}.untagged",
-            input_size=int(prep.get("input_size", 224)),
-            crop_pct=float(prep.get("crop_pct", 0.875)),
-            interpolation=str(prep.get("interpolation", "bilinear")),
-            num_classes=int(metadata["num_classes"]),
-            top1=reported.get("top1"),
-            top5=reported.get("top5"),
-            imagenet_v2_top1=reported.get("imagenet_v2_top1"),
-            source=published.source if published else "none",
-            multi_label=bool(metadata.get("multi_label", False)),
-            squish=bool(prep.get("squish", False)),
-            mean_ap=reported.get("mAP"),
-            dataset=reported.get("dataset"),
-            file=published.file if published else None,
-        )
-    except (InputError, TypeError, ValueError, AttributeError) as err:
-        raise InputError(f"{where / METADATA_FILE}: {err}") from None
-    return dataclasses.replace(spec, config=config)
+        raise InputError(f"{path}: unreadable metadata ({err})") from None
+    if not isinstance(document, dict):
+        raise InputError(f"{path}: not a JSON object")
+    return WeightsInfo.from_json(document, str(path))
 
 
 def read_variables(directory: Path) -> dict[str, Any]:
