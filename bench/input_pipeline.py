@@ -1,5 +1,5 @@
 """Images per second of the host input pipeline: ours (PIL on a pool of threads, or of
-processes on hosts of more than 8 cores, ``tresnet_jax.loader``, uint8 batches) against
+processes on hosts of more than 8 cores, ``tresnet_jax.data.host_pool``, uint8 batches) against
 timm's (PIL in DataLoader worker processes), for the evaluation preprocessing and for the
 training augmentation, on the same files.
 
@@ -12,11 +12,11 @@ photographs, made from the notebook's photographs with grain: bench/synthetic_im
 temporary folder instead.
 
 Sides, all with as many workers (threads or processes) as ``--threads`` (default: the cores):
-- ours: ``ordered_map`` over the files with the per-image functions eval.py and train.py run
-  (``evaluation.PreprocessedImage``; ``train_stream.AugmentedExample`` with the default
-  AugmentConfig and ``on_device=True``: what the host does when the augmentation runs on the
-  accelerator, train.py's GPU default: read, decode, inception crop, resize), ``stack_rows``
-  into uint8 batches; threads or processes by the library's rule.
+- ours: ``ordered_map`` over the files with the per-image stage eval.py and train.py run
+  (``pipeline.Read`` of ``preprocess.EvalTransform``; of ``train_stream.TrainTransform`` with
+  the default AugmentConfig and ``crop_only=True``: what the host does when the augmentation
+  runs on the accelerator, train.py's GPU default: read, decode, inception crop, resize),
+  ``stack_rows`` into uint8 batches; threads or processes by the library's rule.
 - ours_host_augment (train only): the same with flip, RandAugment and Cutout on the host too
   (``--augment host``, the CPU-only default), for the record.
 - timm: torch's DataLoader (no pinned memory) over the same files opened as timm's
@@ -66,10 +66,11 @@ from timm.data.transforms_factory import transforms_imagenet_eval, transforms_im
 from bench.synthetic_images import write_synthetic
 from tresnet_jax.data.augment import AugmentConfig
 from tresnet_jax.data.host_pool import THREADS_UP_TO, host_threads, ordered_map, stack_rows
-from tresnet_jax.data.preprocess import Preprocessing
+from tresnet_jax.data.pipeline import Read
+from tresnet_jax.data.preprocess import EvalTransform
 from tresnet_jax.data.sources import FolderSource
-from tresnet_jax.data.train_stream import AugmentedExample
-from tresnet_jax.evaluation import PreprocessedImage
+from tresnet_jax.data.train_stream import TrainTransform
+from tresnet_jax.preprocessing import Preprocessing
 
 SUFFIXES = (".jpg", ".jpeg", ".png")
 TARGETS = {"eval": 1.2, "train": 2.0}  # ours / timm, from issue 18
@@ -104,8 +105,7 @@ def our_batches(
         for outcome in outcomes:
             if outcome.error is not None:
                 raise SystemExit(f"error: {outcome.error}")
-            value = outcome.value
-            rows.append(value.image if hasattr(value, "image") else value[0])
+            rows.append(outcome.value[0])  # (row, label, key, images passed over)
             if len(rows) == batch:
                 yield len(stack_rows(rows, rows[0].shape[0]))
                 rows = []
@@ -229,13 +229,14 @@ def run(paths: list[Path], threads: int, batch: int, seconds: float, rounds: int
 
     ours = {
         "eval": lambda n, r, processes=None: our_batches(
-            PreprocessedImage(source, PREP), itertools.cycle(range(len(paths))), batch, n, processes
+            Read(source, EvalTransform(PREP)), ((0, i) for i in itertools.cycle(range(len(paths)))), batch, n, processes
         ),
         "train": lambda n, r, processes=None: our_batches(
-            AugmentedExample(source, AUGMENT, seed=0, on_device=True), epochs(r), batch, n, processes
+            Read(source, TrainTransform(AUGMENT, seed=0, crop_only=True), replace=True), epochs(r), batch, n, processes
         ),
     }
-    host_augment = lambda r: our_batches(AugmentedExample(source, AUGMENT, seed=0), epochs(r), batch, threads)  # noqa: E731
+    augmented = Read(source, TrainTransform(AUGMENT, seed=0), replace=True)
+    host_augment = lambda r: our_batches(augmented, epochs(r), batch, threads)  # noqa: E731
     window_s = seconds / rounds
     results: dict[str, Any] = {
         "eval": compare(

@@ -17,7 +17,7 @@ from tests.blocked_imports import run_without
 from tests.images import CLASSES, image_folder
 from tresnet_jax.data import gpu_decode
 from tresnet_jax.data.augment import AugmentConfig, crop_box, decode_crop
-from tresnet_jax.data.gpu_batches import decoded_eval_batches, decoded_train_batches, eval_box
+from tresnet_jax.data.gpu_batches import decoded_eval_batches, decoded_train_batches
 from tresnet_jax.data.gpu_decode import (
     BatchDecoder,
     decoder_peak_memory,
@@ -27,11 +27,13 @@ from tresnet_jax.data.gpu_decode import (
     to_jax,
 )
 from tresnet_jax.data.jpeg_header import gpu_rejection
-from tresnet_jax.data.preprocess import Preprocessing, decode_pil, pil_transform
+from tresnet_jax.data.pipeline import MAX_CONSECUTIVE_UNREADABLE
+from tresnet_jax.data.preprocess import decode_pil, eval_box, pil_transform
 from tresnet_jax.data.sources import FolderSource, LabelMap, SyntheticSource, model_labels
-from tresnet_jax.data.train_stream import MAX_CONSECUTIVE_UNREADABLE, StreamSpec, train_batches
+from tresnet_jax.data.train_stream import StreamSpec, train_batches
 from tresnet_jax.errors import InputError
 from tresnet_jax.evaluation import preprocessed_batches
+from tresnet_jax.preprocessing import Preprocessing
 
 # torchvision 0.29 deprecates its decoders for TorchCodec's; the decoder still uses them.
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")

@@ -11,9 +11,10 @@ from PIL import Image
 
 from tresnet_jax.data.host_pool import ordered_map
 from tresnet_jax.data.labels_csv import CsvSource, classes_in, read_class_file
-from tresnet_jax.data.preprocess import Preprocessing
+from tresnet_jax.data.pipeline import Read, eval_keys
+from tresnet_jax.data.preprocess import EvalTransform
 from tresnet_jax.errors import InputError, UnreadableImage
-from tresnet_jax.evaluation import PreprocessedImage
+from tresnet_jax.preprocessing import Preprocessing
 
 
 def image(path, seed=0):
@@ -214,8 +215,9 @@ def test_evaluations_reader_skips_and_names_a_missing_image(tmp_path, processes)
     write(tmp_path / "broken.png", "not an image")
     csv_path = write(tmp_path / "l.csv", "image,labels\na.png,cat\ngone.png,dog\nbroken.png,cat\nc.jpg,\n")
     source = CsvSource.read(csv_path)
-    outcomes = list(ordered_map(PreprocessedImage(source, Preprocessing(32)), range(len(source)), 2, 4, processes))
-    assert [o.item for o in outcomes] == [0, 1, 2, 3]
+    read = Read(source, EvalTransform(Preprocessing(32)))
+    outcomes = list(ordered_map(read, eval_keys(0, len(source)), 2, 4, processes))
+    assert [o.item[1] for o in outcomes] == [0, 1, 2, 3]
     assert outcomes[1].error == "no such file"
     assert source.describe(1) == str(tmp_path / "gone.png")
     assert outcomes[2].error.startswith("unreadable image (")

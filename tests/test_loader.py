@@ -12,12 +12,13 @@ from tests.images import photo_files
 from tests.tfds_folders import prepare_from_folders
 from tresnet_jax.data.augment import AugmentConfig
 from tresnet_jax.data.host_pool import ordered_map, server_preload
-from tresnet_jax.data.preprocess import Preprocessing
+from tresnet_jax.data.pipeline import Read, eval_keys
+from tresnet_jax.data.preprocess import EvalTransform
 from tresnet_jax.data.sources import FolderSource
 from tresnet_jax.data.tfds_reader import open_split
-from tresnet_jax.data.train_stream import AugmentedExample
+from tresnet_jax.data.train_stream import TrainTransform
 from tresnet_jax.errors import UnreadableImage
-from tresnet_jax.evaluation import PreprocessedImage
+from tresnet_jax.preprocessing import Preprocessing
 
 
 @pytest.fixture(scope="module")
@@ -39,16 +40,16 @@ def assert_same(a, b):
     for (_, x), (_, y) in zip(a, b, strict=True):
         if isinstance(x, str):
             assert x == y
-        else:
-            x, y = (x.image, x.label) if hasattr(x, "image") else x, (y.image, y.label) if hasattr(y, "image") else y
+        else:  # (row, label, key used, images passed over)
             np.testing.assert_array_equal(x[0], y[0])
-            assert x[1] == y[1]
+            assert x[1:] == y[1:]
 
 
 def test_processes_and_threads_give_the_same_preprocessed_rows(folder):
     source = FolderSource.scan(folder)
-    fn = PreprocessedImage(source, Preprocessing(96))
-    threads, processes = rows(fn, range(len(source)), False), rows(fn, range(len(source)), True)
+    fn = Read(source, EvalTransform(Preprocessing(96)))
+    keys = list(eval_keys(0, len(source)))
+    threads, processes = rows(fn, keys, False), rows(fn, keys, True)
     assert_same(threads, processes)
     broken = source.files.index(str(folder / "class1" / "broken.jpg"))
     assert threads[broken][1].startswith("unreadable image (")  # the reason; reports name the file
@@ -59,7 +60,7 @@ def test_processes_and_threads_give_the_same_preprocessed_rows(folder):
 
 def test_processes_and_threads_give_the_same_augmented_examples(folder):
     source = FolderSource.scan(folder)
-    fn = AugmentedExample(source, AugmentConfig(image_size=64), seed=5)
+    fn = Read(source, TrainTransform(AugmentConfig(image_size=64), seed=5), replace=True)
     items = [(epoch, index) for epoch in range(2) for index in range(len(source))]
     assert_same(rows(fn, items, False), rows(fn, items, True))
 
@@ -71,15 +72,16 @@ def test_a_tfds_split_is_read_the_same_in_worker_processes(folder, tmp_path):
     split.record(0)  # opens and indexes the first shard here
     copy = pickle.loads(pickle.dumps(split))
     assert [copy.record(i) for i in range(len(split))] == [split.record(i) for i in range(len(split))]
-    fn = PreprocessedImage(split, Preprocessing(64))
-    assert_same(rows(fn, range(len(split)), False), rows(fn, range(len(split)), True))
+    fn = Read(split, EvalTransform(Preprocessing(64)))
+    keys = list(eval_keys(0, len(split)))
+    assert_same(rows(fn, keys, False), rows(fn, keys, True))
 
 
 def test_the_fork_server_preloads_the_function_s_module_and_the_main_script_s_imports(monkeypatch):
     main = types.ModuleType("__main__")
     main.np, main.AugmentConfig, main.count = np, AugmentConfig, 3
     monkeypatch.setitem(sys.modules, "__main__", main)
-    fn = PreprocessedImage(None, Preprocessing(64))
-    assert server_preload(fn) == ["tresnet_jax.evaluation"]  # a notebook: workers do not run it again
+    fn = Read(None, EvalTransform(Preprocessing(64)))
+    assert server_preload(fn) == ["tresnet_jax.data.pipeline"]  # a notebook: workers do not run it again
     main.__file__ = "eval.py"
-    assert server_preload(fn) == ["numpy", "tresnet_jax.data.augment", "tresnet_jax.evaluation"]
+    assert server_preload(fn) == ["numpy", "tresnet_jax.data.augment", "tresnet_jax.data.pipeline"]

@@ -8,8 +8,9 @@ import pytest
 from PIL import Image
 
 from tresnet_jax.data.augment import AugmentConfig, train_transform
+from tresnet_jax.data.pipeline import MAX_CONSECUTIVE_UNREADABLE
 from tresnet_jax.data.sources import LabelMap
-from tresnet_jax.data.train_stream import MAX_CONSECUTIVE_UNREADABLE, StreamSpec, host_indices, train_batches
+from tresnet_jax.data.train_stream import StreamSpec, host_indices, train_batches
 from tresnet_jax.errors import InputError
 
 SIZE = 32

@@ -27,12 +27,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tresnet_jax.data.gpu_batches import decoded_eval_batches
 from tresnet_jax.data.gpu_decode import BatchDecoder
-from tresnet_jax.data.host_pool import ordered_map, stack_rows
-from tresnet_jax.data.preprocess import Preprocessing, decode_pil, padded_rows, pil_transform
-from tresnet_jax.data.sources import LabelMap, SyntheticSource
+from tresnet_jax.data.host_pool import ordered_map
+from tresnet_jax.data.pipeline import Read, eval_batch, eval_batches_of, eval_examples, eval_keys, host_images
+from tresnet_jax.data.preprocess import EvalTransform
+from tresnet_jax.data.sources import LabelMap
 from tresnet_jax.metrics import average_precision_per_class
+from tresnet_jax.preprocessing import Preprocessing
 from tresnet_jax.runtime.parallel import BATCH_AXIS, local_batch_size, local_rows, prefetch_to_devices, replicate
-from tresnet_jax.runtime.xla_options import compiler_options, precision_scope
+from tresnet_jax.runtime.xla_options import compiler_options
 
 Batch = dict[str, np.ndarray]
 TOTALS = ("count", "top1", "top5", "loss")
@@ -84,8 +86,7 @@ def make_eval_step(model: Any, mesh: Mesh, keep_logits: bool, multi_label: bool 
     """The per-device program: logits of its shard, masked sums reduced over all devices."""
 
     def per_device(variables, batch):
-        with precision_scope(model.dtype):  # a float32 model in true float32 (not TF32) on a GPU
-            logits = model.apply(variables, batch["image"].astype(jnp.float32) / 255.0)
+        logits = model.apply(variables, batch["image"].astype(jnp.float32) / 255.0)
         mask = batch["mask"].astype(jnp.float32)
         sums = _multi_label_sums(logits, batch["label"], mask) if multi_label else _sums(logits, batch["label"], mask)
         return lax.psum(sums, BATCH_AXIS), ({"logits": logits} if keep_logits else {})
@@ -154,19 +155,6 @@ def host_range(size: int) -> tuple[int, int]:
     return start, min(size, start + per_host)
 
 
-@dataclasses.dataclass(frozen=True)
-class PreprocessedImage:
-    """index -> (preprocessed uint8 image, label) of a source (an object, not a closure, so that
-    worker processes can be given it)."""
-
-    source: Any
-    prep: Preprocessing
-
-    def __call__(self, index: int) -> tuple[np.ndarray, Any]:
-        encoded, label = self.source.record(index)
-        return pil_transform(decode_pil(encoded, self.source.describe(index)), self.prep), label
-
-
 def preprocessed_batches(
     source: Any,
     prep: Preprocessing,
@@ -181,42 +169,18 @@ def preprocessed_batches(
     """Exactly ``steps`` batches of ``local_batch`` rows of images [start, end), preprocessed in
     parallel, in index order: labels as ``label_map.rows`` makes them, a ``mask`` of real rows, each row's
     dataset ``index``; an image that cannot be read goes into ``skipped`` (index -> reason),
-    and empty batches at the end make every process run the same number of steps."""
-    if isinstance(source, SyntheticSource):
-        images, labels = source.batch(local_batch, prep.input_size, start)
-        for first in range(start, start + steps * local_batch, local_batch):
-            rows = max(0, min(end - first, local_batch))
-            yield pad_batch(images[:rows], label_map.rows(labels[:rows]), np.arange(first, first + rows), local_batch)
-        return
-
-    rows: list[np.ndarray] = []
-    labels: list[Any] = []
-    indices: list[int] = []
-    emitted = 0
-    for outcome in ordered_map(PreprocessedImage(source, prep), range(start, end), workers):
-        if outcome.error is not None:
-            skipped[outcome.item] = outcome.error
-            continue
-        image, label = outcome.value
-        rows.append(image)
-        labels.append(label)
-        indices.append(outcome.item)
-        if len(rows) == local_batch:
-            yield pad_batch(stack_rows(rows, prep.input_size), label_map.rows(labels), np.asarray(indices), local_batch)
-            rows, labels, indices = [], [], []
-            emitted += 1
-    if rows:
-        yield pad_batch(stack_rows(rows, prep.input_size), label_map.rows(labels), np.asarray(indices), local_batch)
-        emitted += 1
-    empty = np.zeros((0, prep.input_size, prep.input_size, 3), np.uint8)
-    for _ in range(emitted, steps):
-        yield pad_batch(empty, label_map.empty(0), np.zeros(0, np.int64), local_batch)
+    and empty batches at the end make every process run the same number of steps. (``pipeline``'s
+    stages: ``eval_keys``, ``Read`` of ``EvalTransform`` on the host pool, ``eval_examples``,
+    ``eval_batches_of``.)"""
+    work = EvalTransform(prep)
+    examples = eval_examples(ordered_map(Read(source, work), eval_keys(start, end), workers), skipped)
+    yield from eval_batches_of(examples, local_batch, steps, host_images(work.size), label_map)
 
 
 def pad_batch(images: np.ndarray, labels: np.ndarray, indices: np.ndarray, rows: int) -> Batch:
     """``rows`` rows: the given ones, then zeros masked out."""
     padding = np.zeros((rows - len(images), *images.shape[1:]), np.uint8)
-    return {"image": np.concatenate([images, padding]), **padded_rows(labels, indices, rows)}
+    return eval_batch(np.concatenate([images, padding]), labels, indices, rows)
 
 
 def evaluate(

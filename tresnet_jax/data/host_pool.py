@@ -8,16 +8,16 @@ at about 8 (BENCHMARKS.md, "Input pipeline"); above ``THREADS_UP_TO`` cores the 
 one process per core, each given the function once and sent items in chunks. Each item is tried
 on its own: one that cannot be read is reported with its reason and the stream goes on.
 
-A worker process writes each result's image (its row) into shared memory, not into the pipe:
-every chunk in flight has a buffer of ``CHUNK`` slots (``_SlotRing``), the worker copies the rows
-into their slots and sends back only the rest (labels, errors, where each row lies), and this
-process copies the rows out and hands the buffer to the next chunk. Pickling them instead held
-a 16-core host to 62 % of the rate the images' cost predicts. The row is found in what the
-function returns (``_row_of``): an ``np.ndarray``, a ``tuple`` whose first element is one (as
-``evaluation.PreprocessedImage`` returns), or a dataclass with an ``image`` field (as
-``train_stream.Augmented``); anything else, a row that does not fit its slot, and every row when
-shared memory is short (budget: half of ``/dev/shm``'s free space; none without ``/dev/shm``)
-travel pickled, as before. Slots start at ``FIRST_SLOT_BYTES`` and grow to the largest row seen.
+A worker process writes the rows of its results into shared memory, not into the pipe: every
+chunk in flight has a buffer of ``CHUNK`` slots (``_SlotRing``), the worker copies the rows into
+the slots and sends back only the rest (labels, errors, where each row lies), and this process
+copies the rows out and hands the buffer to the next chunk. Pickling them instead held a 16-core
+host to 62 % of the rate the images' cost predicts. The pool opens no type of its callers: a
+result's rows are the numpy arrays it is made of, the result itself or the elements of a plain
+``tuple``; anything else, a row that does not fit its slot, a row past the chunk's slots, and
+every row when shared memory is short (budget: half of ``/dev/shm``'s free space; none without
+``/dev/shm``) travel pickled, as before. Slots start at ``FIRST_SLOT_BYTES`` and grow to the
+largest row seen.
 
 ``HostCost`` adds up the CPU time the function took, per item, on threads or processes alike:
 what an image costs the host, whatever the number of cores (the training log's
@@ -27,7 +27,6 @@ what an image costs the host, whatever the number of cores (the training log's
 from __future__ import annotations
 
 import concurrent.futures
-import copy
 import dataclasses
 import itertools
 import math
@@ -99,7 +98,8 @@ class HostCost:
         return 1000 * seconds / items if items else None
 
 
-def _attempt(fn: Callable[[Item], Result], item: Item) -> Outcome[Item, Result]:
+def attempt(fn: Callable[[Item], Result], item: Item) -> Outcome[Item, Result]:
+    """``fn(item)`` as an outcome: its value, or the reason one of UNREADABLE gives."""
     try:
         return Outcome(item, fn(item))
     except UNREADABLE as err:
@@ -130,7 +130,7 @@ def ordered_map(
 
 def _timed_attempt(fn: Callable[[Item], Result], item: Item, cost: HostCost | None) -> Outcome[Item, Result]:
     start = time.thread_time()
-    outcome = _attempt(fn, item)
+    outcome = attempt(fn, item)
     if cost is not None:
         cost.add(time.thread_time() - start)
     return outcome
@@ -163,34 +163,16 @@ class _InSlot:
     dtype: np.dtype
 
 
-def _has_image(value: Any) -> bool:
-    return (
-        dataclasses.is_dataclass(value)
-        and not isinstance(value, type)
-        and any(f.name == "image" for f in dataclasses.fields(value))
-    )
+def _parts(value: Any) -> tuple:
+    """What a result is made of, where its rows are looked for: a plain tuple's elements, or the
+    result itself."""
+    return value if type(value) is tuple else (value,)
 
 
-def _row_of(value: Any) -> Any:
-    """The row a result carries: the result itself, a tuple's first element or a dataclass's
-    ``image`` (an array, an ``_InSlot``, or something else that is no row)."""
-    if type(value) is tuple:
-        return value[0] if value else None
-    if _has_image(value):
-        return value.image
-    return value
-
-
-def _with_row(value: Any, row: Any) -> Any:
-    """``value`` with its row (``_row_of``) replaced by ``row``; a dataclass is copied, not
-    constructed again (its ``__init__`` and ``__post_init__`` do not run)."""
-    if type(value) is tuple:
-        return (row, *value[1:])
-    if _has_image(value):
-        new = copy.copy(value)
-        object.__setattr__(new, "image", row)  # frozen dataclasses too
-        return new
-    return row
+def _each_part(value: Any, convert: Callable[[Any], Any]) -> Any:
+    """``value`` with ``convert`` applied to each of its parts (``_parts``)."""
+    converted = tuple(convert(part) for part in _parts(value))
+    return converted if type(value) is tuple else converted[0]
 
 
 def _fits(row: Any, slot_bytes: int) -> bool:
@@ -198,26 +180,40 @@ def _fits(row: Any, slot_bytes: int) -> bool:
 
 
 def _into_slots(outcomes: list[Outcome], name: str, slot_bytes: int) -> list[Outcome]:
-    """(In a worker.) The rows of ``outcomes`` written into the slots of buffer ``name``, each
-    result's row replaced by its ``_InSlot``; a row that does not fit stays in its result."""
+    """(In a worker.) The rows of ``outcomes`` written into the slots of buffer ``name`` in order,
+    each replaced by its ``_InSlot``; a row that does not fit, or finds no slot left, stays."""
     buffer = shared_memory.SharedMemory(name)
+    slots = iter(range(CHUNK))
+
+    def placed(part: Any) -> Any:
+        slot = next(slots, None) if _fits(part, slot_bytes) else None
+        if slot is None:
+            return part
+        np.ndarray(part.shape, part.dtype, buffer=buffer.buf, offset=slot * slot_bytes)[...] = part
+        return _InSlot(slot, part.shape, part.dtype)
+
     try:
-        placed = []
-        for slot, outcome in enumerate(outcomes):
-            row = _row_of(outcome.value) if outcome.error is None else None
-            if _fits(row, slot_bytes):
-                np.ndarray(row.shape, row.dtype, buffer=buffer.buf, offset=slot * slot_bytes)[...] = row
-                outcome = Outcome(outcome.item, _with_row(outcome.value, _InSlot(slot, row.shape, row.dtype)))
-            placed.append(outcome)
-        return placed
+        return [
+            outcome if outcome.error is not None else Outcome(outcome.item, _each_part(outcome.value, placed))
+            for outcome in outcomes
+        ]
     finally:
         buffer.close()  # this process's mapping only: the buffer is the parent's to unlink
 
 
-def _out_of_slot(outcome: Outcome, row: _InSlot, buffer: shared_memory.SharedMemory, slot_bytes: int) -> Outcome:
-    """(In the parent.) ``outcome`` with its row copied out of its slot."""
-    view = np.ndarray(row.shape, row.dtype, buffer=buffer.buf, offset=row.slot * slot_bytes)
-    return Outcome(outcome.item, _with_row(outcome.value, view.copy()), outcome.error)
+def _in_slots(outcome: Outcome) -> bool:
+    return outcome.error is None and any(isinstance(part, _InSlot) for part in _parts(outcome.value))
+
+
+def _out_of_slot(outcome: Outcome, buffer: shared_memory.SharedMemory, slot_bytes: int) -> Outcome:
+    """(In the parent.) ``outcome`` with the rows its worker left in slots copied out."""
+
+    def copied(part: Any) -> Any:
+        if not isinstance(part, _InSlot):
+            return part
+        return np.ndarray(part.shape, part.dtype, buffer=buffer.buf, offset=part.slot * slot_bytes).copy()
+
+    return Outcome(outcome.item, _each_part(outcome.value, copied), outcome.error)
 
 
 def _shm_budget() -> int:
@@ -264,14 +260,14 @@ class _SlotRing:
         the slots widened for the next buffers if a row was too large for its slot."""
         try:
             if held is not None:
-                outcomes = [_with_rows_copied(outcome, *held) for outcome in outcomes]
+                outcomes = [_out_of_slot(outcome, *held) if _in_slots(outcome) else outcome for outcome in outcomes]
         finally:
             if held is not None:
                 self.free.append(held)
         for outcome in outcomes:
-            row = _row_of(outcome.value) if outcome.error is None else None
-            if isinstance(row, np.ndarray) and not row.dtype.hasobject:
-                self.slot_bytes = max(self.slot_bytes, mmap.PAGESIZE * math.ceil(row.nbytes / mmap.PAGESIZE))
+            for row in _parts(outcome.value) if outcome.error is None else ():
+                if isinstance(row, np.ndarray) and not row.dtype.hasobject:
+                    self.slot_bytes = max(self.slot_bytes, mmap.PAGESIZE * math.ceil(row.nbytes / mmap.PAGESIZE))
         return outcomes
 
     def _drop(self, buffer: shared_memory.SharedMemory) -> None:
@@ -285,11 +281,6 @@ class _SlotRing:
         self.free.clear()
         for buffer in list(self.made.values()):
             self._drop(buffer)
-
-
-def _with_rows_copied(outcome: Outcome, buffer: shared_memory.SharedMemory, slot_bytes: int) -> Outcome:
-    row = _row_of(outcome.value) if outcome.error is None else None
-    return _out_of_slot(outcome, row, buffer, slot_bytes) if isinstance(row, _InSlot) else outcome
 
 
 # Worker processes -------------------------------------------------------------------------------
@@ -308,7 +299,7 @@ def _run_chunk(items: list[Any], buffer: str | None, slot_bytes: int) -> tuple[l
     outcomes, cpu = [], 0.0
     for item in items:
         start = time.process_time()
-        outcomes.append(_attempt(_worker_fn, item))
+        outcomes.append(attempt(_worker_fn, item))
         cpu += time.process_time() - start
     if buffer is not None:
         outcomes = _into_slots(outcomes, buffer, slot_bytes)
@@ -371,9 +362,10 @@ def _process_map(
             ring.close()
 
 
-def stack_rows(rows: list[np.ndarray], size: int) -> np.ndarray:
-    """uint8 (len(rows), size, size, 3) from per-image arrays (an empty batch keeps its shape)."""
-    out = np.empty((len(rows), size, size, 3), np.uint8)
+def stack_rows(rows: list[np.ndarray], size: int, total: int | None = None) -> np.ndarray:
+    """uint8 (total, size, size, 3) from per-image arrays, zeros below them (``total``: default
+    ``len(rows)``; an empty batch keeps its shape)."""
+    out = np.zeros((len(rows) if total is None else total, size, size, 3), np.uint8)
     for i, row in enumerate(rows):
         out[i] = row
     return out

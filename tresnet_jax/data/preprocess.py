@@ -13,60 +13,21 @@ import dataclasses
 import io
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
 from tresnet_jax.errors import InputError, UnreadableImage
+from tresnet_jax.preprocessing import Preprocessing
 
-INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
-STRIDE = 32  # the model's total stride: every image size is a multiple of it
+if TYPE_CHECKING:
+    from tresnet_jax.data.gpu_decode import Box
+
 # What PIL raises for bytes it cannot decode: not an image, truncated, corrupt, too large.
 PIL_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
-
-
-def check_image_size(size: int) -> None:
-    """The one rule for an input size, applied by every tool before anything is compiled or
-    written: a positive multiple of the model's total stride."""
-    if size < STRIDE or size % STRIDE:
-        raise InputError(f"image size must be a positive multiple of {STRIDE}, got {size}")
-
-
-@dataclasses.dataclass(frozen=True)
-class Preprocessing:
-    """How images are brought to the model's input size."""
-
-    input_size: int = 224
-    crop_pct: float = 0.875
-    interpolation: str = "bilinear"
-    squish: bool = False  # resize straight to input_size x input_size, no crop
-
-    def __post_init__(self) -> None:
-        check_image_size(self.input_size)
-        if not 0.0 < self.crop_pct <= 1.0:
-            raise InputError(f"crop fraction must be in (0, 1], got {self.crop_pct}")
-        if self.interpolation not in INTERPOLATIONS:
-            raise InputError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}")
-
-    @property
-    def resize_size(self) -> int:
-        """The shorter side before the centre crop (256 for 224 at 0.875)."""
-        return math.floor(self.input_size / self.crop_pct + 1e-6)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> Preprocessing:
-        return cls(
-            int(values["input_size"]),
-            float(values["crop_pct"]),
-            str(values["interpolation"]),
-            bool(values.get("squish", False)),
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "resize_size": self.resize_size, "mean": [0.0] * 3, "std": [1.0] * 3}
 
 
 def pil_transform(image: Any, prep: Preprocessing) -> np.ndarray:
@@ -86,13 +47,55 @@ def pil_transform(image: Any, prep: Preprocessing) -> np.ndarray:
     return pixels[top : top + size, left : left + size]
 
 
-def load_image(path: str | os.PathLike, prep: Preprocessing = Preprocessing()) -> np.ndarray:
-    """An image file preprocessed for the model: float32 (size, size, 3) in [0, 1]."""
+def eval_box(size: tuple[int, int], prep: Preprocessing) -> Box:
+    """The region of an image of ``size`` (width, height) that ``pil_transform`` keeps: its
+    resize of the shorter side to ``resize_size`` then centre crop is PIL's resize of this box
+    to input_size x input_size (the same taps); squish: the whole image."""
+    width, height = size
+    if prep.squish:
+        return (0.0, 0.0, float(width), float(height))
+    scale = prep.resize_size / min(width, height)
+    target = (
+        (math.floor(width * scale), prep.resize_size)
+        if height <= width
+        else (prep.resize_size, math.floor(height * scale))
+    )
+    crop = prep.input_size
+    left, top = round((target[0] - crop) / 2), round((target[1] - crop) / 2)
+    x, y = width / target[0], height / target[1]
+    return (left * x, top * y, (left + crop) * x, (top + crop) * y)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalTransform:
+    """An evaluation image's host work (``pipeline.ImageWork``): ``pil_transform`` of the
+    decoded bytes, or for the GPU decoder the box it keeps (``eval_box``). No random draws."""
+
+    prep: Preprocessing
+
+    @property
+    def size(self) -> int:
+        return self.prep.input_size
+
+    @property
+    def interpolation(self) -> str:
+        return self.prep.interpolation
+
+    def row(self, encoded: bytes, name: str, key: tuple[int, int]) -> np.ndarray:
+        return pil_transform(decode_pil(encoded, name), self.prep)
+
+    def box(self, size: tuple[int, int], key: tuple[int, int]) -> Box:
+        return eval_box(size, self.prep)
+
+
+def load_image(path: str | os.PathLike, prep: Preprocessing | None = None) -> np.ndarray:
+    """An image file preprocessed for the model (``prep``: default 224, crop 0.875, bilinear):
+    float32 (size, size, 3) in [0, 1]."""
     try:
         encoded = Path(path).read_bytes()
     except OSError as err:
         raise InputError(f"{path}: {err.strerror}") from None
-    return pil_transform(decode_pil(encoded, str(path)), prep).astype(np.float32) / 255.0
+    return pil_transform(decode_pil(encoded, str(path)), prep or Preprocessing()).astype(np.float32) / 255.0
 
 
 def decode_pil(encoded: bytes, name: str) -> Any:
@@ -111,16 +114,3 @@ def named_decoding_errors(name: str) -> Iterator[None]:
         yield
     except PIL_ERRORS as err:
         raise UnreadableImage(name, f"unreadable image ({err})") from None
-
-
-def padded_rows(labels: np.ndarray, indices: Sequence[int], rows: int) -> dict[str, np.ndarray]:
-    """An evaluation batch's host columns padded to ``rows``: labels (zeros below; multi-hot rows
-    stay uint8, classes become int32), ``mask`` of the real rows, each row's dataset ``index``
-    (-1 below)."""
-    n = len(indices)
-    labels = labels if labels.ndim == 2 else labels.astype(np.int32)
-    return {
-        "label": np.concatenate([labels, np.zeros((rows - n, *labels.shape[1:]), labels.dtype)]),
-        "mask": np.arange(rows) < n,
-        "index": np.concatenate([np.asarray(indices, np.int64), np.full(rows - n, -1, np.int64)]).astype(np.int32),
-    }

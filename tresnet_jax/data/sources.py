@@ -1,12 +1,14 @@
-"""Labelled image sources for evaluation and training: a folder per class, or a TFDS dataset
-prepared on disk (read without TensorFlow, ``data.tfds_reader``). Both are random
-access: index i is the i-th image of the split in its own order (sorted files; TFDS's split
-order), the one numbering of batches, logits rows, skip reports and resumed training streams.
+"""Labelled image sources for evaluation and training: a folder per class, a labels CSV
+(``data.labels_csv``), a TFDS dataset prepared on disk (read without TensorFlow,
+``data.tfds_reader``) or random images. All are random access: index i is the i-th image of
+the split in its own order (sorted files; the CSV's rows; TFDS's split order), the one
+numbering of batches, logits rows, skip reports and resumed training streams.
 
 A source has ``name``, ``class_names``, ``multi_label``, ``len()``, ``record(i) -> (encoded
 bytes, label)`` and ``describe(i)`` (how a message names image i). A label is a class index of
 ``class_names`` (``int``) for a single-label source, a tuple of them (possibly empty) for a
-multi-label one; ``LabelMap.rows`` turns a batch of either into the model's targets.
+multi-label one; ``LabelMap.rows`` turns a batch of either into the model's targets. Every
+stream reads every source through ``record`` alone (``data.pipeline``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from tresnet_jax.errors import InputError
 
 Label = int | tuple[int, ...]  # one class, or the classes present (multi-label)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+SYNTHETIC_SIDE = 64  # pixels of a synthetic image, resized to the model's input like any image
 
 
 @dataclasses.dataclass
@@ -73,8 +76,10 @@ class FolderSource:
 
 @dataclasses.dataclass(frozen=True)
 class SyntheticSource:
-    """Random images made once and reused (``--synthetic-data``): the compiled steps run
-    without reading or decoding anything, so their speed can be told apart from the input's."""
+    """Random images made from their index (``--synthetic-data``), read as any source's: small
+    uncompressed images (binary PPM), nothing read from disk and next to nothing to decode, so
+    that the compiled steps' speed can be told apart from the input's. Not JPEGs: the GPU
+    decoder leaves them to the host's path."""
 
     size: int
     num_classes: int = 1000
@@ -91,14 +96,14 @@ class SyntheticSource:
     def __len__(self) -> int:
         return self.size
 
-    def batch(self, rows: int, image_size: int, seed: int) -> tuple[np.ndarray, list[Label]]:
-        """(uint8 images, labels) of ``rows`` random examples."""
-        rng = np.random.default_rng(seed)
-        images = rng.integers(0, 256, (rows, image_size, image_size, 3), dtype=np.uint8)
+    def record(self, index: int) -> tuple[bytes, Label]:
+        rng = np.random.default_rng(index)
+        pixels = rng.integers(0, 256, (SYNTHETIC_SIDE, SYNTHETIC_SIDE, 3), dtype=np.uint8)
+        encoded = b"P6 %d %d 255\n" % (SYNTHETIC_SIDE, SYNTHETIC_SIDE) + pixels.tobytes()
         if not self.multi_label:
-            return images, rng.integers(0, self.num_classes, rows).tolist()
-        counts = rng.integers(1, 4, rows)
-        return images, [tuple(sorted(set(rng.integers(0, self.num_classes, n).tolist()))) for n in counts]
+            return encoded, int(rng.integers(self.num_classes))
+        present = rng.integers(0, self.num_classes, rng.integers(1, 4))
+        return encoded, tuple(sorted(set(present.tolist())))
 
     def describe(self, index: int) -> str:
         return f"synthetic[{index}]"
@@ -138,14 +143,8 @@ class LabelMap:
             hot[row, self.classes[list(present)]] = 1
         return hot
 
-    def empty(self, rows: int) -> np.ndarray:
-        """``rows`` rows of padding, shaped as ``LabelMap.rows`` makes its rows."""
-        return self.rows([()] * rows if self.multi_label else [0] * rows)
 
-
-def model_labels(
-    source: Source | SyntheticSource, num_classes: int, model_class_names: Sequence[str] | None = None
-) -> LabelMap:
+def model_labels(source: Source, num_classes: int, model_class_names: Sequence[str] | None = None) -> LabelMap:
     """How ``source``'s labels become targets of a ``num_classes``-class model.
 
     Classes named as the model names its own (``model_class_names``, the weights' metadata) map by

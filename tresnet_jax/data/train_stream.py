@@ -1,8 +1,8 @@
 """The training input stream: deterministic per (seed, step), resumable at any step in O(1), and
 split across processes so that every process count sees the same global batches.
 
-Every source is read by index (folders and TFDS splits alike, ``data.sources``): each
-epoch is a seeded permutation of the images, global batch ``k`` is its ``k``-th slice, process
+Every source is read by index (folders, CSVs, TFDS splits and synthetic images alike,
+``data.sources``): each epoch is a seeded permutation of the images, global batch ``k`` is its ``k``-th slice, process
 ``p`` takes the ``p``-th part of that slice, and an image's augmentation is drawn from (run
 seed, epoch, image index). Resuming at step ``s`` starts at the right slice of the right
 epoch's permutation: nothing is read twice, whatever ``s`` is.
@@ -15,6 +15,10 @@ Where the augmentation runs: ``on_device=False`` does all of it here on the host
 resize: ``augment.decode_crop``), and each batch carries ``augment_ids``, the (epoch, image
 index) whose draws the device's flip, RandAugment and Cutout use (``device_augment``): the index
 of the image actually used, so a replaced image brings its own draws on either path.
+
+The stream is ``pipeline``'s stages: ``train_keys``, ``pipeline.Read`` of ``TrainTransform``
+with replacement on the host pool, ``pipeline.train_examples``, ``pipeline.train_batches_of``
+(``gpu_batches.decoded_train_batches`` adds the GPU decoder's stage to the same).
 """
 
 from __future__ import annotations
@@ -22,16 +26,18 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from tresnet_jax.data.augment import AugmentConfig, decode_crop, train_transform
-from tresnet_jax.data.host_pool import UNREADABLE, HostCost, ordered_map, stack_rows
-from tresnet_jax.data.sources import Label, LabelMap, Source, SyntheticSource
-from tresnet_jax.errors import InputError, reason_of
+from tresnet_jax.data.augment import AugmentConfig, crop_box, decode_crop, train_transform
+from tresnet_jax.data.host_pool import HostCost, ordered_map
+from tresnet_jax.data.pipeline import Key, Read, host_images, train_batches_of, train_examples
+from tresnet_jax.data.sources import LabelMap, Source
+from tresnet_jax.errors import InputError
 
-# Consecutive unreadable images after which the dataset is taken to be broken, not the image.
-MAX_CONSECUTIVE_UNREADABLE = 32
+if TYPE_CHECKING:
+    from tresnet_jax.data.gpu_decode import Box
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,55 +75,40 @@ def host_indices(size: int, spec: StreamSpec, epoch: int, first_step: int = 0) -
     return per_step[first_step:, spec.process_index].reshape(-1)
 
 
-@dataclasses.dataclass(frozen=True)
-class Augmented:
-    """One training example, and the images that had to be passed over to make it."""
-
-    image: np.ndarray
-    label: Label
-    unreadable: tuple[tuple[int, str], ...] = ()  # (index, reason)
-    index: int = -1  # the image used (``index`` or the readable one that replaced it)
-
-
-def host_crop(encoded: bytes, seed: tuple[int, ...], augment: AugmentConfig, name: str) -> np.ndarray:
-    """The host's part when the device augments: the crop of ``train_transform``, same draws."""
-    return np.asarray(decode_crop(encoded, name, np.random.default_rng(seed), augment))
-
-
-def augmented_example(
-    source: Source, augment: AugmentConfig, seed: int, epoch: int, index: int, on_device: bool = False
-) -> Augmented:
-    """Image ``index`` augmented with the draws of (seed, epoch, index) (``on_device``: only
-    cropped); if it cannot be read, the next readable image of the dataset, with its own draws."""
-    transform = host_crop if on_device else train_transform
-    unreadable = []
-    for offset in range(MAX_CONSECUTIVE_UNREADABLE):
-        candidate = (index + offset) % len(source)
-        try:
-            encoded, label = source.record(candidate)
-            image = transform(encoded, (seed, epoch, candidate), augment, source.describe(candidate))
-        except UNREADABLE as err:
-            unreadable.append((candidate, reason_of(err)))
-            continue
-        return Augmented(image, label, tuple(unreadable), candidate)
-    raise InputError(
-        f"{source.name}: {MAX_CONSECUTIVE_UNREADABLE} consecutive unreadable images from "
-        f"{source.describe(index)} on (last: {unreadable[-1][1]}); the dataset looks damaged"
-    )
+def train_keys(source: Source, spec: StreamSpec, start_step: int) -> Iterator[Key]:
+    """This process's (epoch, image index) of every step from ``start_step`` on, without end."""
+    first_epoch, first_step = divmod(start_step, steps_per_epoch(source, spec))
+    for epoch in itertools.count(first_epoch):
+        for index in host_indices(len(source), spec, epoch, first_step if epoch == first_epoch else 0):
+            yield epoch, int(index)
 
 
 @dataclasses.dataclass(frozen=True)
-class AugmentedExample:
-    """(epoch, index) -> ``augmented_example`` (an object, not a closure, so that worker
-    processes can be given it)."""
+class TrainTransform:
+    """A training image's host work (``pipeline.ImageWork``), drawn from (run seed, epoch, image
+    index): all of the augmentation (``augment.train_transform``), or with ``crop_only`` only
+    its crop (``augment.decode_crop``, the same draws), for the device to augment."""
 
-    source: Source
     augment: AugmentConfig
     seed: int
-    on_device: bool = False
+    crop_only: bool = False
+    interpolation = "bilinear"  # the crop's resize
 
-    def __call__(self, item: tuple[int, int]) -> Augmented:
-        return augmented_example(self.source, self.augment, self.seed, *item, on_device=self.on_device)
+    @property
+    def size(self) -> int:
+        return self.augment.image_size
+
+    def row(self, encoded: bytes, name: str, key: Key) -> np.ndarray:
+        if self.crop_only:
+            return np.asarray(decode_crop(encoded, name, np.random.default_rng((self.seed, *key)), self.augment))
+        return train_transform(encoded, (self.seed, *key), self.augment, name)
+
+    def box(self, size: tuple[int, int], key: Key) -> Box:
+        if self.augment.squish:
+            return (0, 0, *size)
+        return crop_box(
+            size, np.random.default_rng((self.seed, *key)), self.augment.crop_scale, self.augment.crop_ratio
+        )
 
 
 def train_batches(
@@ -135,45 +126,8 @@ def train_batches(
     ``start_step`` (``on_device``: cropped images, and ``augment_ids`` int32 (local batch, 2));
     ``on_unreadable(image, reason)`` is called once for each image passed over; ``cost``
     accumulates the host's CPU time per image."""
-    steps = steps_per_epoch(source, spec)
-    first_epoch, first_step = divmod(start_step, steps)
-    if isinstance(source, SyntheticSource):
-        images, labels = source.batch(spec.local_batch, augment.image_size, spec.seed + spec.process_index)
-        batch = {"image": images, "label": label_map.rows(labels)}
-        if on_device:  # the same images every step; their augmentation differs by step
-            rows = spec.process_index * spec.local_batch + np.arange(spec.local_batch)
-            for step in itertools.count(start_step):
-                yield {**batch, "augment_ids": np.stack([np.full_like(rows, step), rows], 1).astype(np.int32)}
-        while True:
-            yield batch
-
-    def examples() -> Iterator[tuple[int, int]]:
-        epoch, step = first_epoch, first_step
-        while True:
-            for index in host_indices(len(source), spec, epoch, step):
-                yield epoch, int(index)
-            epoch, step = epoch + 1, 0
-
-    reported: set[int] = set()
-    images: list[np.ndarray] = []
-    labels: list[Label] = []
-    ids: list[tuple[int, int]] = []
-    transform = AugmentedExample(source, augment, spec.seed, on_device)
-    for outcome in ordered_map(transform, examples(), workers, cost=cost):
-        if outcome.error is not None:  # the whole neighbourhood is unreadable
-            raise InputError(outcome.error)
-        example = outcome.value
-        for index, reason in example.unreadable:
-            if index not in reported:
-                reported.add(index)
-                if on_unreadable is not None:
-                    on_unreadable(source.describe(index), reason)
-        images.append(example.image)
-        labels.append(example.label)
-        ids.append((outcome.item[0], example.index))
-        if len(images) == spec.local_batch:
-            batch = {"image": stack_rows(images, augment.image_size), "label": label_map.rows(labels)}
-            if on_device:
-                batch["augment_ids"] = np.asarray(ids, np.int32)
-            yield batch
-            images, labels, ids = [], [], []
+    work = TrainTransform(augment, spec.seed, crop_only=on_device)
+    keys = train_keys(source, spec, start_step)
+    outcomes = ordered_map(Read(source, work, replace=True), keys, workers, cost=cost)
+    examples = train_examples(outcomes, source.describe, on_unreadable)
+    yield from train_batches_of(examples, spec.local_batch, host_images(work.size), label_map, on_device)
