@@ -9,13 +9,15 @@ import sys
 import numpy as np
 import pytest
 
-import eval as eval_cli
 from tests import tiny_model
 from tests.classifier import fitted_classifier
 from tests.images import image_folder
 from tests.multihost import coordinator_flags, describe, run_processes
 from tests.multilabel_digits import CLASS_NAMES, write_canvases
+from tresnet_jax.cli import eval as eval_cli
 from tresnet_jax.model.initialization import random_variables
+from tresnet_jax.preprocessing import Preprocessing
+from tresnet_jax.weights.info import WeightsInfo
 from tresnet_jax.weights.storage import save_weights
 
 pytestmark = pytest.mark.slow  # processes of their own: not in the fast tier
@@ -129,9 +131,10 @@ def test_two_processes_give_the_multi_label_map_of_one(tmp_path, capsys):
         file.write("images/missing.png,digit1\n")
     # Multi-label weights as train.py exports them (random ones: the comparison is of two runs).
     weights = tmp_path / "weights"
-    preprocessing = {"input_size": 32, "crop_pct": 0.875, "interpolation": "bilinear", "squish": True}
-    metadata = {"model": tiny_model.NAME, "num_classes": len(CLASS_NAMES), "multi_label": True,
-                "class_names": CLASS_NAMES, "preprocessing": preprocessing}  # fmt: skip
+    metadata = WeightsInfo(
+        tiny_model.NAME, len(CLASS_NAMES), multi_label=True, class_names=CLASS_NAMES,
+        preprocessing=Preprocessing(32, squish=True),
+    )  # fmt: skip
     save_weights(weights, random_variables(tiny_model.SPEC, len(CLASS_NAMES), seed=1), metadata)
     args = ["--weights", weights, "--val-labels", val_csv, "--batch-size", BATCH, "--no-progress"]
     out = tmp_path / "out"

@@ -11,12 +11,12 @@ import sys
 import numpy as np
 import pytest
 
-import eval as eval_cli
-import predict as predict_cli
-import train as train_cli
 from tests import tiny_model
 from tests.multilabel_digits import CLASS_NAMES, write_canvases
 from tests.training_runs import SIZE, metrics
+from tresnet_jax.cli import eval as eval_cli
+from tresnet_jax.cli import predict as predict_cli
+from tresnet_jax.cli import train as train_cli
 from tresnet_jax.metrics import mean_average_precision
 
 pytestmark = pytest.mark.usefixtures("tiny_model")
@@ -54,15 +54,19 @@ def test_learns_multi_label_digits_and_eval_and_predict_read_the_export(loss, ca
     assert final["val_mAP"] >= MAP_BOUND, final
     assert re.search(r"validation mAP \d+\.\d\d", out), out
     config = json.loads((workdir / "config.json").read_text())
-    assert (config["loss"], config["resize"], config["train_labels"]) == (loss, "squish", str(train_csv))
-    metadata = json.loads((workdir / "export" / "metadata.json").read_text())
+    assert (config["optim"]["loss"], config["data"]["resize"], config["data"]["train_labels"]) == (
+        loss,
+        "squish",
+        str(train_csv),
+    )
+    metadata = json.loads((workdir / "weights" / "metadata.json").read_text())
     assert metadata["multi_label"] is True
     assert metadata["class_names"] == CLASS_NAMES
     assert metadata["preprocessing"]["squish"] is True
 
     # eval.py on the same CSV: the same mAP, from logits that give it again through the metric.
     results, logits = tmp_path / "eval.json", tmp_path / "logits.npz"
-    eval_args = ["--weights", workdir / "export", "--val-labels", val_csv, "--batch-size", 48]
+    eval_args = ["--weights", workdir / "weights", "--val-labels", val_csv, "--batch-size", 48]
     code = eval_cli.main([str(a) for a in [*eval_args, "--output", results, "--save-logits", logits, "--no-progress"]])
     assert code == 0
     printed = capsys.readouterr().out
@@ -81,7 +85,7 @@ def test_learns_multi_label_digits_and_eval_and_predict_read_the_export(loss, ca
 
     # predict.py lists the digits above the threshold.
     image = next(iter(sorted((train_csv.parent / "images").glob("val*.png"))))
-    assert predict_cli.main([str(image), "--model", str(workdir / "export"), "--threshold", "0.5"]) == 0
+    assert predict_cli.main([str(image), "--model", str(workdir / "weights"), "--threshold", "0.5"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert any(re.fullmatch(r"\s+\d+\.\d\d%  digit\d", line) for line in lines), lines
 
@@ -112,9 +116,9 @@ def test_trains_on_tfds_voc_and_eval_gives_the_validation_map(tmp_path, capsys):
     final = metrics(workdir)[-1]
     assert 0 <= final["val_mAP"] <= 100
     assert 0 <= final["ema_val_mAP"] <= 100
-    assert json.loads((workdir / "export" / "metadata.json").read_text())["class_names"] == classes
+    assert json.loads((workdir / "weights" / "metadata.json").read_text())["class_names"] == classes
     results = tmp_path / "eval.json"
-    eval_args = ["--weights", workdir / "export", "--dataset", "voc/2007:test", "--data-dir", data_dir]
+    eval_args = ["--weights", workdir / "weights", "--dataset", "voc/2007:test", "--data-dir", data_dir]
     assert eval_cli.main([str(a) for a in [*eval_args, "--batch-size", 4, "--output", results, "--no-progress"]]) == 0
     capsys.readouterr()
     report = json.loads(results.read_text())
@@ -125,9 +129,9 @@ def test_trains_on_tfds_voc_and_eval_gives_the_validation_map(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--loss", "asl"], "--loss asl trains multi-label, but"),
-        (["--recipe", "voc2007", "--model", tiny_model.NAME], "--loss asl (recipe voc2007) trains multi-label, but"),
-        (["--train-labels", "CSV"], "is multi-label (several classes an image) but --loss cross_entropy is"),
+        (["--loss", "asl"], "--loss asl is multi-label (several classes an image) but"),
+        (["--recipe", "voc2007", "--model", tiny_model.NAME], "--loss asl (recipe voc2007) is multi-label (several"),
+        (["--train-labels", "CSV"], "--loss cross_entropy is single-label (one class an image) but"),
         (["--train-labels", "CSV", "--loss", "bce", "--classes", "CLASSES"], "train.csv:2: unknown class 'digit"),
         (["--train-labels", "EMPTY", "--loss", "bce"], "no images after the header image,labels"),
     ],

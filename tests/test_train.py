@@ -12,14 +12,15 @@ import pytest
 import torch
 from PIL import Image
 
-import eval as eval_cli
-import predict as predict_cli
-import train as train_cli
 import tresnet_jax
 from tests import tiny_model
 from tests.reference import random_timm_model
+from tests.settings import config
 from tests.tfds_folders import prepare_from_folders
 from tests.training_runs import SIZE, TINY, assert_trees_equal, metrics, subset, tiny_args
+from tresnet_jax.cli import eval as eval_cli
+from tresnet_jax.cli import predict as predict_cli
+from tresnet_jax.cli import train as train_cli
 from tresnet_jax.data.gpu_decode import BatchDecoder
 from tresnet_jax.errors import InputError
 from tresnet_jax.model.initialization import random_variables
@@ -28,9 +29,8 @@ from tresnet_jax.model.registry import resolve
 from tresnet_jax.runtime.parallel import BATCH_AXIS, data_mesh, replicate, shard_batch
 from tresnet_jax.train import parts as parts_module
 from tresnet_jax.train.checkpoints import initial_variables
-from tresnet_jax.train.config import TrainConfig
 from tresnet_jax.train.run import check_memory, suggest_batch_size
-from tresnet_jax.train.step import OptimConfig, create_state, make_optimizer, make_train_step
+from tresnet_jax.train.step import create_state, make_optimizer, make_train_step
 
 # The runs train tresnet_tiny (tests/tiny_model.py), the digits learning one included.
 pytestmark = pytest.mark.usefixtures("tiny_model")
@@ -87,15 +87,19 @@ def test_learns_digits_and_exports_weights_eval_can_read(digits, tmp_path, capsy
     assert final["val_top1"] >= 90.0, final
     assert "compiled the training step in" in out
     config = json.loads((workdir / "config.json").read_text())
-    assert (config["lr"], config["label_smoothing"], config["schedule"]) == (2e-3, 0.1, "onecycle")
+    assert (config["optim"]["lr"], config["optim"]["label_smoothing"], config["optim"]["schedule"]) == (
+        2e-3,
+        0.1,
+        "onecycle",
+    )
     # The export is a weights directory: tresnet_jax.load and eval.py read it and agree.
-    model, _ = tresnet_jax.load(workdir / "export")
-    metadata = tresnet_jax.load_metadata(workdir / "export")
-    assert (model.num_classes, metadata["source"]["step"]) == (10, final["step"])
-    assert metadata["class_names"] == [f"digit{d}" for d in range(10)]
+    model, _ = tresnet_jax.load(workdir / "weights")
+    info = tresnet_jax.load_metadata(workdir / "weights")
+    assert (model.num_classes, info.source.step) == (10, final["step"])
+    assert info.class_names == tuple(f"digit{d}" for d in range(10))
     # predict.py names the dataset's classes.
     image = next((digits / "val" / "digit3").iterdir())
-    assert predict_cli.main([str(image), "--model", str(workdir / "export")]) == 0
+    assert predict_cli.main([str(image), "--model", str(workdir / "weights")]) == 0
     top5 = capsys.readouterr().out.splitlines()[-5:]
     assert all(re.fullmatch(r"\s+\d+\.\d\d%  digit\d", line) for line in top5), top5
     results = tmp_path / "eval.json"
@@ -104,7 +108,7 @@ def test_learns_digits_and_exports_weights_eval_can_read(digits, tmp_path, capsy
             str(a)
             for a in [
                 "--weights",
-                workdir / "export",
+                workdir / "weights",
                 "--val_dir",
                 digits / "val",
                 "--batch-size",
@@ -135,7 +139,7 @@ def test_trains_from_a_tfds_dataset_and_validates_on_its_validation_split(digits
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
     assert rows[-1]["step"] == 4
     assert 0 <= rows[-1]["val_top1"] <= 100  # evaluated on the 40 held-out digits
-    assert (workdir / "export_ema" / "metadata.json").exists()
+    assert (workdir / "weights_ema" / "metadata.json").exists()
 
 
 # --- precision ---------------------------------------------------------------------------------
@@ -147,22 +151,25 @@ def test_fp16_overflow_skips_the_step_and_halves_the_loss_scale():
     mesh = data_mesh(jax.devices()[:1])
     arch = tiny_model.SPEC
     model = TResNet(arch, 10, dtype=jnp.float16, axis_name=BATCH_AXIS)
-    cfg = OptimConfig(total_steps=10, lr=0.1, precision="fp16", loss_scale=2.0**100)
-    tx = make_optimizer(cfg)
+    cfg = config(lr=0.1, precision="fp16")
+    tx = make_optimizer(cfg, 10)
     variables = random_variables(arch, 10)
-    state = replicate(create_state(variables, tx, cfg, seed=0), mesh)
+    state = create_state(variables, tx, cfg).replace(loss_scale=jnp.asarray(2.0**100, jnp.float32))
+    state = replicate(state, mesh)
     rng = np.random.default_rng(0)
     batch = shard_batch(
         {"image": rng.integers(0, 255, (2, SIZE, SIZE, 3), dtype=np.uint8), "label": np.array([1, 2], np.int32)}, mesh
     )
-    step = make_train_step(model, tx, cfg, mesh)
+    # Compiled ahead of time: the program refuses inputs of any other type than these.
+    step = make_train_step(model, tx, cfg, 10, mesh).lower(state, batch).compile()
     before = jax.device_get(state.params)
     state, out = step(state, batch)  # 2**100 times the loss overflows float16 in the backward pass
     assert (float(out["finite"]), float(state.loss_scale), int(state.step)) == (0.0, 2.0**99, 1)
     assert_trees_equal(jax.device_get(state.params), before)
-    state = state.replace(loss_scale=replicate(jnp.asarray(2.0**10, jnp.float32), mesh))  # the same program
+    # The same program takes the state it returned, a new loss scale in it: replicated inputs
+    # have the type of its outputs.
+    state = state.replace(loss_scale=replicate(jnp.asarray(2.0**10, jnp.float32), mesh))
     state, out = step(state, batch)
-    assert step._cache_size() == 1  # one program: replicated inputs have the type of its outputs
     assert float(out["finite"]) == 1.0
     assert np.isfinite(float(out["loss"]))
     after = jax.device_get(state.params)
@@ -183,7 +190,7 @@ def test_diverging_loss_stops_without_writing_a_bad_checkpoint(digits, tmp_path,
     assert err.count("\n") == 1
     saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     assert saved == [] or max(saved) < int(err.split(" at step ")[1].split()[0])
-    assert not (tmp_path / "export").exists()
+    assert not (tmp_path / "weights").exists()
 
 
 # --- fine-tuning, memory, bad input ---------------------------------------------------------------
@@ -193,8 +200,8 @@ def test_fine_tuning_keeps_the_backbone_and_replaces_the_head(tmp_path):
     reference = random_timm_model("tresnet_m", seed=2)
     checkpoint = tmp_path / "tresnet_m.pth"
     torch.save(reference.state_dict(), checkpoint)
-    cfg = TrainConfig(workdir=str(tmp_path / "run"), init=str(checkpoint), num_classes=10)
-    variables, how = initial_variables(cfg, resolve(cfg.model), 10)
+    cfg = config(workdir=str(tmp_path / "run"), init=str(checkpoint), num_classes=10)
+    variables, how = initial_variables(cfg, resolve(cfg.model.name), 10)
     assert "backbone loaded, a new 10-class head (it had 1000)" in how
     np.testing.assert_array_equal(
         variables["params"]["body"]["layer3"]["2"]["conv2"]["conv"]["kernel"],
@@ -205,7 +212,7 @@ def test_fine_tuning_keeps_the_backbone_and_replaces_the_head(tmp_path):
     )
     assert variables["params"]["head"]["fc"]["kernel"].shape == (2048, 10)
     with pytest.raises(InputError, match="checkpoint does not match tresnet_l"):
-        initial_variables(TrainConfig(workdir="x", model="tresnet_l", init=str(checkpoint)), resolve("tresnet_l"), 10)
+        initial_variables(config(workdir="x", model="tresnet_l", init=str(checkpoint)), resolve("tresnet_l"), 10)
 
 
 def test_out_of_memory_names_the_batch_and_the_largest_that_fits():
@@ -277,7 +284,7 @@ def test_trains_and_validates_through_the_batched_decoder(digits, tmp_path, monk
     workdir = tmp_path / "run"
     args = [*TINY, "--train_dir", folder, "--val_dir", folder, "--workdir", workdir, "--decode", "gpu"]
     assert train_cli.main([str(a) for a in args]) == 0
-    assert json.loads((workdir / "config.json").read_text())["decode"] == "gpu"
+    assert json.loads((workdir / "config.json").read_text())["data"]["decode"] == "gpu"
     said = re.search(r"JPEG decoder .*: (\d+) images decoded, (\d+) passed to the host", capsys.readouterr().out)
     assert said, "the run reports what its decoder did"
     assert int(said.group(1)) > 0
@@ -295,4 +302,5 @@ def test_unknown_model_is_a_usage_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         train_cli.main(["--model", "resnet50", "--workdir", str(tmp_path)])
     assert exit_info.value.code == 2
-    assert "invalid choice: 'resnet50'" in capsys.readouterr().err
+    known = ", ".join(tresnet_jax.ARCHITECTURES)
+    assert f"--model must be one of {known}, got 'resnet50'" in capsys.readouterr().err

@@ -18,15 +18,15 @@ import jax
 import numpy as np
 import pytest
 
-import train as train_cli
 from tests import tiny_model
 from tests.blocked_imports import blocker
 from tests.multihost import describe, run_processes
+from tests.settings import config
 from tests.tiny_model import REPO
-from tests.training_runs import assert_trees_equal, exported, metrics, subset, tiny_args, train_command
+from tests.training_runs import assert_trees_equal, final_weights, metrics, subset, tiny_args, train_command
+from tresnet_jax.cli import train as train_cli
 from tresnet_jax.model.registry import resolve
 from tresnet_jax.train.checkpoints import initial_variables
-from tresnet_jax.train.config import TrainConfig
 
 pytestmark = [
     pytest.mark.slow,
@@ -74,7 +74,7 @@ def test_the_tiny_run_reads_a_folder_without_tensorflow_and_passes_over_a_corrup
     export."""
     assert f"unreadable training image {data / 'train' / 'digit1' / 'broken.jpg'}: unreadable image" in reference.output
     assert metrics(reference.workdir)[-1]["unreadable_images"] == 1
-    assert (reference.workdir / "export" / "metadata.json").exists()
+    assert (reference.workdir / "weights" / "metadata.json").exists()
 
 
 def distance_relative_to_training(got: dict, want: dict, start: dict) -> float:
@@ -90,7 +90,7 @@ def distance_relative_to_training(got: dict, want: dict, start: dict) -> float:
 
 def initial(workdir: Path) -> dict:
     """The variables the tiny run starts from."""
-    return initial_variables(TrainConfig(workdir=str(workdir), model=tiny_model.NAME), resolve(tiny_model.NAME), 10)[0]
+    return initial_variables(config(workdir=str(workdir), model=tiny_model.NAME), resolve(tiny_model.NAME), 10)[0]
 
 
 def test_two_devices_follow_the_same_loss_curve(data, tmp_path, reference_run):
@@ -115,7 +115,7 @@ def test_two_devices_follow_the_same_loss_curve(data, tmp_path, reference_run):
     start = initial(tmp_path)
     for collection, bound in (("params", 1e-2), ("batch_stats", 1e-3)):
         distance = distance_relative_to_training(
-            exported(tmp_path)[collection], exported(reference_run)[collection], start[collection]
+            final_weights(tmp_path)[collection], final_weights(reference_run)[collection], start[collection]
         )
         assert distance < bound, (collection, distance)
 
@@ -151,7 +151,7 @@ def test_two_processes_stop_together_on_one_s_sigterm_and_resume_under_srun_with
     step = int(said.group(1))
     assert 1 <= step < 4, describe(stopped)
     assert (tmp_path / "checkpoints" / str(step)).exists()
-    assert not (tmp_path / "export").exists()
+    assert not (tmp_path / "weights").exists()
 
     port = free_port_in(SLURM_PORTS)
     slurm = {
@@ -175,7 +175,7 @@ def test_two_processes_stop_together_on_one_s_sigterm_and_resume_under_srun_with
     start = initial(tmp_path)
     for collection, bound in (("params", 1e-2), ("batch_stats", 1e-3)):  # why: the test above
         distance = distance_relative_to_training(
-            exported(tmp_path)[collection], exported(reference_run)[collection], start[collection]
+            final_weights(tmp_path)[collection], final_weights(reference_run)[collection], start[collection]
         )
         assert distance < bound, (collection, distance)
 
@@ -192,12 +192,12 @@ def test_killed_and_restarted_run_ends_exactly_like_an_uninterrupted_one(data, t
     run.send_signal(signal.SIGKILL)
     output = run.communicate()[0]
     assert (tmp_path / "checkpoints" / "2").exists(), output
-    assert not (tmp_path / "export").exists(), "the run finished before it could be killed"
+    assert not (tmp_path / "weights").exists(), "the run finished before it could be killed"
     again = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "resumed from the checkpoint at step 2" in again.stdout
-    for name in ("export", "export_ema"):
-        assert_trees_equal(exported(tmp_path, name), exported(reference_run, name))
+    for name in ("weights", "weights_ema"):
+        assert_trees_equal(final_weights(tmp_path, name), final_weights(reference_run, name))
     assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3, 4]
     assert [r["loss"] for r in metrics(tmp_path)] == [r["loss"] for r in metrics(reference_run)]
 
@@ -223,12 +223,12 @@ def test_sigterm_checkpoints_the_current_step_and_the_same_command_resumes_bit_e
     assert step == 1, output
     assert Path(stopped.group(2)) == tmp_path / "checkpoints" / str(step)
     assert (tmp_path / "checkpoints" / str(step)).exists()
-    assert not (tmp_path / "export").exists()
+    assert not (tmp_path / "weights").exists()
     again = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stdout + again.stderr
     assert f"resumed from the checkpoint at step {step}" in again.stdout
-    for name in ("export", "export_ema"):
-        assert_trees_equal(exported(tmp_path, name), exported(reference_run, name))
+    for name in ("weights", "weights_ema"):
+        assert_trees_equal(final_weights(tmp_path, name), final_weights(reference_run, name))
     assert [r["loss"] for r in metrics(tmp_path)] == [r["loss"] for r in metrics(reference_run)]
 
 

@@ -34,7 +34,7 @@ def metrics(workdir: Path) -> list[dict]:
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
-def exported(workdir: Path, name: str = "export") -> dict:
+def final_weights(workdir: Path, name: str = "weights") -> dict:
     return read_variables(workdir / name)
 
 

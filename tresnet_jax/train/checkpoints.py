@@ -9,27 +9,28 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from tresnet_jax.factory import load
 from tresnet_jax.model.architecture import variable_shapes
-from tresnet_jax.model.initialization import random_variables, replace_head
+from tresnet_jax.model.initialization import random_variables
 from tresnet_jax.model.registry import ModelSpec
 from tresnet_jax.runtime.parallel import host_copy, replicate
 from tresnet_jax.train.config import TrainConfig
 from tresnet_jax.train.parts import RunParts
 from tresnet_jax.train.step import TrainState, create_state
-from tresnet_jax.weights.factory import load_any
+from tresnet_jax.weights.heads import with_classes
 
 
 def initial_variables(cfg: TrainConfig, model: ModelSpec, num_classes: int) -> tuple[dict[str, Any], str]:
-    """Fresh variables, or the backbone of ``cfg.init`` with its head kept when the class count
-    matches and newly initialised otherwise; and a line saying which."""
-    if cfg.init is None:
-        fresh = random_variables(model.arch, num_classes, cfg.seed)
-        return fresh, f"{cfg.model} initialised from scratch (seed {cfg.seed})"
-    loaded = load_any(cfg.init, model)  # refuses weights of another architecture
-    kept = loaded.model.num_classes == num_classes
-    variables = loaded.variables if kept else replace_head(loaded.variables, loaded.model.arch, num_classes, cfg.seed)
-    head = "its head kept" if kept else f"a new {num_classes}-class head (it had {loaded.model.num_classes})"
-    return variables, f"{cfg.model} fine-tuned from {loaded.origin}: backbone loaded, {head}"
+    """Fresh variables, or those of ``cfg.model.init`` (a weights name, directory or PyTorch
+    file of the run's architecture) with a new head when the class count differs; and a line
+    saying which."""
+    name, seed = cfg.model.name, cfg.run.seed
+    if cfg.model.init is None:
+        fresh = random_variables(model.arch, num_classes, seed)
+        return fresh, f"{name} initialised from scratch (seed {seed})"
+    loaded = load(cfg.model.init, architecture=model.name)  # refuses weights of another architecture
+    variables, _, head = with_classes(loaded.variables, loaded.info, num_classes, seed)
+    return variables, f"{name} fine-tuned from {loaded.origin}: backbone loaded, {head}"
 
 
 class Checkpoints:
@@ -41,7 +42,7 @@ class Checkpoints:
         self.parts = parts
         self.directory = parts.workdir / "checkpoints"
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=parts.cfg.keep_checkpoints, create=True, enable_async_checkpointing=False
+            max_to_keep=parts.cfg.run.keep_checkpoints, create=True, enable_async_checkpointing=False
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -56,7 +57,7 @@ class Checkpoints:
             state = self.manager.restore(latest, args=ocp.args.StandardRestore(self.abstract_state()))
             return state, f"resumed from the checkpoint at step {latest}"
         variables, how = initial_variables(parts.cfg, parts.model_spec, parts.num_classes)
-        state = create_state(variables, parts.tx, parts.optim, parts.cfg.seed)
+        state = create_state(variables, parts.tx, parts.cfg)
         return replicate(state, parts.mesh), how
 
     def abstract_state(self) -> TrainState:
@@ -66,7 +67,7 @@ class Checkpoints:
         shapes = variable_shapes(parts.model_spec.arch, parts.num_classes)
         abstract = {path: jax.ShapeDtypeStruct(shape, jnp.float32) for path, shape in shapes.items()}
         variables = traverse_util.unflatten_dict(abstract)
-        state = jax.eval_shape(lambda v: create_state(v, parts.tx, parts.optim, parts.cfg.seed), variables)
+        state = jax.eval_shape(lambda v: create_state(v, parts.tx, parts.cfg), variables)
         sharding = jax.sharding.NamedSharding(parts.mesh, jax.sharding.PartitionSpec())
         return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state)
 

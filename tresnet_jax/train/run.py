@@ -1,13 +1,13 @@
 """A whole training run: data, model (fresh or fine-tuned from converted weights), the
 data-parallel step, periodic evaluation, Orbax checkpoints with automatic resume, metrics
-(JSON lines and TensorBoard) and the export of the final weights.
+(JSON lines and TensorBoard) and the final weights.
 
 A run lives in its ``workdir``; started again with the same settings it continues from its last
 complete checkpoint and ends with exactly the parameters an uninterrupted run would have.
 SIGTERM or SIGINT stops it after the current step with a checkpoint of that step.
 
 ``Run`` puts together the parts of a run (``parts``), its checkpoints (``checkpoints``), the
-step loop written here with what it records (``metrics``), ``validation`` and the ``export``.
+step loop written here with what it records (``run_log``), ``validation`` and the ``final_weights``.
 """
 
 from __future__ import annotations
@@ -32,10 +32,10 @@ from tresnet_jax.progress import ProgressBar
 from tresnet_jax.runtime.parallel import BATCH_AXIS, host_copy, prefetch_to_devices
 from tresnet_jax.train.checkpoints import Checkpoints
 from tresnet_jax.train.config import TrainConfig, check_resumable, write_config
-from tresnet_jax.train.export import export_weights
-from tresnet_jax.train.metrics import LaggedMetrics, MetricsLog, StepLog, UnreadableImages
+from tresnet_jax.train.final_weights import write_final_weights
 from tresnet_jax.train.parts import RunParts, build
 from tresnet_jax.train.preemption import StopRequests
+from tresnet_jax.train.run_log import LaggedMetrics, MetricsLog, StepLog, UnreadableImages
 from tresnet_jax.train.step import TrainState, make_train_step
 from tresnet_jax.train.validation import validate
 
@@ -76,8 +76,8 @@ class Run:
         start = int(host_copy(state.step))
         parts.log(
             f"{how}; {parts.train_source.name}: {len(parts.train_source)} images, {parts.num_classes} classes, "
-            f"{parts.steps_per_epoch} steps/epoch, {parts.total_steps} steps, batch {cfg.batch_size} on "
-            f"{parts.mesh.devices.size} device(s), {cfg.precision}, peak lr {cfg.peak_lr():g}"
+            f"{parts.steps_per_epoch} steps/epoch, {parts.total_steps} steps, batch {cfg.optim.batch_size} on "
+            f"{parts.mesh.devices.size} device(s), {cfg.model.precision}, peak lr {cfg.peak_lr():g}"
         )
         metrics_log = MetricsLog(parts.workdir, start, parts.lead)
         if start >= parts.total_steps:
@@ -102,15 +102,16 @@ def train_steps(
     checkpoint of the current step (with several processes, agreed on a log step)."""
     cfg = parts.cfg
     compiled = compile_step(parts, state)
-    checkpoint_every = cfg.checkpoint_every or parts.steps_per_epoch
+    checkpoint_every = cfg.run.checkpoint_every or parts.steps_per_epoch
+    batch_size = cfg.optim.batch_size
     host_cost = HostCost()
     batches = training_batches(parts, start, unreadable, host_cost)
     bar = ProgressBar(
-        parts.total_steps * cfg.batch_size, "train", parts.lead and cfg.progress, initial=start * cfg.batch_size
+        parts.total_steps * batch_size, "train", parts.lead and cfg.run.progress, initial=start * batch_size
     )
     lagged = LaggedMetrics()
     step_log = StepLog(
-        metrics_log, bar, unreadable, cfg.batch_size, parts.steps_per_epoch, cfg.precision, host_cost=host_cost
+        metrics_log, bar, unreadable, batch_size, parts.steps_per_epoch, cfg.model.precision, host_cost=host_cost
     )
     last_eval: dict[str, float] = {}
     step = start
@@ -119,7 +120,7 @@ def train_steps(
         step += 1
         epoch_end = step % parts.steps_per_epoch == 0
         done = step >= parts.total_steps
-        log_step = step % cfg.log_every == 0
+        log_step = step % cfg.run.log_every == 0
         stop = None if done else stops.agreed(collective=log_step)
         sync = epoch_end or done or step % checkpoint_every == 0 or stop is not None
         for window in lagged.push(step, metrics, log=log_step, sync=sync):
@@ -130,7 +131,8 @@ def train_steps(
             bar.close()
             metrics_log.close()
             raise Stopped(stop, step, parts.total_steps, checkpoints.directory / str(step))
-        if epoch_end and cfg.eval_every and (step // parts.steps_per_epoch) % cfg.eval_every == 0 and not done:
+        eval_every = cfg.run.eval_every
+        if epoch_end and eval_every and (step // parts.steps_per_epoch) % eval_every == 0 and not done:
             last_eval = validate(parts, state, step, metrics_log)
             step_log.restart_clock()
         if step % checkpoint_every == 0 or done:
@@ -172,13 +174,13 @@ def finish(
     metrics_log: MetricsLog,
     last_eval: dict[str, float],
 ) -> dict[str, Any]:
-    """Final validation, the export of the weights (and of their EMA) as weights directories;
+    """Final validation, the final weights (and their EMA) as weights directories;
     the run's result: its step and last validation's row."""
     step = int(host_copy(state.step))
     final = validate(parts, state, step, metrics_log) if parts.val_source is not None else last_eval
     checkpoints.wait_until_finished()
     if parts.lead:
-        export_weights(parts, state, step, final)
+        write_final_weights(parts, state, step, final)
     metrics_log.close()
     return {"step": step, **final}
 
@@ -186,10 +188,10 @@ def finish(
 def compile_step(parts: RunParts, state: TrainState) -> Any:
     """The training step compiled for ``state`` and the run's batches, refused if it does not
     fit in device memory."""
-    step_fn = make_train_step(parts.model, parts.tx, parts.optim, parts.mesh, parts.device_augment, parts.cfg.seed)
+    step_fn = make_train_step(parts.model, parts.tx, parts.cfg, parts.total_steps, parts.mesh, parts.device_augment)
     t0 = time.perf_counter()
     compiled = step_fn.lower(state, batch_shapes(parts)).compile()
-    check_memory(compiled, parts.mesh, parts.cfg.batch_size)
+    check_memory(compiled, parts.mesh, parts.cfg.optim.batch_size)
     parts.log(f"compiled the training step in {time.perf_counter() - t0:.1f} s")
     return compiled
 
@@ -198,7 +200,7 @@ def batch_shapes(parts: RunParts) -> dict[str, jax.ShapeDtypeStruct]:
     """The global training batch, abstractly: uint8 images and labels (int32 classes, or uint8
     multi-hot rows) split over the mesh; with the augmentation on the device, the images' ids."""
     sharding = jax.sharding.NamedSharding(parts.mesh, jax.sharding.PartitionSpec(BATCH_AXIS))
-    n, size = parts.cfg.batch_size, parts.cfg.image_size
+    n, size = parts.cfg.optim.batch_size, parts.cfg.data.image_size
     label = jax.ShapeDtypeStruct((n, parts.num_classes), jnp.uint8, sharding=sharding)
     shapes = {
         "image": jax.ShapeDtypeStruct((n, size, size, 3), jnp.uint8, sharding=sharding),

@@ -30,7 +30,6 @@ applied, so a run with k skipped steps ends k updates behind its step count.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -44,45 +43,17 @@ from jax.sharding import Mesh, PartitionSpec
 from tresnet_jax.data.augment import AugmentConfig
 from tresnet_jax.data.device_augment import augment_batch
 from tresnet_jax.runtime.parallel import BATCH_AXIS
-from tresnet_jax.runtime.xla_options import compiler_options, precision_scope
-from tresnet_jax.train.config import MULTI_LABEL_LOSSES
+from tresnet_jax.runtime.xla_options import compiler_options
+from tresnet_jax.train.config import TrainConfig
 from tresnet_jax.train.losses import asymmetric_loss
 
-PRECISIONS = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
 # fp16: consecutive overflowing steps apply_if_finite skips before it gives up and applies a
 # non-finite update. A float32 loss scale is below 2**128: halved on every overflow, it is at
 # its floor of 1 after at most 128, and the trainer stops at the next (scale 1 and still
 # non-finite). So every overflow up to the trainer's stop is skipped.
 MAX_CONSECUTIVE_OVERFLOWS = 129
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimConfig:
-    """Optimiser, schedule and regularisation (defaults: the TResNet recipe)."""
-
-    total_steps: int
-    lr: float = 0.2  # peak learning rate
-    schedule: str = "onecycle"  # onecycle | cosine | constant
-    warmup_fraction: float = 0.2  # of the steps, rising to the peak
-    optimizer: str = "sgd"  # sgd (Nesterov momentum) | adam (L2 on kernels) | adamw (decoupled decay)
-    momentum: float = 0.9
-    weight_decay: float = 1e-4  # kernels only; decoupled (sgd, adamw) or L2 (adam)
-    label_smoothing: float = 0.1
-    loss: str = "cross_entropy"  # softmax cross-entropy | asl | bce (multi-hot targets)
-    asl_gamma_neg: float = 4.0
-    asl_gamma_pos: float = 0.0
-    asl_clip: float = 0.05
-    ema_decay: float = 0.9997  # 0: no EMA
-    mixup: float = 0.0  # Beta(alpha, alpha) mixing; 0: off
-    cutmix: float = 0.0
-    precision: str = "fp32"
-    loss_scale: float = 2.0**15  # fp16 only: initial dynamic loss scale
-    loss_scale_period: int = 2000  # fp16: finite steps before the scale doubles
-
-    @property
-    def multi_label(self) -> bool:
-        """Multi-hot targets, sigmoid outputs."""
-        return self.loss in MULTI_LABEL_LOSSES
+INITIAL_LOSS_SCALE = 2.0**15  # fp16's dynamic loss scale at the start
+LOSS_SCALE_PERIOD = 2000  # fp16: finite steps before the scale doubles
 
 
 @flax.struct.dataclass
@@ -98,15 +69,17 @@ class TrainState:
     rng: jax.Array  # mixup/cutmix randomness, folded with the step
 
 
-def learning_rate(cfg: OptimConfig) -> optax.Schedule:
-    warmup = max(1, int(cfg.total_steps * cfg.warmup_fraction))
-    if cfg.schedule == "onecycle":
+def learning_rate(cfg: TrainConfig, total_steps: int) -> optax.Schedule:
+    """The learning rate by the number of updates applied, over a run of ``total_steps``."""
+    optim, peak = cfg.optim, cfg.peak_lr()
+    warmup = max(1, int(total_steps * optim.warmup_fraction))
+    if optim.schedule == "onecycle":
         return optax.cosine_onecycle_schedule(
-            cfg.total_steps, cfg.lr, pct_start=warmup / cfg.total_steps, div_factor=25.0, final_div_factor=1e4
+            total_steps, peak, pct_start=warmup / total_steps, div_factor=25.0, final_div_factor=1e4
         )
-    if cfg.schedule == "cosine":
-        return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup, max(cfg.total_steps, warmup + 1))
-    return optax.constant_schedule(cfg.lr)
+    if optim.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(total_steps, warmup + 1))
+    return optax.constant_schedule(peak)
 
 
 def decay_mask(params: Any) -> Any:
@@ -114,25 +87,26 @@ def decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map(lambda p: p.ndim > 1, params)
 
 
-def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
-    """The optimizer of ``cfg``; in fp16 wrapped in ``optax.apply_if_finite`` (its state is then
-    an ``ApplyIfFiniteState`` around the inner one: fp16 checkpoints have that structure)."""
-    schedule = learning_rate(cfg)
-    if cfg.optimizer == "adamw":
-        tx = optax.adamw(schedule, weight_decay=cfg.weight_decay, mask=decay_mask)
-    elif cfg.optimizer == "adam":  # L2 added to the gradients before Adam, as ASL's torch.optim.Adam
+def make_optimizer(cfg: TrainConfig, total_steps: int) -> optax.GradientTransformation:
+    """The optimizer of ``cfg`` over a run of ``total_steps``; in fp16 wrapped in
+    ``optax.apply_if_finite`` (its state is then an ``ApplyIfFiniteState`` around the inner one:
+    fp16 checkpoints have that structure)."""
+    optim, schedule = cfg.optim, learning_rate(cfg, total_steps)
+    if optim.optimizer == "adamw":
+        tx = optax.adamw(schedule, weight_decay=optim.weight_decay, mask=decay_mask)
+    elif optim.optimizer == "adam":  # L2 added to the gradients before Adam, as ASL's torch.optim.Adam
         tx = optax.chain(
-            optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask),
+            optax.add_decayed_weights(optim.weight_decay, mask=decay_mask),
             optax.scale_by_adam(),
             optax.scale_by_learning_rate(schedule),
         )
     else:
         tx = optax.chain(
-            optax.trace(cfg.momentum, nesterov=True),
-            optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask),
+            optax.trace(optim.momentum, nesterov=True),
+            optax.add_decayed_weights(optim.weight_decay, mask=decay_mask),
             optax.scale_by_learning_rate(schedule),
         )
-    return optax.apply_if_finite(tx, MAX_CONSECUTIVE_OVERFLOWS) if cfg.precision == "fp16" else tx
+    return optax.apply_if_finite(tx, MAX_CONSECUTIVE_OVERFLOWS) if cfg.model.precision == "fp16" else tx
 
 
 def applied_updates(opt_state: Any) -> jax.Array:
@@ -145,9 +119,11 @@ def applied_updates(opt_state: Any) -> jax.Array:
     return counts[0]
 
 
-def create_state(variables: dict[str, Any], tx: optax.GradientTransformation, cfg: OptimConfig, seed: int):
+def create_state(variables: dict[str, Any], tx: optax.GradientTransformation, cfg: TrainConfig) -> TrainState:
+    """The state a run starts from: the variables, the optimizer's state, the EMA (a copy), the
+    loss scale, and the key of the step's randomness (``cfg.run.seed``)."""
     params, batch_stats = variables["params"], variables.get("batch_stats", {})
-    ema = cfg.ema_decay > 0
+    ema = cfg.optim.ema_decay > 0
     # The EMA starts equal to the weights but in buffers of its own: the state is donated.
     copy = lambda tree: jax.tree_util.tree_map(jnp.array, tree) if ema else None  # noqa: E731
     return TrainState(
@@ -157,9 +133,9 @@ def create_state(variables: dict[str, Any], tx: optax.GradientTransformation, cf
         opt_state=tx.init(params),
         ema_params=copy(params),
         ema_batch_stats=copy(batch_stats),
-        loss_scale=jnp.asarray(cfg.loss_scale if cfg.precision == "fp16" else 1.0, jnp.float32),
+        loss_scale=jnp.asarray(INITIAL_LOSS_SCALE if cfg.model.precision == "fp16" else 1.0, jnp.float32),
         finite_steps=jnp.zeros((), jnp.int32),
-        rng=jax.random.key_data(jax.random.key(seed)),
+        rng=jax.random.key_data(jax.random.key(cfg.run.seed)),
     )
 
 
@@ -171,12 +147,13 @@ def soft_targets(labels: jax.Array, num_classes: int, smoothing: float) -> jax.A
     return optax.smooth_labels(jax.nn.one_hot(labels, num_classes), smoothing)
 
 
-def training_loss(logits: jax.Array, targets: jax.Array, cfg: OptimConfig) -> jax.Array:
+def training_loss(logits: jax.Array, targets: jax.Array, cfg: TrainConfig) -> jax.Array:
     """The batch's mean loss: softmax cross-entropy, or for multi-hot targets the asymmetric loss
     (bce: without focusing or clipping), summed over the classes."""
-    if cfg.loss == "asl":
-        return asymmetric_loss(logits, targets, cfg.asl_gamma_neg, cfg.asl_gamma_pos, cfg.asl_clip)
-    if cfg.loss == "bce":
+    optim = cfg.optim
+    if optim.loss == "asl":
+        return asymmetric_loss(logits, targets, optim.asl_gamma_neg, optim.asl_gamma_pos, optim.asl_clip)
+    if optim.loss == "bce":
         return asymmetric_loss(logits, targets, 0.0, 0.0, None)
     return optax.softmax_cross_entropy(logits, targets).mean()
 
@@ -197,14 +174,15 @@ def mix(
     partner_images: jax.Array,
     partner_targets: jax.Array,
     rng: jax.Array,
-    cfg: OptimConfig,
+    cfg: TrainConfig,
 ) -> tuple[jax.Array, jax.Array]:
-    """Mixup or CutMix (``cfg`` turns one or both on; chosen at random when both are) of each
-    row with its partner row. Everything drawn comes from ``rng``: the same key on every device
-    gives every device the same mixing."""
+    """Mixup or CutMix (``cfg.augment`` turns one or both on; chosen at random when both are) of
+    each row with its partner row. Everything drawn comes from ``rng``: the same key on every
+    device gives every device the same mixing."""
+    mixup, cutmix = cfg.augment.mixup, cfg.augment.cutmix
     choose, lam_key, box_key = jax.random.split(rng, 3)
-    use_cutmix = jax.random.bernoulli(choose, 0.5) if cfg.mixup and cfg.cutmix else cfg.cutmix > 0
-    alpha = jnp.where(use_cutmix, cfg.cutmix or 1.0, cfg.mixup or 1.0)
+    use_cutmix = jax.random.bernoulli(choose, 0.5) if mixup and cutmix else cutmix > 0
+    alpha = jnp.where(use_cutmix, cutmix or 1.0, mixup or 1.0)
     lam = jax.random.beta(lam_key, alpha, alpha)
     _, h, w, _ = images.shape
     cut = jnp.sqrt(1.0 - lam)
@@ -226,30 +204,27 @@ def all_finite(tree: Any) -> jax.Array:
 def make_train_step(
     model: Any,
     tx: optax.GradientTransformation,
-    cfg: OptimConfig,
+    cfg: TrainConfig,
+    total_steps: int,
     mesh: Mesh,
     augment: AugmentConfig | None = None,
-    seed: int = 0,
 ) -> Callable:
     """``step(state, batch) -> (state, metrics)``, jitted with the state donated. BatchNorm
     statistics cover the global batch when ``model.axis_name`` is ``BATCH_AXIS``, each device's
     shard when it is None (see the module's docstring). With ``augment``, the batch's images are
-    crops augmented here with the draws of (``seed``, its ``augment_ids``)."""
-    schedule = learning_rate(cfg)
-
-    def per_device(state: TrainState, batch: dict[str, jax.Array]):
-        with precision_scope(model.dtype):  # traced inside: float32 is true float32 on every device
-            return device_step(state, batch)
+    crops augmented here with the draws of (``cfg.run.seed``, its ``augment_ids``)."""
+    schedule = learning_rate(cfg, total_steps)
+    seed = cfg.run.seed
 
     def inputs(images: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-        return images.astype(jnp.float32) / 255.0, soft_targets(labels, model.num_classes, cfg.label_smoothing)
+        return images.astype(jnp.float32) / 255.0, soft_targets(labels, model.num_classes, cfg.optim.label_smoothing)
 
     def device_step(state: TrainState, batch: dict[str, jax.Array]):
         pixels = batch["image"]
         if augment is not None:
             pixels = augment_batch(pixels, batch["augment_ids"], seed, augment)
         images, targets = inputs(pixels, batch["label"])
-        if cfg.mixup or cfg.cutmix:  # the step's key, not the device's: N devices mix as one does
+        if cfg.augment.mixup or cfg.augment.cutmix:  # the step's key, not the device's: N devices mix as one does
             rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
             # The partners travel as uint8 images and labels: a quarter of the bytes of floats.
             partners = inputs(*global_partners((pixels, batch["label"]), BATCH_AXIS))
@@ -275,7 +250,7 @@ def make_train_step(
         params = optax.apply_updates(state.params, updates)
         applied = applied_updates(state.opt_state)  # before this step: its learning rate's index
         statistics = {"batch_stats": batch_stats, **_ema(state, params, batch_stats, applied, cfg)}
-        if cfg.precision == "fp16":  # a skipped step leaves the running statistics and the EMA too
+        if cfg.model.precision == "fp16":  # a skipped step leaves the running statistics and the EMA too
             statistics = jax.tree_util.tree_map(
                 lambda new, old: jnp.where(finite, new, old), statistics, {k: getattr(state, k) for k in statistics}
             )
@@ -299,30 +274,30 @@ def make_train_step(
 
     replicated = PartitionSpec()
     sharded = jax.shard_map(
-        per_device, mesh=mesh, in_specs=(replicated, PartitionSpec(BATCH_AXIS)), out_specs=(replicated, replicated)
+        device_step, mesh=mesh, in_specs=(replicated, PartitionSpec(BATCH_AXIS)), out_specs=(replicated, replicated)
     )
     return jax.jit(sharded, donate_argnums=0, compiler_options=compiler_options())
 
 
-def _ema(state: TrainState, params: Any, batch_stats: Any, applied: jax.Array, cfg: OptimConfig) -> dict[str, Any]:
+def _ema(state: TrainState, params: Any, batch_stats: Any, applied: jax.Array, cfg: TrainConfig) -> dict[str, Any]:
     """Exponential moving average of the weights, with a decay that warms up with the number t
     of updates ``applied`` before ((1 + t) / (10 + t)) so short fine-tuning runs get a useful
     average too."""
     if state.ema_params is None:
         return {}
     t = applied.astype(jnp.float32)
-    decay = jnp.minimum(cfg.ema_decay, (1.0 + t) / (10.0 + t))
+    decay = jnp.minimum(cfg.optim.ema_decay, (1.0 + t) / (10.0 + t))
     ema_params, ema_batch_stats = jax.tree_util.tree_map(
         lambda e, n: decay * e + (1 - decay) * n, (state.ema_params, state.ema_batch_stats), (params, batch_stats)
     )
     return {"ema_params": ema_params, "ema_batch_stats": ema_batch_stats}
 
 
-def _loss_scale(state: TrainState, finite: jax.Array, cfg: OptimConfig) -> dict[str, jax.Array]:
+def _loss_scale(state: TrainState, finite: jax.Array, cfg: TrainConfig) -> dict[str, jax.Array]:
     """fp16 dynamic loss scaling: halve on overflow, double after a period of finite steps."""
-    if cfg.precision != "fp16":
+    if cfg.model.precision != "fp16":
         return {}
-    grown = state.finite_steps + 1 >= cfg.loss_scale_period
+    grown = state.finite_steps + 1 >= LOSS_SCALE_PERIOD
     scale = jnp.where(finite, jnp.where(grown, state.loss_scale * 2.0, state.loss_scale), state.loss_scale / 2.0)
     count = jnp.where(finite & ~grown, state.finite_steps + 1, 0)
     return {"loss_scale": jnp.maximum(scale, 1.0), "finite_steps": count.astype(jnp.int32)}

@@ -3,11 +3,10 @@ of the weights (and of their EMA) on the validation set, logged as a metrics row
 
 from __future__ import annotations
 
-from tresnet_jax.data.preprocess import Preprocessing
 from tresnet_jax.data.sources import model_labels
 from tresnet_jax.evaluation import evaluate_many
-from tresnet_jax.train.metrics import MetricsLog
 from tresnet_jax.train.parts import RunParts
+from tresnet_jax.train.run_log import MetricsLog
 from tresnet_jax.train.step import TrainState
 
 
@@ -18,14 +17,20 @@ def validate(parts: RunParts, state: TrainState, step: int, metrics_log: Metrics
     if parts.val_source is None:
         return {}
     cfg = parts.cfg
-    prep = Preprocessing(cfg.image_size, squish=cfg.resize == "squish")
     labels = model_labels(parts.val_source, parts.num_classes, parts.train_source.class_names)
-    batch = cfg.eval_batch_size or cfg.batch_size
+    batch = cfg.run.eval_batch_size or cfg.optim.batch_size
     weights = {"": {"params": state.params, "batch_stats": state.batch_stats}}
     if state.ema_params is not None:
         weights["ema_"] = {"params": state.ema_params, "batch_stats": state.ema_batch_stats}
     results = evaluate_many(
-        parts.eval_model, weights, parts.val_source, prep, labels, batch, parts.mesh, decoder=parts.decoder
+        parts.eval_model,
+        weights,
+        parts.val_source,
+        parts.preprocessing,
+        labels,
+        batch,
+        parts.mesh,
+        decoder=parts.decoder,
     )
     names = ("mAP", "loss") if parts.multi_label else ("top1", "top5", "loss")
     row = {f"{prefix}val_{k}": result.metrics()[k] for prefix, result in results.items() for k in names}
