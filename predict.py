@@ -1,131 +1,13 @@
-"""Top-5 classes of images, with probabilities; for multi-label weights, every class above a
-threshold.
+"""Top-5 classes of images (multi-label weights: the classes above a threshold).
 
-    python predict.py cat.jpg dog.png                              # tresnet_m's pretrained weights
-    python predict.py photo.jpg --model tresnet_l.miil_in1k_448
-    python predict.py photo.jpg --model runs/f1/export             # weights trained on your classes
-    python predict.py photo.jpg --weights tresnet_m.miil_in1k.safetensors
-    python predict.py street.jpg --model tresnet_l.asl_coco_448 --threshold 0.7   # ASL's COCO model
+    python predict.py --help          # installed, the same: tresnet-predict --help
 
---model takes what eval.py's does: a weights name or directory, a pretrained tag (fetched from
-the Hugging Face hub the first time; ASL's are converted from their files first),
-hf-hub:OWNER/NAME or an architecture (its default tag). Single-label weights: the five most
-probable classes (softmax). Multi-label weights (metadata "multi_label", e.g. ASL's): a sigmoid
-per class, and the classes above --threshold (default 0.5), most probable first. Class names:
-the weights' own (ASL's checkpoints and training exports carry them), ImageNet's for
-1000-class weights, else class indices.
+The command is ``tresnet_jax.cli.predict``; this file runs it from a checkout.
 """
 
-from __future__ import annotations
-
-import argparse
 import sys
-from collections.abc import Sequence
-from pathlib import Path
 
-import jax
-import numpy as np
-
-from tresnet_jax.cli import command, enable_compilation_cache
-from tresnet_jax.data.classes import imagenet_classes
-from tresnet_jax.data.preprocess import Preprocessing, check_image_size, load_image
-from tresnet_jax.errors import InputError
-from tresnet_jax.model.registry import resolve
-from tresnet_jax.runtime.compile import jit
-from tresnet_jax.weights.factory import load_any
-
-TOP = 5
-THRESHOLD = 0.5  # multi-label: a class is predicted when its sigmoid probability is above this
-
-
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("images", nargs="+", type=Path, help="JPEG/PNG/... files")
-    parser.add_argument(
-        "--model",
-        help="weights name or directory, pretrained tag, hf-hub:OWNER/NAME or architecture (default: tresnet_m)",
-    )
-    parser.add_argument(
-        "--weights", help="weights directory, or a .pth/.pt/.bin/.safetensors file (--model: its architecture)"
-    )
-    parser.add_argument("--image-size", type=int, help="default: the weights' pretrained input size")
-    parser.add_argument(
-        "--threshold",
-        type=float,
-        help=f"multi-label weights only: print the classes whose probability is above this (default {THRESHOLD})",
-    )
-    args = parser.parse_args(argv)
-    if args.image_size is not None:
-        check_image_size(args.image_size)
-    if args.threshold is not None and not 0.0 < args.threshold < 1.0:
-        parser.error(f"--threshold must be between 0 and 1 (exclusive), got {args.threshold:g}")
-    return args
-
-
-def class_names(num_classes: int, stored: list[str] | None = None) -> list[str]:
-    """The weights' own class names, ImageNet's for a 1000-class model, class indices otherwise."""
-    if stored is not None and len(stored) == num_classes:
-        return [str(name) for name in stored]
-    if num_classes == len(imagenet_classes()):
-        return [f"{names.split(',')[0]} ({wnid})" for wnid, names in imagenet_classes()]
-    return [f"class {i}" for i in range(num_classes)]
-
-
-def top_classes(probabilities: np.ndarray, labels: list[str]) -> list[str]:
-    """The TOP most probable classes, most probable first."""
-    return [f"  {100 * probabilities[i]:6.2f}%  {labels[i]}" for i in np.argsort(-probabilities)[:TOP]]
-
-
-def above_threshold(probabilities: np.ndarray, labels: list[str], threshold: float) -> list[str]:
-    """The classes whose probability is above ``threshold``, most probable first; else one line
-    saying none is, with the most probable class."""
-    order = np.argsort(-probabilities, kind="stable")
-    lines = [f"  {100 * probabilities[i]:6.2f}%  {labels[i]}" for i in order if probabilities[i] > threshold]
-    if lines:
-        return lines
-    best = order[0]
-    return [f"  no class above {100 * threshold:g}% (highest: {100 * probabilities[best]:.2f}%  {labels[best]})"]
-
-
-@command
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    enable_compilation_cache()
-    loaded = load_any(
-        args.weights or args.model or "tresnet_m", resolve(args.model) if args.weights and args.model else None
-    )
-    model, variables, metadata = loaded.model, loaded.variables, loaded.metadata
-    print(f"weights: {loaded.origin}")
-    if model.num_classes == 0:
-        raise InputError(f"{metadata['model']} weights without a classifier head cannot predict classes")
-    multi_label = bool(metadata.get("multi_label", False))
-    if args.threshold is not None and not multi_label:
-        raise InputError(
-            f"--threshold is for multi-label weights; these ({metadata['model']}, {model.num_classes} classes) "
-            f"are single-label: predict.py prints their top {TOP} classes"
-        )
-    prep = Preprocessing.from_dict(metadata["preprocessing"])
-    if args.image_size:
-        prep = Preprocessing(args.image_size, prep.crop_pct, prep.interpolation, prep.squish)
-    images, names, failures = [], [], 0
-    for path in args.images:
-        try:
-            images.append(load_image(path, prep))
-            names.append(path)
-        except InputError as err:
-            print(f"error: {err}", file=sys.stderr)
-            failures += 1
-    if images:
-        logits = jit(model.apply)(variables, np.stack(images))
-        probabilities = np.asarray(jax.nn.sigmoid(logits) if multi_label else jax.nn.softmax(logits, axis=-1))
-        labels = class_names(model.num_classes, metadata.get("class_names"))
-        threshold = THRESHOLD if args.threshold is None else args.threshold
-        for path, p in zip(names, probabilities, strict=True):
-            print(f"{path}:")
-            for line in above_threshold(p, labels, threshold) if multi_label else top_classes(p, labels):
-                print(line)
-    return 1 if failures else 0
-
+from tresnet_jax.cli.predict import main
 
 if __name__ == "__main__":
     sys.exit(main())

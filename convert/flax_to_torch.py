@@ -1,48 +1,13 @@
 """Export Flax TResNet weights as a timm-layout PyTorch state_dict.
 
-    python convert/flax_to_torch.py tresnet_m tresnet_m_from_jax.safetensors
-    python convert/flax_to_torch.py runs/m1/export model.pth
+    python convert/flax_to_torch.py --help          # installed, the same: tresnet-to-torch --help
 
-The file loads with ``timm.create_model(name, num_classes=N).load_state_dict(sd, strict=True)``
-(name as printed; the official tresnet_l_v2 becomes timm's tresnet_v2_l, whose LeakyReLU
-slopes differ), for PyTorch or ONNX tooling. ``.safetensors`` or torch.save format by suffix.
+The command is ``tresnet_jax.cli.to_torch``; this file runs it from a checkout.
 """
 
-from __future__ import annotations
-
-import argparse
 import sys
-from collections.abc import Sequence
-from pathlib import Path
 
-from tresnet_jax.cli import command
-from tresnet_jax.weights.conversion import variables_to_state_dict
-from tresnet_jax.weights.factory import load, load_metadata
-from tresnet_jax.weights.torch_io import write_state_dict
-
-TIMM_NAMES = {"tresnet_l_v2": "tresnet_v2_l"}
-
-
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("weights", help="name of converted weights or a weights directory")
-    parser.add_argument("output", type=Path, help="output file: .safetensors, or .pth/.pt/.bin for torch.save")
-    parser.add_argument("--force", action="store_true", help="replace an existing output file")
-    return parser.parse_args(argv)
-
-
-@command
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    metadata = load_metadata(args.weights)
-    _, variables = load(args.weights)
-    state_dict = variables_to_state_dict(variables)
-    write_state_dict(args.output, state_dict, force=args.force)
-    name = TIMM_NAMES.get(metadata["model"], metadata["model"])
-    classes = metadata["num_classes"]
-    print(f"wrote {args.output}: {len(state_dict)} tensors for timm.create_model({name!r}, num_classes={classes})")
-    return 0
-
+from tresnet_jax.cli.to_torch import main
 
 if __name__ == "__main__":
     sys.exit(main())

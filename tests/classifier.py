@@ -12,6 +12,8 @@ from PIL import Image
 from tests.reference import random_timm_model, torch_logits
 from tresnet_jax.data.sources import FolderSource
 
+CLASSIFIER_SIZE = 64  # the side the fitted classifier's reference logits are computed at
+
 
 def pil_preprocess(path, size: int, crop_pct: float = 0.875, squish: bool = False, resample=Image.BILINEAR):
     """The official evaluation transform, written with PIL and numpy as the reference."""

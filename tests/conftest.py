@@ -42,6 +42,27 @@ def digits(tmp_path_factory):
     return write_digits(tmp_path_factory.mktemp("digits"))
 
 
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """``tests.images.image_folder``: 8 ImageNet class folders of test images, one corrupt."""
+    from tests.images import image_folder
+
+    return image_folder(tmp_path_factory.mktemp("images") / "val")
+
+
+@pytest.fixture(scope="module")
+def classifier(folder, tmp_path_factory):
+    """A timm tresnet_tiny for the 8 classes of ``folder``, its head fitted to them
+    (``tests/classifier.py``): (timm model, checkpoint path, reference logits and labels of the
+    readable images at ``CLASSIFIER_SIZE`` px, their files). Its tests need ``tiny_model``."""
+    from tests import tiny_model
+    from tests.classifier import CLASSIFIER_SIZE, fitted_classifier
+
+    tiny_model.register_in_timm()
+    path = tmp_path_factory.mktemp("weights") / "tiny_8cls.pth"
+    return fitted_classifier(folder, path, CLASSIFIER_SIZE, model_name=tiny_model.NAME)
+
+
 @pytest.fixture
 def tiny_model():
     """``tresnet_tiny`` (``tests/tiny_model.py``) among the architectures during the test."""

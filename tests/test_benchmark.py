@@ -78,7 +78,7 @@ def test_training_step_runs_for_both_frameworks(tmp_path):
     [
         (["--batch-size", "0"], "error: batch size must be >= 1, got 0"),
         (["--model", "tresnet_s"], "error: unknown model 'tresnet_s'"),
-        (["--image-size", "100"], "error: image size must be a positive multiple of 32, got 100"),
+        (["--image-size", "102"], "error: image size must be a positive multiple of 4, got 102"),
         (["--sweep", "--batch-sizes", "4,x"], "error: --batch-sizes must be comma-separated integers"),
         (["--compare", "timm", "--timm-variants", "eager,jit"], "error: unknown timm variant 'jit'"),
         (["--windows", "0"], "error: --windows must be >= 1, got 0"),

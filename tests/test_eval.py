@@ -1,78 +1,55 @@
-"""eval.py and predict.py against an independent computation: PIL preprocessing and the timm
-model with the same weights (tests/tiny_model.py's TResNet, in JAX's registry and timm's:
+"""eval.py against an independent computation: PIL preprocessing and the timm model with the
+same weights (tests/tiny_model.py's TResNet, in JAX's registry and timm's:
 what eval.py does with a model does not depend on its size; parity on the published variants
 is tests/test_parity.py's)."""
 
 import json
 import re
 import shutil
-import sys
 
+import jax
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-import eval as eval_cli
-import predict as predict_cli
-from convert import torch_to_flax
 from tests import tiny_model
 from tests.blocked_imports import run_without
-from tests.classifier import fitted_classifier, pil_preprocess
-from tests.images import image_folder, photo_files
+from tests.classifier import CLASSIFIER_SIZE, pil_preprocess
 from tests.tfds_folders import corrupt_record, prepare_from_folders
+from tresnet_jax.cli import convert as torch_to_flax
+from tresnet_jax.cli import eval as eval_cli
 from tresnet_jax.data.gpu_decode import BatchDecoder
-from tresnet_jax.data.preprocess import Preprocessing, load_image
 from tresnet_jax.data.tfds_reader import open_split
+from tresnet_jax.runtime.parallel import data_mesh
 
-pytestmark = pytest.mark.usefixtures("tiny_model")  # eval.py and predict.py find tresnet_tiny by its tensors
-SIZE = 64  # small inputs keep the model cheap on CPU; the preprocessing test also runs 224
+pytestmark = pytest.mark.usefixtures("tiny_model")  # eval.py finds tresnet_tiny by its tensors
+SIZE = CLASSIFIER_SIZE  # small inputs keep the model cheap on CPU
 # eval.py's pixels equal the reference's (both are PIL's), so its logits differ from timm's only
 # by float32 arithmetic in two frameworks: the parity tests' bound for the same inputs.
 LOGIT_BOUND = 1e-4
 
 
-def test_preprocessing_equals_pil_on_real_photographs(tmp_path):
-    """The official eval's transform, written independently with PIL (tests/classifier.py):
-    the same pixels, on 14 photographs at 224 (JPEG q90 and PNG)."""
-    for path in photo_files(tmp_path):
-        ours = load_image(path, Preprocessing(224))
-        assert ours.shape == (224, 224, 3)
-        assert ours.dtype == np.float32
-        np.testing.assert_array_equal(ours, pil_preprocess(path, 224))
-
-
-@pytest.mark.parametrize(
-    ("prep", "resample"),
-    [(Preprocessing(448, squish=True), Image.BILINEAR), (Preprocessing(128, 0.95, "bicubic"), Image.BICUBIC)],
-)
-def test_squish_and_bicubic_match_pil(tmp_path, prep, resample):
-    for path in photo_files(tmp_path)[:6]:
-        reference = pil_preprocess(path, prep.input_size, prep.crop_pct, prep.squish, resample)
-        np.testing.assert_array_equal(load_image(path, prep), reference)
-
-
-def test_bad_preprocessing_settings_are_rejected():
-    for size in (100, 0, -32, 16):
-        with pytest.raises(ValueError, match=f"image size must be a positive multiple of 32, got {size}"):
-            Preprocessing(size)
-    with pytest.raises(ValueError, match=r"crop fraction must be in \(0, 1\], got 1.5"):
-        Preprocessing(224, 1.5)
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return image_folder(tmp_path_factory.mktemp("images") / "val")
-
-
-@pytest.fixture(scope="module")
-def classifier(folder, tmp_path_factory):
-    """A timm tresnet_tiny for the 8 classes of the folder, its head fitted to them (see
-    tests/classifier.py): (timm model, checkpoint path, reference logits and labels of the
-    readable images, their files)."""
-    tiny_model.register_in_timm()
-    path = tmp_path_factory.mktemp("weights") / "tiny_8cls.pth"
-    return fitted_classifier(folder, path, SIZE, model_name=tiny_model.NAME)
+def test_weights_and_data_of_other_label_kinds_are_one_line_before_anything_is_compiled(
+    folder, classifier, tmp_path, capsys
+):
+    """Single-label weights on multi-label data (a labels CSV) and multi-label weights on a
+    single-label folder: one line each, no results written."""
+    images = sorted(p for p in folder.rglob("*") if p.suffix in (".jpg", ".png") and "corrupt" not in p.name)
+    rows = "".join(f"{path},{path.parent.name}\n" for path in images[:4])
+    (tmp_path / "labels.csv").write_text("image,labels\n" + rows)
+    code, _, err = run_eval(eval_args(classifier, tmp_path, "--val-labels", tmp_path / "labels.csv"), capsys)
+    assert_one_line_error(code, err, "these weights are single-label (one class an image) but ")
+    assert "is multi-label (several classes an image): evaluate multi-label weights" in err
+    _, weights, *_ = classifier
+    multi = tmp_path / "multi"
+    assert torch_to_flax.main([str(weights), "--output", str(multi), "--multi-label"]) == 0
+    capsys.readouterr()
+    args = ["--weights", multi, "--val_dir", folder, "--output", tmp_path / "results.json", "--no-progress"]
+    code, _, err = run_eval(args, capsys)
+    assert_one_line_error(code, err, "these weights are multi-label (several classes an image) but ")
+    assert "evaluate them on multi-label data" in err
+    assert not (tmp_path / "results.json").exists()
 
 
 def top_k_accuracy(logits, labels, k):
@@ -261,44 +238,6 @@ def test_batch_size_must_split_over_devices(folder, classifier, tmp_path, capsys
     assert_one_line_error(code, err, "batch size 5 does not split over 2 devices")
 
 
-def test_predict_prints_top5_with_probabilities(folder, classifier, capsys):
-    _, weights, expected, _, files = classifier
-    code = predict_cli.main([files[0], files[1], "--weights", str(weights), "--image-size", str(SIZE)])
-    out = capsys.readouterr().out
-    assert code == 0
-    lines = out.splitlines()
-    assert lines[0] == f"weights: {weights}, converted in memory"
-    assert lines[1] == f"{files[0]}:"
-    assert lines[7] == f"{files[1]}:"
-    probabilities = torch.softmax(torch.from_numpy(expected[0]), -1).numpy()
-    best = int(np.argmax(probabilities))
-    percent, *name = lines[2].split()
-    assert name == ["class", str(best)]
-    assert float(percent.rstrip("%")) == pytest.approx(100 * probabilities[best], abs=0.02)
-
-
-def test_predict_reports_unreadable_images(folder, classifier, capsys):
-    _, weights, *_ = classifier
-    code = predict_cli.main([str(folder / "n01440764" / "corrupt.jpg"), "--weights", str(weights)])
-    assert code == 1
-    assert "corrupt.jpg: unreadable image" in capsys.readouterr().err
-
-
-def test_imagenet_class_names_are_shipped():
-    from tresnet_jax.data.classes import imagenet_classes, imagenet_index
-
-    classes = imagenet_classes()
-    assert len(classes) == 1000
-    assert classes[0] == ("n01440764", "tench, Tinca tinca")
-    assert [wnid for wnid, _ in classes] == sorted(wnid for wnid, _ in classes)
-    assert imagenet_index()["n15075141"] == 999
-    assert predict_cli.class_names(1000)[1] == "goldfish (n01443537)"
-
-
-if __name__ == "__main__":
-    sys.exit(pytest.main([__file__]))
-
-
 def test_gpu_decoding_without_a_gpu_is_one_line_before_anything_is_written(classifier, folder, tmp_path, capsys):
     code, _, err = run_eval(eval_args(classifier, tmp_path, "--val_dir", folder, "--decode", "gpu"), capsys)
     assert_one_line_error(code, err, "--decode gpu: ")
@@ -327,3 +266,10 @@ def test_batched_decoding_evaluates_the_same_images_as_pil(folder, classifier, t
     assert (results["images"], results["skipped"]) == (20, 1)
     assert results["skipped_images"][0]["image"].endswith("n01440764/corrupt.jpg")
     assert np.abs(saved["logits"][readable] - expected).max() <= 0.05 * np.abs(expected).max()
+
+
+def test_evaluation_batch_defaults_to_a_gpus_size_on_a_gpu(monkeypatch):
+    mesh = data_mesh(jax.devices()[:2])
+    assert eval_cli.default_batch_size(mesh) == 2 * 64
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert eval_cli.default_batch_size(mesh) == 2 * 256

@@ -1,7 +1,6 @@
-"""The GPU device suite (``bench/gpu/gpu_suite.py --smoke``, on the CPU, in a process where
-TensorFlow cannot be imported, as on the lent GPU machines) and the parts of the GPU path a
-CPU can check: true float32 in the compiled steps, BatchNorm per device or synchronised,
-metrics read one step late, deterministic GPU kernels on request, eval's default batch."""
+"""The GPU device suite: ``bench/gpu/gpu_suite.py --smoke`` on the CPU, in a process where
+TensorFlow cannot be imported, as on the lent GPU machines, and the suite's parts (the bounded
+batch search, budgets, reports, the JPEG section's comparisons)."""
 
 import dataclasses
 import json
@@ -11,15 +10,10 @@ import sys
 import time
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
 
-import eval as eval_cli
-import train as train_cli
-import tresnet_jax
 from bench import synthetic_images
 from bench.gpu import gpu_suite, jpeg_pipeline, photos
 from bench.gpu.flops import bf16_peak_tflops, flops_per_image
@@ -28,14 +22,6 @@ from bench.gpu.numerics import agreement
 from bench.gpu.suite_report import markdown
 from tests import tiny_model
 from tests.blocked_imports import blocker
-from tests.tiny_model import SPEC as TINY  # one block a stage
-from tresnet_jax.evaluation import batch_spec, make_eval_step
-from tresnet_jax.model.linen import TResNet
-from tresnet_jax.runtime.parallel import BATCH_AXIS, data_mesh
-from tresnet_jax.runtime.xla_options import DETERMINISTIC_GPU_FLAG, TF32_VARIABLE, request_deterministic_gpu_ops
-from tresnet_jax.train.config import TrainConfig, check_resumable
-from tresnet_jax.train.metrics import LaggedMetrics
-from tresnet_jax.train.step import OptimConfig, create_state, make_optimizer, make_train_step
 
 REPO = Path(__file__).resolve().parent.parent
 PARITY_BOUND = 1e-4  # tests/test_parity.py's bound on max |diff| / max(1, max |timm|)
@@ -478,71 +464,6 @@ def test_agreement_of_reduced_precision_logits():
     found = agreement(swapped, reference)
     assert (found["top1_agreement"], found["top5_agreement"]) == (0.5, 0.5)
     assert found["relative_l2_vs_fp32"] == pytest.approx(np.sqrt(2 + 2.5) / np.linalg.norm(reference))
-
-
-# --- the GPU path, as far as a CPU can check it -------------------------------------------------
-
-SIZE = 32
-
-
-@pytest.mark.parametrize(("dtype", "tf32", "highest"), [(jnp.float32, None, True), (jnp.float32, "1", False),
-                                                        (jnp.bfloat16, None, False)])  # fmt: skip
-def test_float32_steps_are_true_float32_unless_tf32_is_asked_for(dtype, tf32, highest, monkeypatch):
-    """The precision the compiled programs carry (XLA:GPU turns TF32 off for HIGHEST)."""
-    if tf32:
-        monkeypatch.setenv(TF32_VARIABLE, tf32)
-    mesh = data_mesh(jax.devices()[:1])
-    model = TResNet(TINY, 10, dtype=dtype)
-    images = jnp.zeros((1, SIZE, SIZE, 3))
-    variables = jax.eval_shape(model.init, jax.random.key(0), images)
-    evaluation = make_eval_step(model, mesh, False).lower(variables, batch_spec(2, SIZE, mesh)).as_text()
-    cfg = OptimConfig(total_steps=2, precision="fp32" if dtype == jnp.float32 else "bf16")
-    train_model = TResNet(TINY, 10, dtype=dtype, axis_name=BATCH_AXIS)
-    tx = make_optimizer(cfg)
-    state = jax.eval_shape(lambda: create_state(TResNet(TINY, 10).init(jax.random.key(0), images), tx, cfg, 0))
-    batch = {k: v for k, v in batch_spec(2, SIZE, mesh).items() if k in ("image", "label")}
-    training = make_train_step(train_model, tx, cfg, mesh).lower(state, batch).as_text()
-    for program in (evaluation, training):
-        assert program.count("stablehlo.convolution") > 0
-        convolutions = [line for line in program.splitlines() if "stablehlo.convolution" in line]
-        assert all(("precision HIGHEST" in line) == highest for line in convolutions)
-
-
-def test_without_synced_batchnorm_the_device_count_is_a_setting_of_the_run(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps(dataclasses.asdict(TrainConfig(str(tmp_path), num_devices=2))))
-    check_resumable(tmp_path, TrainConfig(str(tmp_path), num_devices=4))  # synchronised: the same result
-    stored = TrainConfig(str(tmp_path), num_devices=2, sync_bn=False)
-    (tmp_path / "config.json").write_text(json.dumps(dataclasses.asdict(stored)))
-    with pytest.raises(tresnet_jax.InputError, match=r"other settings \(num_devices 2 -> 4\)"):
-        check_resumable(tmp_path, TrainConfig(str(tmp_path), num_devices=4, sync_bn=False))
-    args = train_cli.parse_args(["--workdir", str(tmp_path), "--no-sync-bn"])
-    assert (train_cli.config_from(args).sync_bn, train_cli.DEFAULTS.sync_bn) == (False, True)
-
-
-def test_metrics_are_read_one_step_late_except_at_checkpoints():
-    lagged = LaggedMetrics()
-    logged = []
-    log_every, sync_at = 2, {5, 6}  # a checkpoint at 5, the end at 6
-    for step in range(1, 7):
-        windows = lagged.push(step, f"m{step}", log=step % log_every == 0, sync=step in sync_at)
-        logged.append((step, [[s for s, _ in window] for window in windows]))
-    # the log due at step 2 is read after step 3 was dispatched, the one at 4 after 5; 5 and 6 at once
-    assert logged == [(1, []), (2, []), (3, [[1, 2]]), (4, []), (5, [[3, 4], [5]]), (6, [[6]])]
-
-
-def test_deterministic_gpu_kernels_are_requested_through_xla_flags(monkeypatch):
-    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
-    request_deterministic_gpu_ops()
-    request_deterministic_gpu_ops()
-    assert os.environ["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=2 {DETERMINISTIC_GPU_FLAG}"
-    assert train_cli.parse_args(["--workdir", "w", "--deterministic"]).deterministic
-
-
-def test_evaluation_batch_defaults_to_a_gpus_size_on_a_gpu(monkeypatch):
-    mesh = data_mesh(jax.devices()[:2])
-    assert eval_cli.default_batch_size(mesh) == 2 * 64
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert eval_cli.default_batch_size(mesh) == 2 * 256
 
 
 def test_eval_logits_on_the_gpu_path_are_compared_with_pil_s_over_the_images_both_read(tmp_path):

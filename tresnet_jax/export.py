@@ -3,26 +3,24 @@
 - ONNX (onnxruntime, TensorRT): translated equation by equation from the jaxpr of the Flax
   model's inference forward, so the file computes what the model computes; it is not a second
   implementation of the architecture. The translation stores feature maps NCHW (the layout
-  of ONNX's and TensorRT's convolutions) where the jaxpr is NHWC, turns the 1x1 convolutions
-  that a CPU trace writes as matrix products back into convolutions, and folds every
-  computation on weights alone (BatchNorm scales, casts) into constants. The blur's reflect
+  of ONNX's and TensorRT's convolutions) where the jaxpr is NHWC, and folds every computation
+  on weights alone (BatchNorm scales, casts) into constants. The blur's reflect
   padding stays what the jaxpr makes of it: slices and concatenations, no ``Pad``.
 - Serialized StableHLO (``jax.export``), lowered for the CPU and CUDA: ``jax.export.deserialize``
   gives a function of the images alone.
 
-Both take any batch size; the image size is fixed when exporting.
+Both trace the model with its 1x1 convolutions as convolutions (``pointwise_as_matmul`` off),
+so a file does not depend on the backend that made it, and at the model's own precision (true
+float32 for a float32 model). Both take any batch size; the image size is fixed when exporting.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import itertools
 import json
 import math
-import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -30,9 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jax_core
 
-from tresnet_jax.data.preprocess import check_image_size
 from tresnet_jax.model.linen import TResNet
-from tresnet_jax.weights.storage import write_file_atomically
+from tresnet_jax.weights.info import WeightsInfo
 
 BATCH = "batch"  # the symbolic batch dimension of both exports
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
@@ -42,41 +39,11 @@ STABLEHLO_PLATFORMS = ("cpu", "cuda")
 NCHW = (0, 3, 1, 2)  # axis order in which an NHWC feature map is stored in the ONNX graph
 
 
-def image_size_of(metadata: dict[str, Any]) -> int:
-    """The input size the weights were made for (224 when their metadata does not say)."""
-    return int((metadata.get("preprocessing") or {}).get("input_size", 224))
-
-
-def add_export_arguments(parser: argparse.ArgumentParser, output_help: str) -> None:
-    """The arguments both export tools take."""
-    parser.add_argument("weights", help="weights directory, stored name, pretrained tag or hf-hub:timm/<tag>")
-    parser.add_argument("output", type=Path, help=output_help)
-    parser.add_argument("--image-size", type=int, help="height and width, a multiple of 32 (default: the weights')")
-    parser.add_argument("--force", action="store_true", help="replace an existing output file")
-
-
-def check_export_arguments(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
-    """(weights metadata, image size), every argument checked before any work is done."""
-    from tresnet_jax.weights.factory import load_metadata
-    from tresnet_jax.weights.storage import check_output_file
-
-    if args.image_size is not None:
-        check_image_size(args.image_size)
-    check_output_file(args.output, args.force)
-    metadata = load_metadata(args.weights)
-    size = args.image_size or image_size_of(metadata)
-    check_image_size(size)
-    return metadata, size
-
-
-def write_output(path: str | os.PathLike, data: bytes) -> None:
-    """Written beside ``path`` and renamed into place: never half a file."""
-    write_file_atomically(path, lambda tmp: Path(tmp).write_bytes(data))
-
-
 def _inference(model: TResNet, variables: dict[str, Any]) -> Callable[[jax.Array], jax.Array]:
-    """images (N, H, W, 3) -> logits, with the variables closed over: constants of the export."""
-    return lambda images: model.apply(variables, images)
+    """images (N, H, W, 3) -> logits, with the variables closed over: constants of the export;
+    1x1 convolutions as convolutions."""
+    plain = model.clone(pointwise_as_matmul=False)
+    return lambda images: plain.apply(variables, images)
 
 
 def _input_spec(image_size: int) -> jax.ShapeDtypeStruct:
@@ -118,22 +85,23 @@ def onnx_model(model: TResNet, variables: dict[str, Any], image_size: int, prope
     return proto
 
 
-def onnx_properties(metadata: dict[str, Any], image_size: int, dtype: str) -> dict[str, str]:
+def onnx_properties(info: WeightsInfo, image_size: int, dtype: str) -> dict[str, str]:
     """What the ONNX file says about itself (``metadata_props``)."""
     return {
-        "model": str(metadata["model"]),
-        "num_classes": str(metadata["num_classes"]),
-        "tag": str(metadata.get("tag")),
+        "model": info.model,
+        "num_classes": str(info.num_classes),
+        "multi_label": str(info.multi_label).lower(),
+        "tag": str(info.tag),
         "compute_dtype": dtype,
         "input": f"{INPUT_NAME}: float32 [batch, 3, {image_size}, {image_size}], NCHW, RGB in [0, 1], no mean/std",
-        "preprocessing": json.dumps(metadata.get("preprocessing"), sort_keys=True),
+        "preprocessing": json.dumps(info.preprocessing.to_json(), sort_keys=True),
     }
 
 
 # --- jaxpr -> ONNX -----------------------------------------------------------------------
 # A value of the jaxpr becomes a numpy array (a constant: the weights and whatever is computed
-# from them alone), a _Value (a tensor of the ONNX graph), or a _Rows (a reshape not emitted
-# yet). Every rule below translates one primitive of the inference forward.
+# from them alone) or a _Value (a tensor of the ONNX graph). Every rule below translates one
+# primitive of the inference forward.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,14 +112,6 @@ class _Value:
     name: str
     perm: tuple[int, ...]
     shape: tuple[Any, ...]  # the jaxpr's shape; the batch is symbolic
-
-
-@dataclasses.dataclass(frozen=True)
-class _Rows:
-    """``source.reshape(-1, C)`` of an NHWC feature map, not emitted: a matrix product with it
-    is a 1x1 convolution of ``source`` (how a CPU trace writes 1x1 convolutions)."""
-
-    source: _Value
 
 
 class _Graph:
@@ -226,18 +186,13 @@ def _out_shape(eqn: Any) -> tuple[Any, ...]:
 
 
 def _ndim(x: Any) -> int:
-    return 2 if isinstance(x, _Rows) else x.ndim if isinstance(x, np.ndarray) else len(x.shape)
+    return x.ndim if isinstance(x, np.ndarray) else len(x.shape)
 
 
 def _value(graph: _Graph, x: Any) -> _Value:
-    if isinstance(x, _Value):
-        return x
     if isinstance(x, np.ndarray):
         return _Value(graph.constant(x), tuple(range(x.ndim)), x.shape)
-    rows = x.source
-    n, h, w, c = rows.shape
-    name = graph.node("Reshape", [_tensor(graph, rows), graph.constant(np.array([-1, c], np.int64))])
-    return _Value(name, (0, 1), (n * h * w, c))
+    return x
 
 
 def _tensor(graph: _Graph, x: Any, perm: tuple[int, ...] | None = None) -> str:
@@ -328,33 +283,24 @@ def _conv(graph: _Graph, eqn: Any, x: Any, kernel: Any) -> _Value:
     return _Value(name, tuple(dn.out_spec), _out_shape(eqn))
 
 
-def _dot_general(graph: _Graph, eqn: Any, lhs: Any, rhs: Any) -> _Value | _Rows:
-    """A product with a constant matrix: MatMul, or a 1x1 Conv when ``lhs`` is a _Rows."""
+def _dot_general(graph: _Graph, eqn: Any, lhs: Any, rhs: Any) -> _Value:
+    """A product with a constant matrix: MatMul."""
     (lhs_contract, rhs_contract), batch_dims = eqn.params["dimension_numbers"]
     if not isinstance(rhs, np.ndarray) or rhs.ndim != 2 or any(batch_dims) or tuple(lhs_contract) != (_ndim(lhs) - 1,):
         raise NotImplementedError("dot_general other than (..., K) x constant (K, M)")
     kernel = rhs if tuple(rhs_contract) == (0,) else rhs.T
-    in_dtype, out_dtype = eqn.invars[0].aval.dtype, eqn.outvars[0].aval.dtype
-    if isinstance(lhs, _Rows):
-        x = lhs.source
-        conv = graph.node("Conv", [_tensor(graph, x, NCHW), graph.constant(kernel.T[:, :, None, None])])
-        return _Rows(_Value(_cast(graph, conv, in_dtype, out_dtype), NCHW, (*x.shape[:3], kernel.shape[1])))
     product = graph.node("MatMul", [_tensor(graph, lhs), graph.constant(kernel)])
     shape = _out_shape(eqn)
-    return _Value(_cast(graph, product, in_dtype, out_dtype), tuple(range(len(shape))), shape)
+    name = _cast(graph, product, eqn.invars[0].aval.dtype, eqn.outvars[0].aval.dtype)
+    return _Value(name, tuple(range(len(shape))), shape)
 
 
 def _cast(graph: _Graph, name: str, dtype: Any, to: Any) -> str:
     return name if np.dtype(dtype) == np.dtype(to) else graph.node("Cast", [name], to=_onnx_dtype(to))
 
 
-def _reshape(graph: _Graph, eqn: Any, x: Any) -> _Value | _Rows:
-    shape = _out_shape(eqn)
-    if isinstance(x, _Value) and len(x.shape) == 4 and shape == (x.shape[0] * x.shape[1] * x.shape[2], x.shape[3]):
-        return _Rows(x)
-    if isinstance(x, _Rows) and shape == x.source.shape:
-        return x.source
-    return _reshape_to(graph, x, shape)
+def _reshape(graph: _Graph, eqn: Any, x: Any) -> _Value:
+    return _reshape_to(graph, x, _out_shape(eqn))
 
 
 def _broadcast_in_dim(graph: _Graph, eqn: Any, x: Any) -> _Value:
@@ -437,7 +383,7 @@ def _reduce_window_sum(graph: _Graph, eqn: Any, x: Any) -> _Value:
     return _Value(graph.node("Mul", [average, graph.constant(size)]), perm, _out_shape(eqn))
 
 
-_RULES: dict[str, Callable[..., _Value | _Rows]] = {
+_RULES: dict[str, Callable[..., _Value]] = {
     "conv_general_dilated": _conv,
     "dot_general": _dot_general,
     "reshape": _reshape,
