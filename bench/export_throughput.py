@@ -91,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     spec = validate(BenchSpec(args.model, "infer", "fp32", args.batch_size, args.image_size))
     if min(args.windows, args.steps) < 1 or args.warmup < 0:
         raise InputError("--windows and --steps must be >= 1, --warmup >= 0")
-    model, variables = tresnet_jax.create_model(spec.model, spec.num_classes)
+    model, variables = tresnet_jax.create_model(spec.model, num_classes=spec.num_classes)
     images, _ = synthetic_batch(spec)
     reference = np.asarray(jax.jit(model.apply)(variables, images))
     stablehlo, stablehlo_logits = stablehlo_runner(model, variables, images)

@@ -6,12 +6,13 @@ import dataclasses
 
 import numpy as np
 
-from tresnet_jax.data.preprocess import check_image_size
 from tresnet_jax.errors import InputError
 from tresnet_jax.model.registry import resolve
+from tresnet_jax.preprocessing import check_image_size
+from tresnet_jax.runtime.precision import PRECISIONS as COMPUTE_PRECISIONS
 
 MODES = ("infer", "train")
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = tuple(COMPUTE_PRECISIONS)
 # timm has no separate official TResNet-L-V2: the same network is its tresnet_v2_l.
 TIMM_NAMES = {"tresnet_l_v2": "tresnet_v2_l"}
 

@@ -30,6 +30,7 @@ import timm
 from safetensors.torch import load_file, save_file
 
 import tresnet_jax
+from tresnet_jax.weights.info import WeightsInfo
 from tresnet_jax.weights.storage import save_weights
 
 
@@ -55,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         first_timm, timm_model = timed_call(lambda: timm.create_model(args.model))
         first_ours, (_, variables) = timed_call(lambda: tresnet_jax.create_model(args.model))
         weights = Path(tmp) / "weights"
-        save_weights(weights, variables, {"model": args.model, "num_classes": 1000})
+        save_weights(weights, variables, WeightsInfo(args.model, 1000))
         checkpoint = Path(tmp) / "model.safetensors"
         save_file(timm_model.state_dict(), str(checkpoint))
 
@@ -66,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         cases = {
             "timm.create_model": lambda: timm.create_model(args.model),
-            "tresnet_jax.create_model": lambda: tresnet_jax.create_model(args.model)[1],
+            "tresnet_jax.create_model": lambda: tresnet_jax.create_model(args.model).variables,
             "timm create + load_state_dict(safetensors)": timm_load,
             "tresnet_jax.load (stored weights)": lambda: tresnet_jax.load(weights)[1],
         }

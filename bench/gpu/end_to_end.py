@@ -27,11 +27,12 @@ import tresnet_jax
 from bench.gpu.photos import generated_image
 from tresnet_jax.evaluation import compiled_eval_step, pad_batch
 from tresnet_jax.runtime.parallel import BATCH_AXIS, data_mesh, host_copy, prefetch_to_devices, replicate
-from tresnet_jax.train.config import TrainConfig
-from tresnet_jax.train.metrics import LaggedMetrics
-from tresnet_jax.train.step import PRECISIONS, OptimConfig, create_state, make_optimizer, make_train_step
+from tresnet_jax.runtime.precision import PRECISIONS
+from tresnet_jax.train.config import TrainConfig, from_flat
+from tresnet_jax.train.run_log import LaggedMetrics
+from tresnet_jax.train.step import create_state, make_optimizer, make_train_step
 
-LOG_EVERY = TrainConfig(workdir="").log_every  # train.py's default
+LOG_EVERY = TrainConfig().run.log_every  # train.py's default
 
 
 def evaluation_rate(model_name: str, precision: str, batch: int, image_size: int, steps: int) -> dict[str, Any]:
@@ -65,10 +66,10 @@ def training_rate(
     two runs of ``repeated`` steps from the same state end with identical parameters."""
     mesh = data_mesh(jax.local_devices()[:1])
     model, variables = tresnet_jax.create_model(model_name, dtype=PRECISIONS[precision], axis_name=BATCH_AXIS)
-    cfg = OptimConfig(total_steps=steps + 1, lr=0.1 * batch / 256, precision=precision)
-    tx = make_optimizer(cfg)
-    initial = jax.tree_util.tree_map(np.asarray, create_state(variables, tx, cfg, seed=0))
-    step = make_train_step(model, tx, cfg, mesh)
+    cfg = from_flat({"optim.batch_size": batch, "model.precision": precision})  # train.py's defaults otherwise
+    tx = make_optimizer(cfg, steps + 1)
+    initial = jax.tree_util.tree_map(np.asarray, create_state(variables, tx, cfg))
+    step = make_train_step(model, tx, cfg, steps + 1, mesh)
     rng = np.random.default_rng(0)
     host = {
         "image": rng.integers(0, 256, (batch, image_size, image_size, 3), dtype=np.uint8),

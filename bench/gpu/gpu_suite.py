@@ -106,8 +106,9 @@ NEEDS = {"check": 10, "inference": 30, "timm_compile_infer": 25, "timm_compile_t
          "probe_timm": 20, "e2e_eval": 10, "e2e_train": 35, "e2e_decode": 5, "jpeg_write": 25, "jpeg_weights": 5,
          "jpeg_train": 70, "jpeg_eval": 30, "more_infer": 40, "more_train": 90}  # fmt: skip
 # jpeg_pipeline's runs, most wanted first: (command, key, data, flags). ``data`` is "folder" (the
-# JPEGs) or "synthetic" (random images, nothing decoded; train.py: as many as the folder's files,
-# so that its epochs end at the same steps).
+# JPEGs) or "synthetic" (random 64-pixel images made from their index, resized by the host's
+# pool, no JPEG decoded; train.py: as many as the folder's files, so that its epochs end at the
+# same steps).
 JPEG_RUNS = (
     ("train", "train_jpeg", "folder", ("--augment", "device", "--decode", "auto")),
     ("train", "train_synthetic", "synthetic", ("--augment", "device")),

@@ -46,7 +46,6 @@ import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CLASSES = 8  # bench/synthetic_images.py's class folders
-EVAL_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 # The training step's own metrics and the loop's bookkeeping; other columns are the input's.
 STEP_COLUMNS = {"time", "step", "epoch", "accuracy", "finite", "loss", "loss_scale", "lr", "params_finite",
                 "images_per_second", "unreadable_images"}  # fmt: skip
@@ -216,10 +215,11 @@ def random_weights(directory: Path, model: str, num_classes: int = CLASSES) -> d
     """A weights directory holding ``model``'s random initialisation (what eval.py loads)."""
     from tresnet_jax.model.initialization import random_variables
     from tresnet_jax.model.registry import ARCHITECTURES
+    from tresnet_jax.weights.info import WeightsInfo
     from tresnet_jax.weights.storage import save_weights
 
     variables = random_variables(ARCHITECTURES[model], num_classes, seed=0)
-    save_weights(directory, variables, {"model": model, "num_classes": num_classes}, force=True)
+    save_weights(directory, variables, WeightsInfo(model, num_classes), force=True)
     return {"directory": str(directory), "model": model, "num_classes": num_classes}
 
 
@@ -293,8 +293,8 @@ def eval_run(
     output = setup.logs / f"{key}.json"
     logits = ["--save-logits", str(setup.logs / f"{key}.npz")] if "--val_dir" in data else []
     argv = [
-        sys.executable, str(REPO_ROOT / "eval.py"), "--weights", str(weights), "--dtype",
-        EVAL_DTYPES[setup.precision], "--batch-size", str(setup.batch), "--image-size", str(setup.image_size),
+        sys.executable, str(REPO_ROOT / "eval.py"), "--weights", str(weights), "--precision",
+        setup.precision, "--batch-size", str(setup.batch), "--image-size", str(setup.image_size),
         "--no-progress", "--output", str(output), *logits, *data, *flags,
     ]  # fmt: skip
     finished = run_command(argv, setup.logs / f"{key}.log", timeout_s)
