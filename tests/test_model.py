@@ -18,6 +18,8 @@ PARAMS_1000 = {
     "tresnet_xl": 78_436_244,
     "tresnet_v2_l": 46_174_824,
     "tresnet_l_v2": 46_174_824,
+    # ML-Decoder's XL: timm's TResNet(layers=[3, 8, 34, 5], v2=True) counted on the meta device.
+    "tresnet_v2_xl": 69_300_712,
 }
 
 
@@ -119,7 +121,16 @@ def test_registry_holds_the_published_configurations():
     assert (cfg.num_classes, cfg.top1) == (1000, 81.710)
     assert tresnet_jax.default_config("tresnet_m").tag == "tresnet_m.miil_in21k_ft_in1k"
     assert tresnet_jax.default_config("tresnet_m", 11221).tag == "tresnet_m.miil_in21k"
-    assert tresnet_jax.list_models() == ["tresnet_m", "tresnet_l", "tresnet_xl", "tresnet_v2_l", "tresnet_l_v2"]
+    models = ["tresnet_m", "tresnet_l", "tresnet_xl", "tresnet_v2_l", "tresnet_l_v2", "tresnet_v2_xl"]
+    assert tresnet_jax.list_models() == models
+    # ML-Decoder's zoo: K and the preprocessing of its validate.py; an architecture's default
+    # configuration is never one of them (a plain tresnet_v2_l with 196 classes has an fc head).
+    coco = tresnet_jax.PRETRAINED["tresnet_v2_l.ml_decoder_coco_448"]
+    assert coco.head == tresnet_jax.HeadSpec("ml_decoder", num_groups=80)
+    assert (coco.num_classes, coco.mean_ap, coco.multi_label) == (80, 90.1, True)
+    assert coco.preprocessing == tresnet_jax.Preprocessing(448, crop_pct=1.0, squish=True)
+    assert tresnet_jax.PRETRAINED["tresnet_m.ml_decoder_openimages_224"].head.num_groups == 200
+    assert tresnet_jax.default_config("tresnet_v2_l", 196).head == tresnet_jax.HeadSpec()
 
 
 # Tracing the larger variants' init takes seconds: tresnet_m in the fast tier, all of them in the full run.

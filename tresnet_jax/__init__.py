@@ -4,7 +4,7 @@ from PyTorch, and the multi-label loss and metric (ASL's asymmetric loss, mAP)."
 from tresnet_jax.errors import InputError
 from tresnet_jax.factory import Loaded, create_model, load, load_metadata
 from tresnet_jax.metrics import mean_average_precision
-from tresnet_jax.model.architecture import ArchSpec
+from tresnet_jax.model.architecture import ArchSpec, HeadSpec
 from tresnet_jax.model.linen import TResNet
 from tresnet_jax.model.registry import ARCHITECTURES, PRETRAINED, PretrainedConfig, default_config, list_models
 from tresnet_jax.preprocessing import Preprocessing
@@ -17,6 +17,7 @@ __all__ = [
     "ARCHITECTURES",
     "PRETRAINED",
     "ArchSpec",
+    "HeadSpec",
     "InputError",
     "Loaded",
     "Preprocessing",

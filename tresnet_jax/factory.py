@@ -23,7 +23,7 @@ from flax import traverse_util
 
 from tresnet_jax.errors import InputError
 from tresnet_jax.model import nnx_modules
-from tresnet_jax.model.architecture import variable_shapes
+from tresnet_jax.model.architecture import FC, ML_DECODER, HeadSpec, variable_shapes
 from tresnet_jax.model.initialization import Seed, random_variables
 from tresnet_jax.model.linen import TResNet
 from tresnet_jax.model.registry import ARCHITECTURES, DOWNLOAD_PAGES, PRETRAINED, closest, default_tag, resolve
@@ -138,6 +138,9 @@ def create_model(
     allow_tf32: bool = False,
     pointwise_as_matmul: bool = False,
     seed: Seed = 0,
+    head: str | HeadSpec | None = None,
+    num_groups: int | None = None,
+    zero_shot: bool = False,
 ) -> Loaded:
     """A TResNet and its variables, on the default device (timm's ``create_model``, in JAX).
 
@@ -152,9 +155,13 @@ def create_model(
     (parameters stay float32); ``axis_name`` names the mapped axis BatchNorm synchronises over
     in training. ``allow_tf32``: float32 at JAX's default precision (TF32 on recent NVIDIA GPUs)
     instead of true float32; ``pointwise_as_matmul``: 1x1 convolutions as matrix products (for
-    training on the CPU: ``runtime.xla_options.pointwise_as_matmul_for``)."""
+    training on the CPU: ``runtime.xla_options.pointwise_as_matmul_for``). ``head``: the
+    classifier, ``"fc"`` or ``"ml_decoder"`` (with ``num_groups`` queries, 100 when None, or
+    ``zero_shot``; a ``HeadSpec`` says the same); None: the weights' own, or fc."""
+    head_spec = head_choice(head, num_groups, zero_shot)
     numerics = {"allow_tf32": allow_tf32, "pointwise_as_matmul": pointwise_as_matmul}
     options = {"num_classes": num_classes, "dtype": dtype, "axis_name": axis_name, "seed": seed, **numerics}
+    options["head"] = head_spec
     if checkpoint_path is not None:
         return load(checkpoint_path, architecture=name.split(".")[0], **options)
     if pretrained:
@@ -162,9 +169,30 @@ def create_model(
     spec = resolve(name)
     if num_classes is None:  # a tag's own count; an architecture's classifier is ImageNet's
         num_classes = spec.config.num_classes if spec.config.tag == name else 1000
-    model = TResNet(spec.arch, num_classes, dtype=dtype, axis_name=axis_name, **numerics)
-    info = WeightsInfo(spec.name, num_classes, preprocessing=spec.config.preprocessing)
-    return Loaded(model, _on_device(random_variables(spec.arch, num_classes, seed)), info, f"fresh {name}")
+    if head_spec is None:
+        head_spec = spec.config.head if spec.config.tag == name else HeadSpec()
+    info = WeightsInfo(spec.name, num_classes, head_spec, preprocessing=spec.config.preprocessing)
+    model = TResNet(spec.arch, num_classes, dtype=dtype, axis_name=axis_name, head_spec=info.head, **numerics)
+    variables = random_variables(spec.arch, num_classes, seed, info.head)
+    return Loaded(model, _on_device(variables), info, f"fresh {name}")
+
+
+def head_choice(head: str | HeadSpec | None, num_groups: int | None = None, zero_shot: bool = False) -> HeadSpec | None:
+    """The head asked for by name (``fc``, ``ml_decoder``; ``ml-decoder`` taken) and settings,
+    or as a ``HeadSpec``; None when none is asked for (the weights' own)."""
+    if isinstance(head, HeadSpec):
+        if num_groups is not None or zero_shot:
+            raise InputError("give num_groups and zero_shot in the HeadSpec, not beside it")
+        return head
+    if head is None:
+        if num_groups is not None or zero_shot:
+            head = ML_DECODER
+        else:
+            return None
+    kind = str(head).replace("-", "_")
+    if kind not in (FC, ML_DECODER):
+        raise InputError(f"unknown head {head!r}; known: {FC}, {ML_DECODER}")
+    return HeadSpec(kind, num_groups, zero_shot)
 
 
 def load(
@@ -177,6 +205,9 @@ def load(
     allow_tf32: bool = False,
     pointwise_as_matmul: bool = False,
     seed: Seed = 0,
+    head: str | HeadSpec | None = None,
+    num_groups: int | None = None,
+    zero_shot: bool = False,
 ) -> Loaded:
     """A TResNet with stored or pretrained weights: a weights directory, a name converted or
     trained before, a pretrained tag, ``hf-hub:OWNER/NAME``, an architecture (its default tag),
@@ -199,9 +230,10 @@ def load(
         if spec is not None and spec.arch != info.arch:
             raise InputError(f"{name_or_path}: holds {info.model} weights, not {spec.name}")
         _check_shapes(directory, info, variables)
-    variables, info, _ = with_classes(variables, info, num_classes, seed)
+    head_spec = head_choice(head, num_groups, zero_shot)
+    variables, info, _ = with_classes(variables, info, num_classes, seed, head_spec)
     numerics = {"allow_tf32": allow_tf32, "pointwise_as_matmul": pointwise_as_matmul}
-    model = TResNet(info.arch, info.num_classes, dtype=dtype, axis_name=axis_name, **numerics)
+    model = TResNet(info.arch, info.num_classes, dtype=dtype, axis_name=axis_name, head_spec=info.head, **numerics)
     return Loaded(model, _on_device(variables), info, origin)
 
 
@@ -211,7 +243,7 @@ def load_metadata(name_or_path: str | os.PathLike) -> WeightsInfo:
 
 
 def _check_shapes(directory: Path, info: WeightsInfo, variables: Variables) -> None:
-    expected = variable_shapes(info.arch, info.num_classes)
+    expected = variable_shapes(info.arch, info.num_classes, info.head)
     found = {path: getattr(leaf, "shape", None) for path, leaf in traverse_util.flatten_dict(variables).items()}
     if found != expected:
         wrong = sorted(set(found.items()) ^ set(expected.items()))[:1]
@@ -246,9 +278,13 @@ def create_nnx_model(
     allow_tf32: bool = False,
     pointwise_as_matmul: bool = False,
     seed: Seed = 0,
+    head: str | HeadSpec | None = None,
+    num_groups: int | None = None,
+    zero_shot: bool = False,
 ) -> nnx_modules.TResNet:
     """``create_model`` as an NNX module (``tresnet_jax.nnx.create_model``)."""
     options = {"dtype": dtype, "allow_tf32": allow_tf32, "pointwise_as_matmul": pointwise_as_matmul, "seed": seed}
+    options |= {"head": head, "num_groups": num_groups, "zero_shot": zero_shot}
     loaded = create_model(
         name, pretrained=pretrained, checkpoint_path=checkpoint_path, num_classes=num_classes, **options
     )
@@ -264,8 +300,12 @@ def load_nnx(
     allow_tf32: bool = False,
     pointwise_as_matmul: bool = False,
     seed: Seed = 0,
+    head: str | HeadSpec | None = None,
+    num_groups: int | None = None,
+    zero_shot: bool = False,
 ) -> nnx_modules.TResNet:
     """``load`` as an NNX module (``tresnet_jax.nnx.load``)."""
     options = {"dtype": dtype, "allow_tf32": allow_tf32, "pointwise_as_matmul": pointwise_as_matmul, "seed": seed}
+    options |= {"head": head, "num_groups": num_groups, "zero_shot": zero_shot}
     loaded = load(name_or_path, architecture=architecture, num_classes=num_classes, **options)
     return nnx_modules.from_linen_variables(loaded.model, loaded.variables)

@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from tresnet_jax.errors import InputError
 from tresnet_jax.model.layers import (
     Init,
     Specs,
@@ -22,6 +23,7 @@ from tresnet_jax.model.layers import (
     nested,
     squeeze_excite_specs,
 )
+from tresnet_jax.model.ml_decoder import decoder_specs
 
 Array = jax.Array
 Dtype = Any
@@ -161,15 +163,51 @@ def block_specs(block: BlockSpec) -> Specs:
 
 
 HEAD_KERNEL_INIT = Init("normal", 0.01)
+FC, ML_DECODER = "fc", "ml_decoder"
+HEAD_KINDS = (FC, ML_DECODER)
 
 
-def head_specs(num_features: int, num_classes: int) -> Specs:
-    """The classifier head's variables: the one declaration of them. A head, in each API, is
-    one module named ``head`` that maps the last stage's feature map to the logits."""
+@dataclasses.dataclass(frozen=True)
+class HeadSpec:
+    """Which classifier head maps the last stage's feature map to the logits: ``fc`` (global
+    average pool + linear, the original TResNet's) or ``ml_decoder`` (``model.ml_decoder``:
+    cross-attention of K queries, ``num_groups``, to the spatial tokens; ``zero_shot``: a query
+    per class from its word vector, given at call time)."""
+
+    kind: str = FC
+    num_groups: int | None = None
+    zero_shot: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in HEAD_KINDS:
+            raise InputError(f"unknown head {self.kind!r}; known: {', '.join(HEAD_KINDS)}")
+        if self.num_groups is not None and (
+            isinstance(self.num_groups, bool) or not isinstance(self.num_groups, int) or self.num_groups < 1
+        ):
+            raise InputError(f"num_groups must be a whole number >= 1, got {self.num_groups!r}")
+        if self.kind == FC and (self.num_groups is not None or self.zero_shot):
+            raise InputError("num_groups and zero_shot are settings of the ml_decoder head")
+        if self.zero_shot and self.num_groups is not None:
+            raise InputError("a zero-shot ML-Decoder has a query per class: num_groups does not apply")
+
+    def check_classes(self, num_classes: int) -> None:
+        """An ML-Decoder's groups are at most its classes (the original caps them silently)."""
+        if self.num_groups is not None and self.num_groups > num_classes:
+            raise InputError(f"num_groups {self.num_groups} is more than the {num_classes} classes")
+
+
+FC_HEAD = HeadSpec()  # the original TResNet's classifier
+
+
+def head_specs(num_features: int, num_classes: int, head: HeadSpec = FC_HEAD) -> Specs:
+    """The classifier head's variables: the one declaration of each kind. A head, in each API,
+    is one module named ``head`` that maps the last stage's feature map to the logits."""
+    if head.kind == ML_DECODER:
+        return decoder_specs(num_features, num_classes, head.num_groups, head.zero_shot)
     return nested(("fc",), dense_specs(num_features, num_classes, HEAD_KERNEL_INIT))
 
 
-def variable_specs(arch: ArchSpec, num_classes: int) -> Specs:
+def variable_specs(arch: ArchSpec, num_classes: int, head: HeadSpec = FC_HEAD) -> Specs:
     """Flat (collection, module..., leaf) -> shape and initial distribution of every variable of
     a model, computing and tracing nothing (a test holds it equal to ``TResNet.init``'s)."""
     stem = stem_unit(arch)
@@ -178,13 +216,15 @@ def variable_specs(arch: ArchSpec, num_classes: int) -> Specs:
         for i, block in enumerate(blocks):
             specs |= nested(("body", f"layer{s}", str(i)), block_specs(block))
     if num_classes:
-        specs |= nested(("head",), head_specs(arch.num_features, num_classes))
+        specs |= nested(("head",), head_specs(arch.num_features, num_classes, head))
     return specs
 
 
-def variable_shapes(arch: ArchSpec, num_classes: int) -> dict[tuple[str, ...], tuple[int, ...]]:
+def variable_shapes(
+    arch: ArchSpec, num_classes: int, head: HeadSpec = FC_HEAD
+) -> dict[tuple[str, ...], tuple[int, ...]]:
     """Flat (collection, module..., leaf) -> shape of a model's variables, computing nothing."""
-    return {path: spec.shape for path, spec in variable_specs(arch, num_classes).items()}
+    return {path: spec.shape for path, spec in variable_specs(arch, num_classes, head).items()}
 
 
 FEATURE_INDICES = (0, 1, 2, 3, 4)  # the stem, stages 1-4: timm's feature_info numbering

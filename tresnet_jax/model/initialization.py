@@ -10,8 +10,9 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from tresnet_jax.model.architecture import ArchSpec, head_specs, variable_specs
+from tresnet_jax.model.architecture import FC_HEAD, ArchSpec, HeadSpec, head_specs, variable_specs
 from tresnet_jax.model.layers import Specs, nested
+from tresnet_jax.model.ml_decoder import QUERIES
 
 Variables = dict[str, Any]
 Seed = int | jax.Array
@@ -36,15 +37,23 @@ def draw(specs: Specs, seed: Seed = 0) -> Variables:
     return traverse_util.unflatten_dict(flat)
 
 
-def random_variables(arch: ArchSpec, num_classes: int, seed: Seed = 0) -> Variables:
-    """A fresh model's ``{params, batch_stats}`` (numpy, float32), as the original initialises it."""
-    return draw(variable_specs(arch, num_classes), seed)
+def random_variables(arch: ArchSpec, num_classes: int, seed: Seed = 0, head: HeadSpec = FC_HEAD) -> Variables:
+    """A fresh model's variables (numpy, float32: ``params``, ``batch_stats`` and an
+    ML-Decoder's ``constants``), as the original initialises them."""
+    return draw(variable_specs(arch, num_classes, head), seed)
 
 
-def replace_head(variables: Variables, arch: ArchSpec, num_classes: int, seed: Seed = 0) -> Variables:
-    """``variables`` with a new ``num_classes`` head (0: none), drawn as a fresh model's head
-    with the same seed would be; the backbone is kept as it is."""
-    params = {k: v for k, v in variables["params"].items() if k != "head"}
+def replace_head(
+    variables: Variables, arch: ArchSpec, num_classes: int, seed: Seed = 0, head: HeadSpec = FC_HEAD
+) -> Variables:
+    """``variables`` with a new ``num_classes`` head of kind ``head`` (0 classes: none), drawn as
+    a fresh model's head with the same seed would be; the backbone is kept as it is."""
+    kept = {
+        collection: {k: v for k, v in tree.items() if k != "head"}
+        for collection, tree in variables.items()
+        if collection != QUERIES
+    }
     if num_classes:
-        params["head"] = draw(nested(("head",), head_specs(arch.num_features, num_classes)), seed)["params"]["head"]
-    return {**variables, "params": params}
+        for collection, tree in draw(nested(("head",), head_specs(arch.num_features, num_classes, head)), seed).items():
+            kept.setdefault(collection, {})["head"] = tree["head"]
+    return kept

@@ -223,14 +223,21 @@ def squeeze_excite_specs(channels: int, reduced: int) -> Specs:
 
 def declare(module: nn.Module, specs: Specs) -> dict[str, Any]:
     """Create a Linen module's own (one-level) variables from their specs; returns them by leaf
-    name, ``batch_stats`` entries as ``flax`` Variables (so training can update them)."""
+    name, those outside ``params`` as ``flax`` Variables (so training can update statistics)."""
     out = {}
     for (collection, name), spec in specs.items():
         if collection == "params":
             out[name] = module.param(name, spec.init, spec.shape, jnp.float32)
         else:
-            out[name] = module.variable(collection, name, spec.init, None, spec.shape, jnp.float32)
+            out[name] = module.variable(collection, name, _draw_variable, module, spec)
     return out
+
+
+def _draw_variable(module: nn.Module, spec: VariableSpec) -> Array:
+    """A variable outside ``params``, drawn with a key only when random (ML-Decoder's queries),
+    so BatchNorm's constant statistics take none."""
+    key = module.make_rng("params") if spec.init.kind != "constant" else None
+    return spec.init(key, spec.shape, jnp.float32)
 
 
 def batch_norm(

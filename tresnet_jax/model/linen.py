@@ -14,12 +14,15 @@ import jax
 import jax.numpy as jnp
 
 from tresnet_jax.model.architecture import (
+    FC_HEAD,
     FEATURE_INDICES,
     HEAD_KERNEL_INIT,
     LAST_STAGE,
+    ML_DECODER,
     SE_AFTER,
     ArchSpec,
     BlockSpec,
+    HeadSpec,
     UnitSpec,
     feature_indices,
     global_pool,
@@ -31,10 +34,13 @@ from tresnet_jax.model.layers import (
     ConvNormAct,
     Dense,
     Numerics,
+    Specs,
     SqueezeExcite,
     avg_pool_shortcut,
+    declare,
     space_to_depth,
 )
+from tresnet_jax.model.ml_decoder import decode, decoder_specs
 
 Array = jax.Array
 Dtype = Any
@@ -140,6 +146,47 @@ class Head(nn.Module):
         return fc(global_pool(feature_map))
 
 
+def declare_tree(module: nn.Module, specs: Specs) -> dict[str, Any]:
+    """Variables declared from specs at any depth (``(collection, module..., leaf)``): the
+    module's own, and the deeper ones in submodules named as their paths say. Returns their
+    values as a nested dict by name."""
+    own = {path: spec for path, spec in specs.items() if len(path) == 2}
+    tree = {name: getattr(value, "value", value) for name, value in declare(module, own).items()}
+    for child in dict.fromkeys(path[1] for path in specs if len(path) > 2):
+        deeper = {(path[0], *path[2:]): spec for path, spec in specs.items() if len(path) > 2 and path[1] == child}
+        tree[child] = VariableTree(deeper, name=child)()
+    return tree
+
+
+class VariableTree(nn.Module):
+    """A submodule that only holds variables (``declare_tree``)."""
+
+    specs: Specs
+
+    @nn.compact
+    def __call__(self) -> dict[str, Any]:
+        return declare_tree(self, self.specs)
+
+
+class MLDecoderHead(nn.Module):
+    """ML-Decoder (``model.ml_decoder``) in place of pooling and ``fc``: its variables under
+    ``params/head``, the queries under ``constants/head/queries``."""
+
+    num_classes: int
+    spec: HeadSpec
+    numerics: Numerics = FLOAT32
+
+    @nn.compact
+    def __call__(
+        self, feature_map: Array, class_embeddings: Array | None = None, dropout_keys: Array | None = None
+    ) -> Array:
+        spec = self.spec
+        specs = decoder_specs(feature_map.shape[-1], self.num_classes, spec.num_groups, spec.zero_shot)
+        tree = declare_tree(self, specs)
+        queries = tree.pop("queries", None)
+        return decode(feature_map, tree, queries, self.numerics, self.num_classes, class_embeddings, dropout_keys)
+
+
 class TResNet(nn.Module):
     """TResNet classifier. Input: NHWC images in [0, 1] (no mean/std), sides multiples of 32.
 
@@ -156,6 +203,12 @@ class TResNet(nn.Module):
     convolutions as matrix products (``layers.conv2d``: a faster training step on XLA:CPU,
     ``runtime.xla_options.pointwise_as_matmul_for``), off by default so that a traced or
     exported program does not depend on the backend that traced it.
+
+    ``head_spec``: the classifier, ``fc`` or ML-Decoder (``HeadSpec``). An ML-Decoder takes
+    ``class_embeddings`` when zero-shot ((classes, 300) word vectors of the classes to score)
+    and draws its dropout in training from ``dropout_keys``, one PRNG key per example, or else
+    from the ``dropout`` PRNG stream (``rngs={"dropout": key}``); its queries are the
+    ``constants`` collection, which training never updates.
     """
 
     arch: ArchSpec
@@ -164,6 +217,7 @@ class TResNet(nn.Module):
     axis_name: str | None = None
     allow_tf32: bool = False
     pointwise_as_matmul: bool = False
+    head_spec: HeadSpec = FC_HEAD
 
     @property
     def numerics(self) -> Numerics:
@@ -171,7 +225,13 @@ class TResNet(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: Array, train: bool = False, output: str = "logits", out_indices: Sequence[int] = FEATURE_INDICES
+        self,
+        x: Array,
+        train: bool = False,
+        output: str = "logits",
+        out_indices: Sequence[int] = FEATURE_INDICES,
+        class_embeddings: Array | None = None,
+        dropout_keys: Array | None = None,
     ) -> Array | list[Array]:
         body = Body(self.arch, train, self.numerics, self.axis_name, name="body")
         if output == "stages":
@@ -179,7 +239,12 @@ class TResNet(nn.Module):
         last = body(x, (LAST_STAGE,))[0]
         if output == "features" or self.num_classes == 0:
             return global_pool(last)
-        return Head(self.num_classes, self.numerics, name="head")(last)
+        if self.head_spec.kind != ML_DECODER:
+            return Head(self.num_classes, self.numerics, name="head")(last)
+        if train and dropout_keys is None:
+            dropout_keys = jax.random.split(self.make_rng("dropout"), x.shape[0])
+        head = MLDecoderHead(self.num_classes, self.head_spec, self.numerics, name="head")
+        return head(last, class_embeddings, dropout_keys if train else None)
 
     def features(self, x: Array, train: bool = False) -> Array:
         """Globally pooled features, (N, num_features), float32."""

@@ -19,11 +19,14 @@ import jax.numpy as jnp
 from flax import nnx, traverse_util
 
 from tresnet_jax.model.architecture import (
+    FC_HEAD,
     FEATURE_INDICES,
     LAST_STAGE,
+    ML_DECODER,
     SE_AFTER,
     ArchSpec,
     BlockSpec,
+    HeadSpec,
     UnitSpec,
     feature_indices,
     global_pool,
@@ -41,18 +44,24 @@ from tresnet_jax.model.layers import (
     squeeze_excite,
 )
 from tresnet_jax.model.linen import TResNet as LinenTResNet
+from tresnet_jax.model.ml_decoder import QUERIES, decode
 
 Array = jax.Array
 Dtype = Any
 Variables = dict[str, Any]
 Keys = Iterator[jax.Array]  # one PRNG key per variable, in construction order
 
-VARIABLE_TYPES = {"params": nnx.Param, "batch_stats": nnx.BatchStat}  # Linen collection -> NNX type
+
+class Constant(nnx.Variable):
+    """A variable that is never trained: ML-Decoder's queries (Linen's ``constants``)."""
+
+
+VARIABLE_TYPES = {"params": nnx.Param, "batch_stats": nnx.BatchStat, QUERIES: Constant}  # Linen collection -> type
 
 
 def _under(specs: Specs, name: str) -> Specs:
     """The specs of submodule ``name``, their paths made relative to it (``layers.nested``'s inverse)."""
-    return {(path[0], *path[2:]): spec for path, spec in specs.items() if path[1] == name}
+    return {(path[0], *path[2:]): spec for path, spec in specs.items() if len(path) > 2 and path[1] == name}
 
 
 def _declare(module: nnx.Module, specs: Specs, keys: Keys) -> None:
@@ -186,6 +195,46 @@ class Head(nnx.Module):
         return self.fc(global_pool(feature_map))
 
 
+class VariableTree(nnx.Module):
+    """Variables declared from specs at any depth: its own as attributes named by leaf, deeper
+    ones in child trees named as their paths say (``linen.declare_tree``'s twin)."""
+
+    def __init__(self, specs: Specs, *, keys: Keys) -> None:
+        _declare(self, {path: spec for path, spec in specs.items() if len(path) == 2}, keys)
+        self.names = tuple(dict.fromkeys(path[1] for path in specs))
+        for child in dict.fromkeys(path[1] for path in specs if len(path) > 2):
+            setattr(self, child, VariableTree(_under(specs, child), keys=keys))
+
+    def values(self) -> dict[str, Any]:
+        """The arrays, as a nested dict by name."""
+        tree = {}
+        for name in self.names:
+            value = getattr(self, name)
+            tree[name] = value.values() if isinstance(value, VariableTree) else value[...]
+        return tree
+
+
+class MLDecoderHead(VariableTree):
+    """ML-Decoder (``model.ml_decoder``): the Linen ``MLDecoderHead``'s variables and numbers.
+    Dropout runs in training mode (``model.train()``) and draws from ``dropout_keys``, one PRNG
+    key per example, which training must then pass."""
+
+    def __init__(self, specs: Specs, num_classes: int, numerics: Numerics, *, keys: Keys) -> None:
+        super().__init__(specs, keys=keys)
+        self.num_classes, self.numerics = num_classes, numerics
+        self.deterministic = True
+
+    def __call__(
+        self, feature_map: Array, class_embeddings: Array | None = None, dropout_keys: Array | None = None
+    ) -> Array:
+        tree = self.values()
+        queries = tree.pop("queries", None)
+        if not self.deterministic and dropout_keys is None:
+            raise ValueError("an ML-Decoder in training mode draws its dropout from dropout_keys: one key per example")
+        keys = None if self.deterministic else dropout_keys
+        return decode(feature_map, tree, queries, self.numerics, self.num_classes, class_embeddings, keys)
+
+
 class TResNet(nnx.Module):
     """TResNet classifier. Input: NHWC images in [0, 1] (no mean/std), sides multiples of 32.
 
@@ -194,7 +243,9 @@ class TResNet(nnx.Module):
     0 the stem, 1-4 the stages (strides 4, 4, 8, 16, 32). ``dtype``, ``allow_tf32`` and
     ``pointwise_as_matmul`` are the Linen model's (``linen.TResNet``): how it computes is its
     own, wherever it is called from; parameters and running statistics stay float32. Built in
-    eval mode; ``train()`` switches BatchNorm to batch statistics. Constructing one directly
+    eval mode; ``train()`` switches BatchNorm to batch statistics (and an ML-Decoder's dropout
+    on: pass ``dropout_keys``, one PRNG key per example). ``head_spec``: the classifier
+    (``HeadSpec``); a zero-shot ML-Decoder takes ``class_embeddings`` at call time. Constructing one directly
     draws the original's initial values with ``rngs``; ``create_model`` and ``load`` draw
     nothing on the device.
     """
@@ -207,21 +258,29 @@ class TResNet(nnx.Module):
         *,
         allow_tf32: bool = False,
         pointwise_as_matmul: bool = False,
+        head_spec: HeadSpec = FC_HEAD,
         rngs: nnx.Rngs,
     ) -> None:
         self.arch, self.num_classes, self.dtype = arch, num_classes, dtype
-        self.allow_tf32, self.pointwise_as_matmul = allow_tf32, pointwise_as_matmul
-        specs = variable_specs(arch, num_classes)
+        self.allow_tf32, self.pointwise_as_matmul, self.head_spec = allow_tf32, pointwise_as_matmul, head_spec
+        specs = variable_specs(arch, num_classes, head_spec)
         keys = iter(jax.random.split(rngs.params(), len(specs)))
         self.body = Body(arch, _under(specs, "body"), self.numerics, keys=keys)
-        self.head = Head(_under(specs, "head"), self.numerics, keys=keys) if num_classes else None
+        head: Head | MLDecoderHead | None = None
+        if num_classes and head_spec.kind == ML_DECODER:
+            head = MLDecoderHead(_under(specs, "head"), num_classes, self.numerics, keys=keys)
+        elif num_classes:
+            head = Head(_under(specs, "head"), self.numerics, keys=keys)
+        self.head = nnx.data(head)
 
     @property
     def numerics(self) -> Numerics:
         return Numerics.of(self.dtype, self.allow_tf32, self.pointwise_as_matmul)
 
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, class_embeddings: Array | None = None, dropout_keys: Array | None = None) -> Array:
         last = self.body(x, (LAST_STAGE,))[0]
+        if isinstance(self.head, MLDecoderHead):
+            return self.head(last, class_embeddings, dropout_keys)
         return global_pool(last) if self.head is None else self.head(last)
 
     def features(self, x: Array) -> Array:
@@ -239,7 +298,9 @@ def from_linen_variables(model: LinenTResNet, variables: Variables) -> TResNet:
     default device). Raises ValueError when the variables do not fit the architecture. Linen's
     ``axis_name`` has no counterpart: under ``jax.jit`` with the batch sharded over devices, the
     BatchNorm statistics are the whole batch's already."""
-    numerics = dict(allow_tf32=model.allow_tf32, pointwise_as_matmul=model.pointwise_as_matmul)
+    numerics = dict(
+        allow_tf32=model.allow_tf32, pointwise_as_matmul=model.pointwise_as_matmul, head_spec=model.head_spec
+    )
     abstract = nnx.eval_shape(lambda: TResNet(model.arch, model.num_classes, model.dtype, **numerics, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     given = traverse_util.flatten_dict(dict(variables))
@@ -268,5 +329,5 @@ def to_linen_variables(model: TResNet) -> Variables:
 
 
 def _collection(variable: nnx.Variable) -> str:
-    """The Linen collection an NNX variable belongs to: ``params`` or ``batch_stats``."""
+    """The Linen collection an NNX variable belongs to: ``params``, ``batch_stats`` or ``constants``."""
     return next(name for name, kind in VARIABLE_TYPES.items() if isinstance(variable, kind))

@@ -6,7 +6,7 @@ import dataclasses
 import difflib
 
 from tresnet_jax.errors import InputError
-from tresnet_jax.model.architecture import ArchSpec
+from tresnet_jax.model.architecture import FC_HEAD, ML_DECODER, ArchSpec, HeadSpec
 from tresnet_jax.preprocessing import Preprocessing
 
 ARCHITECTURES: dict[str, ArchSpec] = {
@@ -17,6 +17,9 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "tresnet_v2_l": ArchSpec(layers=(3, 4, 23, 3), width_factor=1.0, v2=True),
     # The official repository's TResNet-L-V2: the same tensors, LeakyReLU slope 1e-6 everywhere.
     "tresnet_l_v2": ArchSpec(layers=(3, 4, 23, 3), width_factor=1.0, v2=True, stem_slope=1e-6, block_slope=1e-6),
+    # ML-Decoder's TResNet-XL (Alibaba-MIIL/ML_Decoder, src_files/models/tresnet/tresnet.py): the
+    # v2 topology at width 1.0 with [3, 8, 34, 5] blocks, 2048 features; in no other library.
+    "tresnet_v2_xl": ArchSpec(layers=(3, 8, 34, 5), width_factor=1.0, v2=True),
 }
 
 
@@ -27,7 +30,7 @@ class PretrainedConfig:
     tag: str
     preprocessing: Preprocessing = dataclasses.field(default_factory=Preprocessing)
     num_classes: int = 1000
-    top1: float | None = None  # ImageNet-1k validation, as reported by timm
+    top1: float | None = None  # ImageNet-1k validation as timm reports it (else on ``dataset``)
     top5: float | None = None
     imagenet_v2_top1: float | None = None
     source: str = "timm"  # timm: on the Hugging Face hub; official, asl: a file from the authors
@@ -35,6 +38,7 @@ class PretrainedConfig:
     mean_ap: float | None = None  # mAP (percent) the authors report, on ``dataset``
     dataset: str | None = None  # the TFDS name of the set mean_ap was measured on (coco/2014)
     file: str | None = None  # the published file, for weights that are not on the hub
+    head: HeadSpec = FC_HEAD  # the classifier the weights carry
 
     @property
     def architecture(self) -> str:
@@ -60,7 +64,25 @@ def _asl(tag: str, size: int, classes: int, mean_ap: float, dataset: str, file: 
     )
 
 
+def _ml_decoder(
+    tag: str, size: int, classes: int, groups: int, dataset: str, file: str, mean_ap: float
+) -> PretrainedConfig:
+    """A multi-label ML-Decoder model, squished to ``size``."""
+    return PretrainedConfig(
+        tag,
+        Preprocessing(size, crop_pct=1.0, squish=True),
+        num_classes=classes,
+        source="ml_decoder",
+        multi_label=True,
+        mean_ap=mean_ap,
+        dataset=dataset,
+        file=file,
+        head=HeadSpec(ML_DECODER, num_groups=groups),
+    )
+
+
 AT_448 = Preprocessing(448)
+COCO = "coco/2014"
 # Tags in timm's order (the first tag of an architecture is its default weights), then the
 # weights published as files only.
 PRETRAINED: dict[str, PretrainedConfig] = {
@@ -85,6 +107,33 @@ PRETRAINED: dict[str, PretrainedConfig] = {
         _asl("tresnet_l.asl_coco_448", 448, 80, 86.6, "coco/2014", "MS_COCO_TRresNet_L_448_86.6.pth"),
         _asl("tresnet_xl.asl_coco_640", 640, 80, 88.4, "coco/2014", "MS_COCO_TResNet_xl_640_88.4.pth"),
         _asl("tresnet_xl.asl_voc_448", 448, 20, 96.0, "voc/2007", "PASCAL_VOC_TResNet_xl_448_96.0.pth"),
+        # ML-Decoder's models (Alibaba-MIIL/ML_Decoder, MODEL_ZOO.md; not on the hub): official
+        # layout, evaluated squished to the input size without normalisation (its validate.py);
+        # K from the tensors (COCO: 80 queries; OpenImages: 200 groups of g = 49). The L and XL
+        # are the all-Bottleneck v2 topology: tresnet_v2_l and tresnet_v2_xl here.
+        _ml_decoder("tresnet_m.ml_decoder_coco_224", 224, 80, 80, COCO, "tresnet_m_COCO_224_84_2.pth", 84.2),
+        _ml_decoder("tresnet_v2_l.ml_decoder_coco_448", 448, 80, 80, COCO, "tresnet_l_COCO__448_90_0.pth", 90.1),
+        _ml_decoder("tresnet_v2_xl.ml_decoder_coco_640", 640, 80, 80, COCO, "tresnet_xl_COCO_640_91_4.pth", 91.4),
+        _ml_decoder(
+            "tresnet_m.ml_decoder_openimages_224",
+            224,
+            9605,
+            200,
+            "open_images_v6",
+            "tresnet_m_open_images_200_groups_86_8.pth",
+            86.8,
+        ),
+        # Single-label: 196 Stanford Cars classes, top-1 on its test split.
+        PretrainedConfig(
+            "tresnet_v2_l.ml_decoder_stanford_cars_384",
+            Preprocessing(384, crop_pct=1.0, squish=True),
+            num_classes=196,
+            top1=96.41,
+            source="ml_decoder",
+            dataset="cars196",
+            file="tresnet_l_stanford_card_96.41.pth",
+            head=HeadSpec(ML_DECODER),
+        ),
     )
 }
 
@@ -93,6 +142,7 @@ UNTAGGED = "untagged"  # the tag of a configuration no published weights have: t
 DOWNLOAD_PAGES = {
     "official": ("the official TResNet model zoo", "https://github.com/Alibaba-MIIL/TResNet/blob/master/MODEL_ZOO.md"),
     "asl": ("ASL's model zoo", "https://github.com/Alibaba-MIIL/ASL/blob/main/MODEL_ZOO.md"),
+    "ml_decoder": ("ML-Decoder's model zoo", "https://github.com/Alibaba-MIIL/ML_Decoder/blob/main/MODEL_ZOO.md"),
 }
 
 
@@ -133,7 +183,8 @@ def resolve(name: str, num_classes: int | None = None) -> ModelSpec:
     if name in PRETRAINED:
         return ModelSpec(architecture, arch, PRETRAINED[name])
     for cfg in PRETRAINED.values():
-        if cfg.architecture == name and num_classes in (None, cfg.num_classes) and not cfg.multi_label:
+        plain = not cfg.multi_label and cfg.head == FC_HEAD
+        if cfg.architecture == name and num_classes in (None, cfg.num_classes) and plain:
             return ModelSpec(architecture, arch, cfg)
     classes = 1000 if num_classes is None else num_classes
     return ModelSpec(architecture, arch, PretrainedConfig(f"{name}.{UNTAGGED}", num_classes=classes, source="none"))

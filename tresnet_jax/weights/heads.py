@@ -1,11 +1,13 @@
-"""Weights given another number of classes: the backbone kept, a new head drawn as the original
-draws a fresh one, and the record saying so. The one place this happens, for the converter
-(``--num-classes``), ``load``/``create_model(..., num_classes=)`` and ``train.py --init``."""
+"""Weights given another number of classes or another head: the backbone kept, a new head drawn
+as the original draws a fresh one, and the record saying so. The one place this happens, for
+the converter (``--num-classes``), ``load``/``create_model(..., num_classes=, head=)`` and
+``train.py --init``."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from tresnet_jax.model.architecture import FC, HeadSpec
 from tresnet_jax.model.initialization import Seed, replace_head
 from tresnet_jax.weights.info import WeightsInfo
 
@@ -13,21 +15,39 @@ Variables = dict[str, Any]
 
 
 def with_classes(
-    variables: Variables, info: WeightsInfo, num_classes: int | None, seed: Seed = 0
+    variables: Variables, info: WeightsInfo, num_classes: int | None, seed: Seed = 0, head: HeadSpec | None = None
 ) -> tuple[Variables, WeightsInfo, str]:
-    """``variables`` and ``info`` for a ``num_classes`` head (None or the same count: as they
-    are; 0: no head, pooled features out), and a line saying what happened. A new head's
-    weights are no longer the published ones: the record keeps their preprocessing and source
-    but drops the tag, reported figures and class names."""
-    if num_classes is None or num_classes == info.num_classes:
+    """``variables`` and ``info`` for a ``num_classes`` head of kind ``head`` (None: the count
+    or kind they have; the same count and kind: as they are; 0 classes: no head, pooled
+    features out), and a line saying what happened. A new head's weights are no longer the
+    published ones: the record keeps their preprocessing and source but drops the tag,
+    reported figures and class names."""
+    classes = info.num_classes if num_classes is None else num_classes
+    head = info.head if head is None else head
+    if classes == info.num_classes and head == info.head:
         return variables, info, "its head kept"
+    num_classes = classes
+    head = head if num_classes else HeadSpec()
+    head.check_classes(num_classes)
     if num_classes:
-        note = f"replaced the {info.num_classes}-class head by a new {num_classes}-class one (seed {seed})"
-        said = f"a new {num_classes}-class head (it had {info.num_classes})"
+        kind = "" if head == info.head else f" {describe(head)}"
+        note = f"replaced the {info.num_classes}-class head by a new {num_classes}-class{kind} one (seed {seed})"
+        said = f"a new {num_classes}-class{kind} head (it had {info.num_classes})"
     else:
         note = f"dropped the {info.num_classes}-class head: the model outputs pooled features"
         said = f"no head (it had {info.num_classes} classes)"
     if info.class_names is not None:
         note += f"; dropped its {len(info.class_names)} class names with it"
-    new = info.replace(num_classes=num_classes, class_names=None, tag=None, reported=None, notes=(*info.notes, note))
-    return replace_head(variables, info.arch, num_classes, seed), new, said
+    new = info.replace(
+        num_classes=num_classes, head=head, class_names=None, tag=None, reported=None, notes=(*info.notes, note)
+    )
+    return replace_head(variables, info.arch, num_classes, seed, head), new, said
+
+
+def describe(head: HeadSpec) -> str:
+    """A head in words: "fc", "ML-Decoder (K 80)", "zero-shot ML-Decoder"."""
+    if head.kind == FC:
+        return "fc"
+    if head.zero_shot:
+        return "zero-shot ML-Decoder"
+    return "ML-Decoder" + (f" (K {head.num_groups})" if head.num_groups is not None else "")

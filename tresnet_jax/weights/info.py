@@ -12,12 +12,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from tresnet_jax.errors import InputError
-from tresnet_jax.model.architecture import ArchSpec
+from tresnet_jax.model.architecture import FC_HEAD, ArchSpec, HeadSpec
 from tresnet_jax.model.registry import ARCHITECTURES, PRETRAINED, PretrainedConfig
 from tresnet_jax.preprocessing import Preprocessing
 
-FORMAT_VERSION = 2  # 1: metadata written before WeightsInfo (the same keys, looser)
-HEADS = ("fc",)  # the classifier heads a TResNet can carry: global pool + linear
+FORMAT_VERSION = 3  # 1: before WeightsInfo (the same keys, looser); 2: head a name ("fc")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,8 +38,8 @@ class Source:
 
 @dataclasses.dataclass(frozen=True)
 class Reported:
-    """What the weights' authors report: ImageNet top-1/top-5 (timm's figures) or the mAP of a
-    multi-label model on ``dataset`` (a TFDS name)."""
+    """What the weights' authors report: top-1/top-5 (ImageNet's, timm's figures, when no
+    ``dataset`` is named) or the mAP of a multi-label model on ``dataset`` (a TFDS name)."""
 
     top1: float | None = None
     top5: float | None = None
@@ -53,7 +52,7 @@ class Reported:
         """The reported figures of a published configuration."""
         if cfg.multi_label:
             return cls(mAP=cfg.mean_ap, dataset=cfg.dataset)
-        return cls(cfg.top1, cfg.top5, cfg.imagenet_v2_top1)
+        return cls(cfg.top1, cfg.top5, cfg.imagenet_v2_top1, dataset=cfg.dataset)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +62,7 @@ class WeightsInfo:
 
     model: str  # the architecture: tresnet_m
     num_classes: int  # 0: no head, the model outputs pooled features
-    head: str = "fc"
+    head: HeadSpec = FC_HEAD  # the classifier: fc, or ML-Decoder with its groups
     multi_label: bool = False  # a sigmoid per class (ASL), not a softmax over the classes
     class_names: tuple[str, ...] | None = None
     preprocessing: Preprocessing = dataclasses.field(default_factory=Preprocessing)
@@ -79,8 +78,9 @@ class WeightsInfo:
             raise InputError(f"unknown model {self.model!r}; known: {', '.join(ARCHITECTURES)}")
         if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 0:
             raise InputError(f"num_classes must be a whole number >= 0, got {self.num_classes!r}")
-        if self.head not in HEADS:
-            raise InputError(f"unknown head {self.head!r}; known: {', '.join(HEADS)}")
+        if not isinstance(self.head, HeadSpec):
+            raise InputError(f"head must be a HeadSpec, got {self.head!r}")
+        self.head.check_classes(self.num_classes)
         if self.class_names is not None:
             object.__setattr__(self, "class_names", tuple(str(name) for name in self.class_names))
             if len(self.class_names) != self.num_classes:
@@ -108,7 +108,7 @@ class WeightsInfo:
             "format_version": FORMAT_VERSION,  # the shape written here, whatever was read
             "model": self.model,
             "num_classes": self.num_classes,
-            "head": self.head,
+            "head": dataclasses.asdict(self.head),
             "multi_label": self.multi_label,
             "class_names": list(self.class_names) if self.class_names is not None else None,
             "preprocessing": self.preprocessing.to_json(),
@@ -131,7 +131,7 @@ class WeightsInfo:
             return cls(
                 model=_entry(document, "model", str, None),
                 num_classes=document["num_classes"],
-                head=_entry(document, "head", str, "fc"),
+                head=_head(document.get("head")),
                 multi_label=_entry(document, "multi_label", bool, False),
                 class_names=_strings(document, "class_names"),
                 preprocessing=Preprocessing.from_json(_entry(document, "preprocessing", dict, {})),
@@ -145,6 +145,17 @@ class WeightsInfo:
             )
         except (InputError, TypeError, ValueError, AttributeError) as err:
             raise InputError(f"{where}: {err}") from None
+
+
+def _head(value: Any) -> HeadSpec:
+    """The head entry: a record (format 3) or a name (format 2: always "fc"); none means fc."""
+    if value is None:
+        return HeadSpec()
+    if isinstance(value, str):
+        return HeadSpec(value)
+    if not isinstance(value, dict):
+        raise InputError(f"head {value!r}: expected a record or a name")
+    return HeadSpec(**{k: v for k, v in _typed(HeadSpec, value).items() if v is not None})
 
 
 def _set_entries(record: Any) -> dict[str, Any]:
