@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -208,12 +208,17 @@ def load(
     head: str | HeadSpec | None = None,
     num_groups: int | None = None,
     zero_shot: bool = False,
+    multi_label: bool = False,
+    class_names: Sequence[str] | None = None,
 ) -> Loaded:
     """A TResNet with stored or pretrained weights: a weights directory, a name converted or
     trained before, a pretrained tag, ``hf-hub:OWNER/NAME``, an architecture (its default tag),
     or a PyTorch checkpoint file (``.pth``/``.pt``/``.bin``/``.safetensors``, converted in
     memory; ``architecture`` picks the variant when its tensors fit two). ``architecture``
-    given, weights of another are refused. The other arguments: as ``create_model``'s."""
+    given, weights of another are refused. ``multi_label`` and ``class_names`` declare what a
+    PyTorch file converted here does not say (as the converter's ``--multi-label`` and
+    ``--classes``); a weights directory already records them. The other arguments: as
+    ``create_model``'s."""
     spec = resolve(architecture) if architecture is not None else None
     path = Path(name_or_path).expanduser()
     if path.suffix in TORCH_SUFFIXES:
@@ -221,12 +226,20 @@ def load(
         from tresnet_jax.weights.torch_io import read_checkpoint
 
         checkpoint = read_checkpoint(path)
-        converted, info = convert_checkpoint(checkpoint.state_dict, path, spec, class_names=checkpoint.class_names)
+        names = list(class_names) if class_names is not None else checkpoint.class_names
+        converted, info = convert_checkpoint(
+            checkpoint.state_dict, path, spec, class_names=names, multi_label=multi_label
+        )
         variables, origin = converted.variables, f"{path}, converted in memory"
     else:
         choice = choose_weights(name_or_path)
         directory = choice.directory_now()
         info, variables, origin = read_info(directory), read_variables(directory), choice.description
+        if (multi_label and not info.multi_label) or class_names is not None:
+            raise InputError(
+                f"{name_or_path}: multi-label and class names are declared when a PyTorch file is converted; "
+                f"these weights record theirs ({'multi' if info.multi_label else 'single'}-label)"
+            )
         if spec is not None and spec.arch != info.arch:
             raise InputError(f"{name_or_path}: holds {info.model} weights, not {spec.name}")
         _check_shapes(directory, info, variables)
