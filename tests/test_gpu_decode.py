@@ -11,26 +11,40 @@ import jax
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, JpegImagePlugin
 
 from tests.blocked_imports import run_without
-from tests.images import CLASSES, image_folder
+from tests.images import CLASSES, image_folder, photo
 from tresnet_jax.data import gpu_decode
 from tresnet_jax.data.augment import AugmentConfig, crop_box, decode_crop
-from tresnet_jax.data.gpu_batches import decoded_eval_batches, decoded_train_batches
+from tresnet_jax.data.gpu_batches import (
+    CHECKED_IMAGES,
+    decoded_eval_batches,
+    decoded_train_batches,
+    first_jpegs,
+    trusted,
+)
 from tresnet_jax.data.gpu_decode import (
+    DECODER_MAX_LEVELS,
+    DECODER_MEAN_LEVELS,
     BatchDecoder,
+    colour_waves,
     decoder_peak_memory,
+    decoder_report,
+    level_difference,
     memory_fraction,
+    probe_jpeg,
+    probe_mismatch,
     reserve_decoder_memory,
+    resized_mismatch,
     select_decoder,
     to_jax,
 )
 from tresnet_jax.data.jpeg_header import gpu_rejection
 from tresnet_jax.data.pipeline import MAX_CONSECUTIVE_UNREADABLE
-from tresnet_jax.data.preprocess import decode_pil, eval_box, pil_transform
+from tresnet_jax.data.preprocess import EvalTransform, decode_pil, eval_box, pil_transform
 from tresnet_jax.data.sources import FolderSource, LabelMap, SyntheticSource, model_labels
-from tresnet_jax.data.train_stream import StreamSpec, train_batches
+from tresnet_jax.data.train_stream import StreamSpec, train_batches, train_keys
 from tresnet_jax.errors import InputError
 from tresnet_jax.evaluation import preprocessed_batches
 from tresnet_jax.preprocessing import Preprocessing
@@ -38,21 +52,10 @@ from tresnet_jax.preprocessing import Preprocessing
 # torchvision 0.29 deprecates its decoders for TorchCodec's; the decoder still uses them.
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
 
-# How far another JPEG decoder (nvJPEG) may be from PIL's libjpeg-turbo on ``smooth`` images
-# (colour gradients of at most 2 pi 100 / 160 = 3.9 levels a pixel), derived, not measured:
-# - IDCT: IEEE 1180 keeps each decoder within 1 level of the exact IDCT, so two decoders within
-#   2 of each other per Y, Cb, Cr sample, hence within 2 + 1.772 * 2 < 6 in B (B = Y + 1.772 Cb),
-#   less in R and G; the conversion to RGB rounds once in each: 1 more.
-# - Chroma upsampling (libjpeg's triangle "fancy" filter against nvJPEG's replication): at most
-#   1/4 of the step between chroma samples 2 pixels apart, <= 1/4 * 2 * 3.9 < 2 levels of Cb or
-#   Cr, so < 1.772 * 2 < 4 in B.
-# - The resize is a convex combination (bilinear), so it does not grow a difference; its two
-#   roundings may each add 1 (and Pillow's pass order may move one).
-# Hence at most 6 + 1 + 4 + 2 = 13 levels anywhere. On average the IDCT terms nearly vanish
-# (IEEE 1180 bounds the mean error by 0.015 a sample) and the others are about half their
-# bounds: <= 2 levels.
-MAX_LEVELS = 13
-MEAN_LEVELS = 2.0
+# How far another JPEG decoder (nvJPEG) may be from PIL's libjpeg-turbo on ``smooth`` images (and,
+# the mean only, on photographs): derived in gpu_decode, where the decoder's checks use them too.
+MAX_LEVELS = DECODER_MAX_LEVELS
+MEAN_LEVELS = DECODER_MEAN_LEVELS
 SIZE = 64
 
 
@@ -72,14 +75,11 @@ def any_decoder(request):
 
 
 def smooth(height: int, width: int, seed: int) -> np.ndarray:
-    """Colour waves of 160 pixels, one direction and phase per channel: smooth at every scale."""
+    """Colour waves of 160 pixels, one direction and phase per channel drawn from ``seed``:
+    smooth at every scale."""
     rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width]
     angles, phases = rng.uniform(0, math.pi, 3), rng.uniform(0, 2 * math.pi, 3)
-    waves = [
-        np.sin(2 * math.pi * (x * math.cos(a) + y * math.sin(a)) / 160 + p) for a, p in zip(angles, phases, strict=True)
-    ]
-    return np.clip(127.5 + 100 * np.stack(waves, -1), 0, 255).astype(np.uint8)
+    return colour_waves(height, width, list(zip(angles, phases, strict=True)))
 
 
 def encode(pixels: np.ndarray | Image.Image, fmt: str = "JPEG", **options) -> bytes:
@@ -376,6 +376,200 @@ def test_synthetic_sources_pass_through(decoder):
     for a, b in zip(ours, host, strict=True):
         for key in ("image", "label", "mask", "index"):
             np.testing.assert_array_equal(np.asarray(a[key]), b[key])
+
+
+# --- Trusting the decoder: the probe and the first batch's check ------------------------------
+class Brightened(BatchDecoder):
+    """The CPU decoder with every resized row ``levels`` brighter: a decoder whose pixels are
+    wrong, as a wrong colour conversion would make them."""
+
+    def __init__(self, levels: int):
+        super().__init__(torch.device("cpu"), "torchvision on the CPU")
+        self.levels = levels
+
+    def decode_resized(self, *args, **kwargs):
+        rows, refused = super().decode_resized(*args, **kwargs)
+        return (rows.int() + self.levels).clamp(0, 255).to(torch.uint8), refused
+
+
+def test_the_probe_is_a_smooth_colourful_baseline_jpeg():
+    """What the bounds assume (at most 3.9 levels a pixel) and what makes a wrong colour
+    conversion show: chroma far from grey, 4:2:0 so that the upsampling is exercised."""
+    encoded = probe_jpeg()
+    assert gpu_rejection(encoded) is None
+    with Image.open(io.BytesIO(encoded)) as image:
+        assert image.size == (gpu_decode.PROBE_SIDE, gpu_decode.PROBE_SIDE)
+        assert JpegImagePlugin.get_sampling(image) == 2  # 4:2:0
+    pixels = colour_waves(gpu_decode.PROBE_SIDE, gpu_decode.PROBE_SIDE, gpu_decode.PROBE_WAVES).astype(int)
+    assert max(np.abs(np.diff(pixels, axis=0)).max(), np.abs(np.diff(pixels, axis=1)).max()) == 4
+    chroma = np.asarray(Image.fromarray(pixels.astype(np.uint8)).convert("YCbCr"))[..., 1:].astype(int)
+    assert (chroma.min((0, 1)).tolist(), chroma.max((0, 1)).tolist()) == ([55, 72], [200, 227])
+
+
+def test_the_probe_passes_with_this_machines_decoders(any_decoder):
+    """torchvision's CPU decoder is libjpeg-turbo, as PIL's: the same pixels. nvJPEG (with a
+    GPU) within the bounds, on the probe and on photographs resized as evaluation resizes them."""
+    encoded = probe_jpeg()
+    assert probe_mismatch(any_decoder.decode_pixels, any_decoder.name) is None
+    mean, most = level_difference(any_decoder.decode_pixels(encoded), np.asarray(decode_pil(encoded, "probe")))
+    if any_decoder.device.type == "cpu":
+        assert (mean, most) == (0.0, 0)
+    names = ["astronaut", "chelsea", "coffee", "rocket"]
+    photos = [encode(photo(name), quality=90) for name in names]
+    boxes = [eval_box(Image.open(io.BytesIO(data)).size, Preprocessing(224)) for data in photos]
+    counts = dict(any_decoder.counts)
+    assert resized_mismatch(any_decoder, photos, boxes, names, 224) is None
+    assert any_decoder.counts == counts  # the check's images are not counted as the run's
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (lambda p: p + 2, None),  # mean 2.0, largest 2: within both bounds
+        (lambda p: p + 3, (3, 3.0)),  # over the mean's bound
+        (lambda p: np.where(np.arange(p.size).reshape(p.shape) == 0, p + 14, p), (14, 14 / 96 / 96 / 3)),  # one value
+        (lambda p: p + 20, (20, 20.0)),
+        (lambda p: p[..., ::-1], (201, 72.04390914351852)),  # channels swapped
+    ],
+    ids=["+2", "+3", "one +14", "+20", "BGR"],
+)
+def test_a_decoder_further_from_pil_than_the_bounds_fails_the_probe_with_the_numbers(change, expected):
+    cpu = BatchDecoder.cpu()
+
+    def decode(data: bytes) -> np.ndarray:
+        return change(cpu.decode_pixels(data).astype(np.int16)).astype(np.uint8)  # the probe stays in 27..228
+
+    why = probe_mismatch(decode, "a decoder")
+    if expected is None:
+        assert why is None
+        return
+    most, mean = expected
+    assert why == (
+        f"a decoder decodes a test JPEG up to {most} levels from PIL's (mean {mean:.1f}); two correct JPEG "
+        "decoders differ by at most 13 (mean 2) on it"
+    )
+
+
+def test_a_decoder_returning_another_shape_fails_the_probe():
+    cpu = BatchDecoder.cpu()
+    why = probe_mismatch(lambda data: cpu.decode_pixels(data)[:64], "a decoder")
+    assert why == "a decoder decodes a 96x96 test JPEG to shape (64, 96, 3)"
+
+
+def test_a_cuda_decoder_failing_the_probe_is_refused_or_left_for_the_host(monkeypatch):
+    """A machine that has CUDA as far as PyTorch says, whose decoder gives pixels 20 levels off:
+    ``auto`` stays on the host with one line, ``gpu`` is refused with one line."""
+    wrong = BatchDecoder.cpu()
+    monkeypatch.setattr(wrong, "decode_pixels", lambda data: BatchDecoder.cpu().decode_pixels(data) + 20)
+    monkeypatch.setattr(gpu_decode, "nvidia_device_files", lambda: True)
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(BatchDecoder, "cuda", classmethod(lambda cls, index=0: wrong))
+    why = (
+        "torchvision's CUDA JPEG decoder decodes a test JPEG up to 20 levels from PIL's (mean 20.0); "
+        "two correct JPEG decoders differ by at most 13 (mean 2) on it"
+    )
+    assert gpu_decode.cuda_unavailable() == why
+    assert select_decoder("auto") == (None, f"JPEG decoding stays on the host: {why}")
+    with pytest.raises(InputError) as raised:
+        select_decoder("gpu")
+    assert str(raised.value) == f"--decode gpu: {why}"
+    monkeypatch.setattr(wrong, "decode_pixels", BatchDecoder.cpu().decode_pixels)  # a right one is taken
+    assert select_decoder("gpu") == (wrong, None)
+
+
+def test_the_first_batch_check_keeps_a_right_decoder_silently(capsys):
+    source = MemorySource(16)
+    decoder = BatchDecoder.cpu()
+    augment = AugmentConfig(image_size=SIZE)
+    batches = list(
+        itertools.islice(
+            decoded_train_batches(source, StreamSpec(8, seed=3), augment, 0, LABELS, decoder, workers=2), 2
+        )
+    )
+    assert capsys.readouterr().out == ""
+    assert (decoder.checked, decoder.mismatch) == (True, None)
+    assert decoder.counts["decoded"] == 16  # the two batches' images, not the check's 4 on top
+    assert not isinstance(batches[0]["image"], np.ndarray)  # the decoder's rows, as a jax.Array
+    assert "failed" not in decoder_report(decoder)
+
+
+def test_a_wrong_decoder_gives_way_to_the_host_stream_with_one_line(capsys):
+    """Rows 20 levels off: the first batch's check prints one line naming the first image it
+    decoded both ways, and the run's streams, training and then validation, are the host's."""
+    source = MemorySource(16)
+    decoder = Brightened(20)
+    augment = AugmentConfig(image_size=SIZE)
+    spec = StreamSpec(8, seed=3)
+    first = next(train_keys(source, spec, 2))[1]
+    ours = list(itertools.islice(decoded_train_batches(source, spec, augment, 2, LABELS, decoder, workers=2), 3))
+    host = list(itertools.islice(train_batches(source, spec, augment, 2, LABELS, None, 2, True), 3))
+    why = (
+        f"memory[{first}] decoded by torchvision on the CPU is 20.0 levels from PIL's on average (at most 20); "
+        "two correct JPEG decoders differ by at most 2 on average"
+    )
+    assert capsys.readouterr().out == f"JPEG decoding stays on the host: {why}\n"
+    assert decoder.mismatch == why
+    for batch, expected in zip(ours, host, strict=True):
+        for key in ("image", "label", "augment_ids"):
+            np.testing.assert_array_equal(batch[key], expected[key])
+        assert isinstance(batch["image"], np.ndarray)
+    # Validation of the same run: the host's batches, no second line.
+    prep = Preprocessing(SIZE)
+    ours = list(decoded_eval_batches(source, prep, 0, 16, LABELS, 6, 3, {}, decoder, workers=2))
+    host = list(preprocessed_batches(source, prep, 0, 16, LABELS, 6, 3, {}, workers=2))
+    for batch, expected in zip(ours, host, strict=True):
+        for key in ("image", "label", "mask", "index"):
+            np.testing.assert_array_equal(batch[key], expected[key])
+    assert capsys.readouterr().out == ""
+    assert decoder.counts["decoded"] == 0
+    assert decoder_report(decoder).endswith(
+        "; its pixels failed the first batch's check, so the run decoded on the host"
+    )
+
+
+def test_the_check_of_an_evaluation_names_the_worst_of_its_first_jpegs(capsys):
+    """Evaluation alone (eval.py): its first batch checked; refused files are passed over, and
+    the line names the image furthest from PIL's."""
+    source = MemorySource(12, {0: odd_files()["progressive"], 2: b"broken"})
+    found = first_jpegs(source, EvalTransform(Preprocessing(SIZE)), [(0, i) for i in range(6)], CHECKED_IMAGES)
+    assert [name for _, _, name in found] == ["memory[1]", "memory[3]", "memory[4]", "memory[5]"]
+    decoder = BatchDecoder.cpu()
+    original = decoder.decode_resized
+
+    def darker_third(encoded, boxes, size, interpolation="bilinear"):
+        rows, refused = original(encoded, boxes, size, interpolation)
+        if len(encoded) == CHECKED_IMAGES:  # the check's call: the 3rd image 30 levels darker, the 2nd 5
+            rows[2] = (rows[2].int() - 30).clamp(0, 255).to(torch.uint8)
+            rows[1] = (rows[1].int() - 5).clamp(0, 255).to(torch.uint8)
+        return rows, refused
+
+    decoder.decode_resized = darker_third
+    prep = Preprocessing(SIZE)
+    skipped = {}
+    ours = list(decoded_eval_batches(source, prep, 0, 12, LABELS, 6, 2, skipped, decoder, workers=2))
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1
+    assert out[0].startswith("JPEG decoding stays on the host: memory[4] decoded by torchvision on the CPU is ")
+    assert out[0].endswith(
+        " levels from PIL's on average (at most 30); two correct JPEG decoders differ by at most 2 on average"
+    )
+    host_skipped = {}
+    host = list(preprocessed_batches(source, prep, 0, 12, LABELS, 6, 2, host_skipped, workers=2))
+    assert list(skipped) == list(host_skipped) == [2]  # PIL's reasons name a BytesIO object's address
+    assert skipped[2].startswith("unreadable image (cannot identify image file")
+    for batch, expected in zip(ours, host, strict=True):
+        np.testing.assert_array_equal(batch["image"], expected["image"])
+
+
+def test_a_first_batch_without_jpegs_leaves_the_check_to_the_next_stream():
+    decoder = Brightened(20)
+    source = SyntheticSource(8, num_classes=5)
+    assert trusted(decoder, source, EvalTransform(Preprocessing(SIZE)), [(0, i) for i in range(8)])
+    assert (decoder.checked, decoder.mismatch) == (False, None)
+    assert not trusted(decoder, MemorySource(4), EvalTransform(Preprocessing(SIZE)), [(0, i) for i in range(4)])
+    assert decoder.checked
 
 
 # --- Choosing the decoder, memory, JAX ---------------------------------------------------------

@@ -7,34 +7,79 @@ with ``pipeline.Read`` leaving the JPEGs the decoder takes as ``ForDecoder`` and
 (``device_images``). So they give the same batches, up to the JPEG decoder: what the decoder may
 not be given (``jpeg_header.gpu_rejection``) or fails on goes through the host's path for its
 slot, which reads it exactly as the host stream does or reports it as unreadable there.
+
+Before a run's first stream uses the decoder, ``trusted`` decodes the first JPEGs of its first
+batch both ways: a decoder whose pixels are too far from PIL's is not used, and every stream of
+the run is the host's.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
 
 from tresnet_jax.data.augment import AugmentConfig
-from tresnet_jax.data.gpu_decode import BatchDecoder, _torch, to_jax
-from tresnet_jax.data.host_pool import Outcome, attempt, ordered_map
+from tresnet_jax.data.gpu_decode import BatchDecoder, Box, _torch, resized_mismatch, to_jax
+from tresnet_jax.data.host_pool import UNREADABLE, Outcome, attempt, ordered_map
 from tresnet_jax.data.pipeline import (
     ForDecoder,
     Images,
     ImageWork,
+    Key,
     Read,
+    decodable_size,
     eval_batches_of,
     eval_examples,
     eval_keys,
     groups,
+    host_images,
     train_batches_of,
     train_examples,
 )
 from tresnet_jax.data.preprocess import EvalTransform
 from tresnet_jax.data.sources import LabelMap, Source
-from tresnet_jax.data.train_stream import StreamSpec, TrainTransform, train_keys
+from tresnet_jax.data.train_stream import StreamSpec, TrainTransform, train_batches, train_keys
 from tresnet_jax.preprocessing import Preprocessing
+
+CHECKED_IMAGES = 4  # JPEGs of a run's first batch decoded both ways before its decoder is used
+
+
+def first_jpegs(source: Source, work: ImageWork, keys: Iterable[Key], count: int) -> list[tuple[bytes, Box, str]]:
+    """Up to ``count`` of the images of ``keys`` the decoder would be given, in order: (bytes,
+    the box ``work`` draws for the key, name). Only their headers are parsed."""
+    found = []
+    for key in keys:
+        try:
+            encoded, _ = source.record(key[1])
+        except UNREADABLE:  # the stream reports it
+            continue
+        size = decodable_size(encoded)
+        if size is not None:
+            found.append((encoded, work.box(size, key), source.describe(key[1])))
+            if len(found) == count:
+                break
+    return found
+
+
+def trusted(decoder: BatchDecoder, source: Source, work: ImageWork, keys: Iterable[Key]) -> bool:
+    """Whether the streams may use ``decoder``'s pixels. Decided once per decoder (so once per
+    run, its validations included) on the first stream's first batch (``keys``): its first
+    ``CHECKED_IMAGES`` JPEGs decoded and resized by the decoder and by PIL
+    (``gpu_decode.resized_mismatch``). A decoder is not trusted untried (nvJPEG had not run on a
+    GPU when this was written): a mismatch prints one line and the run stays on the host's path.
+    A first batch with no JPEG for the decoder leaves the decision to the next stream."""
+    if not decoder.checked:
+        found = first_jpegs(source, work, keys, CHECKED_IMAGES)
+        if found:
+            decoder.checked = True
+            encoded, boxes, names = [f[0] for f in found], [f[1] for f in found], [f[2] for f in found]
+            decoder.mismatch = resized_mismatch(decoder, encoded, boxes, names, work.size, work.interpolation)
+            if decoder.mismatch is not None:
+                print(f"JPEG decoding stays on the host: {decoder.mismatch}", flush=True)
+    return decoder.mismatch is None
 
 
 def decoded(
@@ -88,8 +133,12 @@ def decoded_train_batches(
 ) -> Iterator[dict[str, Any]]:
     """``train_stream.train_batches(..., on_device=True)`` with the crops decoded and resized by
     ``decoder``: the same images (up to the JPEG decoder), labels, ``augment_ids`` and reports;
-    ``image`` is a jax.Array uint8 (local batch, S, S, 3) on the decoder's device."""
+    ``image`` is a jax.Array uint8 (local batch, S, S, 3) on the decoder's device. A decoder
+    not ``trusted`` gives way to the host's stream (numpy images)."""
     work = TrainTransform(augment, spec.seed, crop_only=True)
+    if not trusted(decoder, source, work, itertools.islice(train_keys(source, spec, start_step), spec.local_batch)):
+        yield from train_batches(source, spec, augment, start_step, label_map, on_unreadable, workers, on_device=True)
+        return
     keys = train_keys(source, spec, start_step)
     # Threads: each item is a file read and a header parse; processes would ship the bytes back.
     reads = ordered_map(Read(source, work, replace=True, for_decoder=True), keys, workers, 2 * spec.local_batch, False)
@@ -115,8 +164,15 @@ def decoded_eval_batches(
 
     ``image`` is a jax.Array on the decoder's device (padding rows zero), not numpy: the rows are
     made there and go to the model there, and a copy to the host and back would cost what the
-    decoder saves; ``label``, ``mask`` and ``index`` stay numpy, as the host reads them."""
+    decoder saves; ``label``, ``mask`` and ``index`` stay numpy, as the host reads them. A decoder
+    not ``trusted``: ``evaluation.preprocessed_batches``'s stages, numpy images."""
     work = EvalTransform(prep)
-    reads = ordered_map(Read(source, work, for_decoder=True), eval_keys(start, end), workers, 2 * local_batch, False)
-    examples = eval_examples(decoded(reads, decoder, work, Read(source, work), local_batch), skipped)
-    yield from eval_batches_of(examples, local_batch, steps, device_images(decoder, work.size), label_map)
+    if trusted(decoder, source, work, eval_keys(start, min(end, start + local_batch))):
+        keys = eval_keys(start, end)
+        reads = ordered_map(Read(source, work, for_decoder=True), keys, workers, 2 * local_batch, False)
+        examples = eval_examples(decoded(reads, decoder, work, Read(source, work), local_batch), skipped)
+        images = device_images(decoder, work.size)
+    else:
+        examples = eval_examples(ordered_map(Read(source, work), eval_keys(start, end), workers), skipped)
+        images = host_images(work.size)
+    yield from eval_batches_of(examples, local_batch, steps, images, label_map)

@@ -12,6 +12,12 @@ level (Pillow 13 sometimes runs its vertical pass first, and then its rounding d
 pixels). What differs more is the JPEG decoder: nvJPEG's IDCT and chroma upsampling against
 libjpeg-turbo's, a few levels on smooth content.
 
+A decoder is not trusted untried: before it is chosen, ``probe_mismatch`` decodes a JPEG of
+smooth colour waves made in memory and compares its pixels with PIL's (``DECODER_MAX_LEVELS``);
+once a run's images flow, ``resized_mismatch`` compares the first batch's first JPEGs, decoded
+and resized, with PIL's full-scale decode resized alike (``DECODER_MEAN_LEVELS``), and
+``gpu_batches`` keeps the run on the host's path when they differ.
+
 The same code runs on ``torch.device("cpu")`` (torchvision's libjpeg-turbo decoder), which the
 tests use. PyTorch is an optional extra: it is imported only when a decoder is made.
 """
@@ -23,7 +29,7 @@ import io
 import math
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +38,7 @@ from PIL import Image
 
 from tresnet_jax.data.jpeg_header import gpu_rejection
 from tresnet_jax.data.pil_resample import resample_weights
+from tresnet_jax.data.preprocess import decode_pil
 from tresnet_jax.errors import InputError, reason_of
 
 if TYPE_CHECKING:
@@ -45,6 +52,36 @@ Box = tuple[float, float, float, float]  # left, top, right, bottom in full-reso
 DECODER_RESERVE_BYTES = 4 << 30
 JAX_DEFAULT_FRACTION = 0.75  # what JAX preallocates when nobody says otherwise
 MIN_JAX_FRACTION = 0.5
+
+# How far another JPEG decoder (nvJPEG) may be from PIL's libjpeg-turbo, in levels of 0-255, on
+# smooth images (``colour_waves``: gradients of at most 2 pi 100 / 160 = 3.9 levels a pixel),
+# derived, not measured:
+# - IDCT: IEEE 1180 keeps each decoder within 1 level of the exact IDCT, so two decoders within
+#   2 of each other per Y, Cb, Cr sample, hence within 2 + 1.772 * 2 < 6 in B (B = Y + 1.772 Cb),
+#   less in R and G; the conversion to RGB rounds once in each: 1 more.
+# - Chroma upsampling (libjpeg's triangle "fancy" filter against nvJPEG's replication): at most
+#   1/4 of the step between chroma samples 2 pixels apart, <= 1/4 * 2 * 3.9 < 2 levels of Cb or
+#   Cr, so < 1.772 * 2 < 4 in B.
+# - The resize is a convex combination (bilinear), so it does not grow a difference; its two
+#   roundings may each add 1 (and Pillow's pass order may move one).
+# Hence at most 6 + 1 + 4 + 2 = 13 levels anywhere. On average the IDCT terms nearly vanish
+# (IEEE 1180 bounds the mean error by 0.015 a sample) and the others are about half their
+# bounds: <= 2 levels. Only the mean holds on photographs (a sharp chroma edge moves the
+# upsampling term far past its bound on a few pixels); torchvision's own test of its CUDA decoder
+# asks the same of nvJPEG against libjpeg-turbo on its photographs (mean difference < 2).
+DECODER_MAX_LEVELS = 13
+DECODER_MEAN_LEVELS = 2.0
+PIL_FILTERS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
+# The probe: colour waves in three directions 120 degrees apart, one channel each, 4:2:0 at
+# quality 90, 96 pixels square (6 x 6 MCUs): as smooth as the bounds ask, with chroma far from
+# grey (Cb 55-200, Cr 72-227), so that a wrong colour conversion or chroma upsampling leaves
+# them. Simulated in numpy from its pixels' YCbCr planes (largest, mean difference from PIL's
+# decode, the JPEG's own loss of 0.8 on average included):
+# channels swapped 201, 72; chroma dropped 140, 55; video range 23, 9.8; BT.709's coefficients
+# 24, 8.1; chroma 2 pixels off 14, 3.5; while replicating chroma instead of filtering it (what
+# another correct decoder may do) stays at 8, 1.5.
+PROBE_SIDE = 96
+PROBE_WAVES = ((0.0, 0.0), (math.pi / 3, 2 * math.pi / 3), (2 * math.pi / 3, 4 * math.pi / 3))  # (angle, phase)
 
 
 def _torch() -> Any:
@@ -63,6 +100,10 @@ class BatchDecoder:
     def __init__(self, device: torch.device, name: str) -> None:
         self.device, self.name = device, name
         self.counts = {"decoded": 0, "rejected": 0, "batch_retries": 0}
+        # The first batch's check (``gpu_batches.trusted``), once per decoder, so once per run:
+        # whether it ran, and why the decoder's pixels were not used (None: they are).
+        self.checked = False
+        self.mismatch: str | None = None
 
     @classmethod
     def cuda(cls, index: int = 0) -> BatchDecoder:
@@ -93,6 +134,16 @@ class BatchDecoder:
             [image for image in images if image is not None], [boxes[i] for i in kept], size, interpolation
         )
         return resized, rejected
+
+    def decode_pixels(self, encoded: bytes) -> np.ndarray:
+        """One JPEG decoded as uint8 (H, W, 3) numpy on the host, raising what the decoder
+        raises: for the probe, which compares it with PIL's."""
+        torch = _torch()
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        tensor = torch.frombuffer(bytearray(encoded), dtype=torch.uint8)
+        image = decode_jpeg([tensor], mode=ImageReadMode.RGB, device=self.device)[0]
+        return image.permute(1, 2, 0).cpu().numpy()
 
     def _decode(self, encoded: list[bytes]) -> list[torch.Tensor | None]:
         """One batched call; if it fails, one call per image (None where that fails too)."""
@@ -209,12 +260,13 @@ def nvidia_device_files() -> bool:
 
 def cuda_unavailable(index: int = 0) -> str | None:
     """Why JPEGs cannot be decoded on CUDA device ``index`` (one line), or None when they can:
-    PyTorch or torchvision missing, no CUDA device, or a tiny test decode failing there."""
+    PyTorch or torchvision missing, no CUDA device, or the probe (``probe_mismatch``) failing
+    there or giving pixels too far from PIL's."""
     if not nvidia_device_files():  # known without importing PyTorch (2 s)
         return "no NVIDIA GPU on this machine (no /dev/nvidia*)"
     try:
         torch = _torch()
-        from torchvision.io import ImageReadMode, decode_jpeg
+        import torchvision.io  # noqa: F401  (the decoder's module: missing without the extra)
     except ImportError:
         return "PyTorch with torchvision is not installed (pip install 'tresnet-jax[torch]')"
     if torch.version.cuda is None:
@@ -223,16 +275,88 @@ def cuda_unavailable(index: int = 0) -> str | None:
         return "PyTorch sees no CUDA device"
     if index >= torch.cuda.device_count():
         return f"no CUDA device {index} (PyTorch sees {torch.cuda.device_count()})"
-    buffer = io.BytesIO()
-    Image.linear_gradient("L").convert("RGB").resize((64, 64)).save(buffer, format="JPEG")
-    probe = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
     try:
-        decoded = decode_jpeg([probe], mode=ImageReadMode.RGB, device=torch.device("cuda", index))[0]
-        if tuple(decoded.shape) != (3, 64, 64):
-            return f"torchvision's CUDA JPEG decoder returned shape {tuple(decoded.shape)} for a 64x64 image"
+        return probe_mismatch(BatchDecoder.cuda(index).decode_pixels, "torchvision's CUDA JPEG decoder")
     except (RuntimeError, ValueError) as err:
         return f"torchvision cannot decode JPEG on cuda:{index} ({reason_of(err).splitlines()[0]})"
+
+
+def colour_waves(height: int, width: int, waves: Sequence[tuple[float, float]]) -> np.ndarray:
+    """uint8 (height, width, 3): channel c a sine wave of 160 pixels in direction ``waves[c][0]``
+    with phase ``waves[c][1]``, 127.5 +- 100: smooth at every scale (``DECODER_MAX_LEVELS``)."""
+    y, x = np.mgrid[0:height, 0:width]
+    channels = [np.sin(2 * math.pi * (x * math.cos(a) + y * math.sin(a)) / 160 + p) for a, p in waves]
+    return np.clip(127.5 + 100 * np.stack(channels, -1), 0, 255).astype(np.uint8)
+
+
+def probe_jpeg() -> bytes:
+    """The probe's JPEG (``PROBE_WAVES``), made in memory: baseline, YCbCr 4:2:0."""
+    buffer = io.BytesIO()
+    pixels = colour_waves(PROBE_SIDE, PROBE_SIDE, PROBE_WAVES)
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90, subsampling=2)
+    return buffer.getvalue()
+
+
+def level_difference(actual: np.ndarray, expected: np.ndarray) -> tuple[float, int]:
+    """(mean, largest) absolute difference of two uint8 images, in levels."""
+    diff = np.abs(actual.astype(np.int16) - expected.astype(np.int16))
+    return float(diff.mean()), int(diff.max())
+
+
+def probe_mismatch(decode: Callable[[bytes], np.ndarray], name: str) -> str | None:
+    """Why ``decode`` (JPEG bytes -> uint8 (H, W, 3)), called ``name``, cannot be trusted to
+    decode JPEGs (one line), or None: its pixels of the probe JPEG against PIL's, within the
+    difference two correct decoders may have (``DECODER_MAX_LEVELS``, ``DECODER_MEAN_LEVELS``).
+    A shape check alone let a decoder with a wrong colour conversion through. Raises what
+    ``decode`` raises."""
+    encoded = probe_jpeg()
+    expected = np.asarray(decode_pil(encoded, "the probe JPEG"))
+    decoded = np.asarray(decode(encoded))
+    if decoded.shape != expected.shape:
+        return f"{name} decodes a {PROBE_SIDE}x{PROBE_SIDE} test JPEG to shape {decoded.shape}"
+    mean, most = level_difference(decoded, expected)
+    if most > DECODER_MAX_LEVELS or mean > DECODER_MEAN_LEVELS:
+        return (
+            f"{name} decodes a test JPEG up to {most} levels from PIL's (mean {mean:.1f}); two correct "
+            f"JPEG decoders differ by at most {DECODER_MAX_LEVELS} (mean {DECODER_MEAN_LEVELS:g}) on it"
+        )
     return None
+
+
+def resized_mismatch(
+    decoder: BatchDecoder,
+    encoded: Sequence[bytes],
+    boxes: Sequence[Box],
+    names: Sequence[str],
+    size: int,
+    interpolation: str = "bilinear",
+) -> str | None:
+    """Why ``decoder``'s rows of these JPEGs cannot be trusted (one line, the worst image), or
+    None: each decoded and resized by it against PIL's full-scale decode resized alike (what
+    ``decode_resized`` reproduces), within ``DECODER_MEAN_LEVELS`` on average (photographs:
+    their sharp edges leave only the mean bounded). Images either side cannot decode are left
+    out; the decoder's ``counts`` are left as they were (these are not the run's images)."""
+    counts = dict(decoder.counts)
+    rows, refused = decoder.decode_resized(encoded, boxes, size, interpolation)
+    decoder.counts.update(counts)
+    kept = [i for i in range(len(encoded)) if i not in set(refused)]
+    worst: tuple[float, int, str] | None = None
+    for row, i in zip(rows.cpu().numpy(), kept, strict=True):
+        try:
+            image = decode_pil(encoded[i], names[i])
+        except InputError:  # PIL's errors, named
+            continue
+        reference = np.asarray(image.resize((size, size), PIL_FILTERS[interpolation], box=boxes[i]))
+        mean, most = level_difference(row, reference)
+        if mean > DECODER_MEAN_LEVELS and (worst is None or mean > worst[0]):
+            worst = (mean, most, names[i])
+    if worst is None:
+        return None
+    mean, most, name = worst
+    return (
+        f"{name} decoded by {decoder.name} is {mean:.1f} levels from PIL's on average (at most {most}); "
+        f"two correct JPEG decoders differ by at most {DECODER_MEAN_LEVELS:g} on average"
+    )
 
 
 def memory_fraction(total_bytes: int, reserve_bytes: int = DECODER_RESERVE_BYTES) -> float:
@@ -287,6 +411,8 @@ def decoder_report(decoder: BatchDecoder) -> str:
         f"JPEG decoder {decoder.name}: {counts['decoded']} images decoded, {counts['rejected']} passed to the host, "
         f"{counts['batch_retries']} batches retried image by image"
     )
+    if decoder.mismatch is not None:
+        line += "; its pixels failed the first batch's check, so the run decoded on the host"
     peak = decoder_peak_memory(decoder)
     return line if peak is None else f"{line}; decoder memory peak {peak / 2**20:.0f} MiB"
 

@@ -23,7 +23,7 @@ from tresnet_jax.model.layers import (
     nested,
     squeeze_excite_specs,
 )
-from tresnet_jax.model.ml_decoder import decoder_specs
+from tresnet_jax.model.ml_decoder import check_groups, decoder_specs
 
 Array = jax.Array
 Dtype = Any
@@ -191,9 +191,12 @@ class HeadSpec:
             raise InputError("a zero-shot ML-Decoder has a query per class: num_groups does not apply")
 
     def check_classes(self, num_classes: int) -> None:
-        """An ML-Decoder's groups are at most its classes (the original caps them silently)."""
+        """An ML-Decoder's groups are at most its classes (the original caps them silently) and
+        give an output to each (``ml_decoder.check_groups``)."""
         if self.num_groups is not None and self.num_groups > num_classes:
             raise InputError(f"num_groups {self.num_groups} is more than the {num_classes} classes")
+        if self.kind == ML_DECODER and not self.zero_shot and num_classes:
+            check_groups(num_classes, self.num_groups)
 
 
 FC_HEAD = HeadSpec()  # the original TResNet's classifier

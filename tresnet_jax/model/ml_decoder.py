@@ -13,8 +13,10 @@ What the original does, quirks included (each kept here as it is there):
   weights), ``norm2``; a 2048-wide ReLU feed-forward, ``norm3``; LayerNorm eps 1e-5; dropout
   0.1 in training only;
 - group decoding: g = ``int(classes / K + 0.999)`` (the original's formula, which is not
-  always the ceiling: 1000 classes and 999 queries give 1), a (768 x g) projection per query,
-  the first ``classes`` outputs of the flattened (K x g), and a bias per class;
+  always the ceiling: 3001 classes and 1500 queries give 2, leaving K x g short of the
+  classes, where the original fails on its bias; ``check_groups`` refuses such a K), a
+  (768 x g) projection per query, the first ``classes`` outputs of the flattened (K x g), and
+  a bias per class;
 - zero-shot (``zsl``): a query per class, ReLU(Linear 300->768) of the class's word vector
   given at call time, and one shared (768 x 1) projection with a scalar bias.
 """
@@ -62,6 +64,17 @@ def num_queries(num_classes: int, num_groups: int | None) -> int:
 def duplicate_factor(num_classes: int, queries: int) -> int:
     """g, the outputs of each query: the original's ``int(classes / K + 0.999)``."""
     return int(num_classes / queries + 0.999)
+
+
+def check_groups(num_classes: int, num_groups: int | None) -> None:
+    """InputError when the original's g leaves fewer outputs than classes (``duplicate_factor``)."""
+    queries = num_queries(num_classes, num_groups)
+    factor = duplicate_factor(num_classes, queries)
+    if queries * factor < num_classes:
+        raise InputError(
+            f"{queries} groups for {num_classes} classes: ML-Decoder's int(classes / K + 0.999) gives {factor} "
+            f"outputs a group, {queries * factor} in all, fewer than the classes; choose another num_groups"
+        )
 
 
 def _linear(in_features: int, features: int) -> Specs:
@@ -114,6 +127,7 @@ def decoder_specs(num_features: int, num_classes: int, num_groups: int | None, z
         specs |= nested(("word_proj",), _linear(WORD_DIM, EMBED_DIM))
         group_kernel, group_bias = (EMBED_DIM, 1), (1,)
     else:
+        check_groups(num_classes, num_groups)
         queries = num_queries(num_classes, num_groups)
         specs[(QUERIES, "queries")] = VariableSpec((queries, EMBED_DIM), Init("normal", 1.0))
         group_kernel, group_bias = (queries, EMBED_DIM, duplicate_factor(num_classes, queries)), (num_classes,)
