@@ -1,4 +1,4 @@
-"""Export Flax TResNet weights as a timm-layout PyTorch state_dict.
+"""Export Flax TResNet weights as a PyTorch checkpoint (timm's layout; ML-Decoder's official one).
 
     python convert/flax_to_torch.py --help          # installed, the same: tresnet-to-torch --help
 

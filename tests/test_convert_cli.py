@@ -1,7 +1,9 @@
 """The converter on bad and unusual input: one clear line, a non-zero exit, nothing written."""
 
+import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 import tresnet_jax
-from tests.reference import random_timm_model
+from tests.reference import random_timm_model, torch_logits
 from tresnet_jax.cli import convert as torch_to_flax
 
 REPO = Path(__file__).resolve().parent.parent
@@ -221,3 +223,148 @@ def test_command_line_entry_point(tmp_path, weights_root):
     missing = subprocess.run([sys.executable, script, tmp_path / "x.pth"], capture_output=True, text=True, env=env)
     assert missing.returncode == 1
     assert missing.stderr.strip() == f"error: {tmp_path / 'x.pth'}: no such file"
+
+
+@pytest.fixture(scope="module")
+def decoder_checkpoint():
+    """An official ML-Decoder file's content (``tests.ml_decoder_reference``): TResNet-M, 80
+    classes, K 80."""
+    from tests.ml_decoder_reference import ml_decoder_model, official_checkpoint
+
+    return official_checkpoint(ml_decoder_model("tresnet_m", 80, seed=6), [f"class {i}" for i in range(80)])
+
+
+def with_head_change(checkpoint: dict, change) -> dict:
+    state_dict = dict(checkpoint["model"])
+    change(state_dict)
+    return {**checkpoint, "model": state_dict}
+
+
+DECODER = "head.decoder."
+BAD_HEADS = {
+    "groups": (
+        lambda sd: sd.update({DECODER + "duplicate_pooling": sd[DECODER + "duplicate_pooling"][:79]}),
+        "head.decoder.duplicate_pooling has 79 groups, head.decoder.query_embed.weight 80 queries",
+    ),
+    "classes": (  # 81 classes: more than K x g = 80 outputs
+        lambda sd: sd.update({DECODER + "duplicate_pooling_bias": torch.zeros(81)}),
+        "head.decoder.duplicate_pooling_bias has 81 classes for 80 queries, which ML-Decoder gives "
+        "int(81 / 80 + 0.999) = 2 outputs each; head.decoder.duplicate_pooling (80, 768, 1) gives them 1",
+    ),
+    "partial": (
+        lambda sd: sd.pop(DECODER + "layers.0.linear1.weight"),
+        "ML-Decoder head, official layout: missing head.decoder.layers.0.linear1.weight",
+    ),
+    "packed": (
+        lambda sd: sd.update({DECODER + "layers.0.multihead_attn.in_proj_weight": torch.zeros(768, 768)}),
+        "shape mismatch: head.decoder.layers.0.multihead_attn.in_proj_weight is (768, 768), expected (2304, 768)",
+    ),
+    "with_fc": (
+        lambda sd: sd.update({"head.fc.weight": torch.zeros(80, 2048), "head.fc.bias": torch.zeros(80)}),
+        "ML-Decoder head, official layout: unexpected head.fc.weight, head.fc.bias",
+    ),
+    "mixed": (
+        lambda sd: sd.update({"head.embed_standart.bias": sd.pop(DECODER + "embed_standart.bias")}),
+        "the ML-Decoder head mixes the official layout (head.decoder.embed_standart, ...) and timm's",
+    ),
+}
+
+
+@pytest.mark.parametrize("bad", list(BAD_HEADS))
+def test_partial_or_inconsistent_ml_decoder_head(bad, tmp_path, weights_root, decoder_checkpoint, capsys):
+    change, message = BAD_HEADS[bad]
+    path = tmp_path / "tresnet_m_COCO_224_84_2.pth"
+    torch.save(with_head_change(decoder_checkpoint, change), path)
+    line = assert_fails([path], capsys, message, weights_root)
+    assert line.startswith(f"error: {path}: ")
+
+
+def test_a_tag_of_another_head_is_refused(tmp_path, weights_root, decoder_checkpoint, capsys):
+    """An ML-Decoder checkpoint under an fc head's tag, and an fc checkpoint under an
+    ML-Decoder's tag, of the same architecture and classes: one line, nothing written."""
+    decoder = tmp_path / "decoder.pth"
+    torch.save(decoder_checkpoint, decoder)
+    assert_fails(
+        [decoder, "--tag", "tresnet_m.asl_coco_224"],
+        capsys,
+        "tag tresnet_m.asl_coco_224 has the head fc, the weights the head ML-Decoder (K 80)",
+        weights_root,
+    )
+    fc = tmp_path / "fc.pth"
+    reference = random_timm_model("tresnet_m", num_classes=80, seed=5)
+    torch.save(reference.state_dict(), fc)
+    assert_fails(
+        [fc, "--tag", "tresnet_m.ml_decoder_coco_224"],
+        capsys,
+        "tag tresnet_m.ml_decoder_coco_224 has the head ML-Decoder (K 80), the weights the head fc",
+        weights_root,
+    )
+
+
+def test_multi_label_conversion_gives_eval_the_map_scikit_learn_gives_timm(tmp_path, weights_root, tiny_model, capsys):
+    """An untagged timm checkpoint converted with --multi-label --classes is recorded multi-label
+    with those names, and eval.py's mAP on a labels CSV is scikit-learn's (macro AP over the
+    classes with a positive, as tresnet_jax.metrics defines mAP: a class never shown is left
+    out) of timm's logits of the same preprocessed images. Its head is fitted (ridge regression
+    on the random backbone's features) to scores spread over [-5, 5], which differ from image to
+    image. AP depends on each class's order of the images alone, and both orders are the same
+    when every gap between two images' scores exceeds twice the largest difference between the
+    two sets of logits (checked): then only float64 summation differs (1e-9 of a percent
+    bounds it), and the printed mAP, rounded to 3 decimals, is within 5e-4 of it."""
+    from sklearn.metrics import average_precision_score
+
+    from tests import tiny_model as tiny
+    from tests.classifier import pil_preprocess
+    from tests.multilabel_digits import CLASS_NAMES, write_canvases
+    from tresnet_jax.cli import eval as eval_cli
+    from tresnet_jax.data.labels_csv import CsvSource
+
+    tiny.register_in_timm()
+    _, val_csv = write_canvases(tmp_path / "digits", train_images=0, val_images=32, seed=4)
+    source = CsvSource.read(val_csv)
+    files = [val_csv.parent / row for row in source.files]
+    size = 32
+    images = np.stack([pil_preprocess(path, size) for path in files])
+    names = [*CLASS_NAMES, "unshown"]  # a class of the weights with no positive in the CSV
+    reference = random_timm_model(tiny_model, num_classes=len(names), seed=9)
+    fit_head(reference, images, np.random.default_rng(9).uniform(-5.0, 5.0, (len(files), len(names))))
+    path = tmp_path / "model.pth"
+    torch.save(reference.state_dict(), path)
+    class_file = tmp_path / "classes.txt"
+    class_file.write_text("\n".join(names) + "\n")
+
+    code, _, err = run([path, "--multi-label", "--classes", class_file, "--name", "digits"], capsys)
+    assert code == 0, err
+    info = tresnet_jax.load_metadata("digits")
+    assert (info.multi_label, info.class_names, info.tag) == (True, tuple(names), None)
+
+    output, saved = tmp_path / "eval.json", tmp_path / "logits.npz"
+    args = ["--weights", "digits", "--val-labels", val_csv, "--image-size", size, "--batch-size", 8, "--no-progress"]
+    assert eval_cli.main([str(a) for a in [*args, "--output", output, "--save-logits", saved]]) == 0
+    printed = capsys.readouterr().out
+    expected_scores = torch_logits(reference, images)
+    ours = np.load(saved)["logits"]
+    gaps = np.diff(np.sort(expected_scores, axis=0), axis=0).min()
+    assert gaps > 2 * np.abs(ours - expected_scores).max()
+    targets = np.zeros((len(files), len(names)), np.int64)
+    for row, labels in enumerate(source.labels):
+        targets[row, [names.index(source.class_names[c]) for c in labels]] = 1
+    shown = targets.sum(0) > 0
+    assert not shown[-1]
+    assert shown[:-1].sum() >= 8
+    sklearn_map = 100 * average_precision_score(targets[:, shown], expected_scores[:, shown], average="macro")
+    assert json.loads(output.read_text())["mAP"] == pytest.approx(sklearn_map, abs=1e-9)
+    printed_map = float(re.search(r"mAP (\d+\.\d{3})", printed).group(1))
+    assert abs(printed_map - sklearn_map) <= 5e-4 + 1e-9
+
+
+def fit_head(model: torch.nn.Module, images: np.ndarray, wanted: np.ndarray) -> None:
+    """Set the fc head to the ridge regression of ``wanted`` scores on the pooled features."""
+    with torch.no_grad():
+        features = model.forward_head(model.forward_features(torch.from_numpy(images).permute(0, 3, 1, 2)), True)
+    features = features.numpy().astype(np.float64)
+    centred = features - features.mean(0)
+    weight = np.linalg.solve(centred.T @ centred + np.eye(centred.shape[1]), centred.T @ wanted)
+    with torch.no_grad():
+        model.head.fc.weight.copy_(torch.from_numpy(weight.T.astype(np.float32)))
+        model.head.fc.bias.copy_(torch.from_numpy((wanted.mean(0) - features.mean(0) @ weight).astype(np.float32)))

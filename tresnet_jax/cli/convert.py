@@ -3,13 +3,16 @@
     python convert/torch_to_flax.py tresnet_m.pth
     python convert/torch_to_flax.py hf-hub:timm/tresnet_m.miil_in1k        # from the Hugging Face hub
     python convert/torch_to_flax.py MS_COCO_TRresNet_L_448_86.6.pth        # ASL's multi-label COCO model
+    python convert/torch_to_flax.py tresnet_m_COCO_224_84_2.pth             # ML-Decoder's (head from the tensors)
     python convert/torch_to_flax.py model.safetensors --model tresnet_m --num-classes 10 --name m_c10
 
 Writes an Orbax checkpoint and metadata.json to $TRESNET_JAX_WEIGHTS/<name> (default
 ~/.cache/tresnet_jax/weights/<name>; <name> = the model name for a file, the tag for a hub
-repository or for a tag published only as a file, such as ASL's), where tresnet_jax.load(name)
-and eval.py --model find it. A pretrained tag is recorded only when --tag, the hub repository,
-a file name holding the whole tag or ASL's published file name says so.
+repository or for a tag published only as a file, such as ASL's and ML-Decoder's), where
+tresnet_jax.load(name) and eval.py --model find it. A pretrained tag is recorded only when --tag,
+the hub repository, a file name holding the whole tag or a published file name (ASL's,
+ML-Decoder's) says so, and only when its head is the checkpoint's (fc, or ML-Decoder with as many
+queries, read off the tensors).
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ from pathlib import Path
 
 from tresnet_jax.cli import command
 from tresnet_jax.data.labels_csv import read_class_file
+from tresnet_jax.model.architecture import ML_DECODER
 from tresnet_jax.model.registry import ARCHITECTURES, PRETRAINED, resolve
 from tresnet_jax.weights.conversion import convert_checkpoint
+from tresnet_jax.weights.heads import describe
 from tresnet_jax.weights.hub import HUB_PREFIX, HubRepo, convert_fetched, fetch
 from tresnet_jax.weights.storage import check_writable, save_weights, weights_root
 from tresnet_jax.weights.torch_io import read_checkpoint
@@ -84,7 +89,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_writable(output.absolute(), args.force)
     print(
         f"read {args.checkpoint}: {converted.layout} layout, {converted.model_name} with "
-        f"{converted.checkpoint_classes} classes" + ("" if args.model else " (inferred)")
+        f"{converted.checkpoint_classes} classes"
+        + ("" if args.model else " (inferred)")
+        + (f", head {describe(converted.head)}" if converted.head.kind == ML_DECODER else "")
     )
     for note in info.notes:
         print(f"note: {note}")

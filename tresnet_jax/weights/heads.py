@@ -5,6 +5,7 @@ the converter (``--num-classes``), ``load``/``create_model(..., num_classes=, he
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from tresnet_jax.model.architecture import FC, HeadSpec
@@ -23,7 +24,10 @@ def with_classes(
     published ones: the record keeps their preprocessing and source but drops the tag,
     reported figures and class names."""
     classes = info.num_classes if num_classes is None else num_classes
-    head = info.head if head is None else head
+    if head is None:  # the weights' kind of head; their K capped at the new count, as the original caps it
+        kept = info.head.num_groups
+        capped = kept is not None and 0 < classes < kept
+        head = dataclasses.replace(info.head, num_groups=classes) if capped else info.head
     if classes == info.num_classes and head == info.head:
         return variables, info, "its head kept"
     num_classes = classes

@@ -12,13 +12,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from tresnet_jax.errors import InputError
 from tresnet_jax.weights.storage import check_output_file, write_file_atomically
-from tresnet_jax.weights.torch_layout import checkpoint_class_names, unwrap_state_dict
+from tresnet_jax.weights.torch_layout import CLASS_NAMES_ENTRY, checkpoint_class_names, unwrap_state_dict
 
 SAFETENSORS_SUFFIX = ".safetensors"
 
@@ -122,6 +123,38 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+TORCH_SAVE_SUFFIXES = (".pth", ".pt", ".bin")
+
+
+def write_official_checkpoint(
+    path: str | os.PathLike, state_dict: dict[str, np.ndarray], class_names: Sequence[str] | None, force: bool = False
+) -> None:
+    """Save as the authors' code saves (ASL, ML-Decoder): ``torch.save({"model": state_dict,
+    "idx_to_class": {0: name, ...}})``, the class names left out when there are none; a
+    ``.pth``/``.pt``/``.bin`` file (safetensors holds tensors only). Written as
+    ``write_state_dict`` writes."""
+    import torch
+
+    path = Path(path)
+    if path.suffix not in TORCH_SAVE_SUFFIXES:
+        raise InputError(
+            f"{path}: the official layout is a torch.save file of the state_dict and its class names; "
+            f"name a {'/'.join(TORCH_SAVE_SUFFIXES)} file"
+        )
+    path = check_output_file(path, force)
+    checkpoint: dict[str, object] = {"model": _tensors(state_dict)}
+    if class_names is not None:
+        checkpoint[CLASS_NAMES_ENTRY] = dict(enumerate(class_names))
+    write_file_atomically(path, lambda tmp: torch.save(checkpoint, tmp))
+
+
+def _tensors(state_dict: dict[str, np.ndarray]) -> dict[str, object]:
+    """PyTorch tensors of copies (a numpy view of a JAX array is read-only, which torch warns of)."""
+    import torch
+
+    return {k: torch.from_numpy(np.array(v, order="C")) for k, v in state_dict.items()}
+
+
 def write_state_dict(path: str | os.PathLike, state_dict: dict[str, np.ndarray], force: bool = False) -> None:
     """Save a state_dict as ``.safetensors`` or, for any other suffix, ``torch.save`` format.
 
@@ -131,7 +164,7 @@ def write_state_dict(path: str | os.PathLike, state_dict: dict[str, np.ndarray],
     import torch
 
     path = check_output_file(path, force)
-    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict.items()}
+    tensors = _tensors(state_dict)
     if path.suffix == SAFETENSORS_SUFFIX:
         from safetensors.torch import save_file
 

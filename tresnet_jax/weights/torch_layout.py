@@ -12,7 +12,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from tresnet_jax.errors import InputError
-from tresnet_jax.model.architecture import ArchSpec
+from tresnet_jax.model.architecture import ArchSpec, stage_plan
 
 INPLACE_ABN_EPS = 1e-5
 
@@ -122,6 +122,68 @@ def official_to_timm(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarr
         if new.endswith(".bn.weight"):
             value = np.abs(value) + np.asarray(INPLACE_ABN_EPS, value.dtype)
         out[new] = value
+    return out
+
+
+_TIMM_UNIT = re.compile(r"^(.*\.(?:conv\d+|downsample\.\d+))\.(conv|bn)\.(\w+)$")
+
+
+def timm_to_official(state_dict: Mapping[str, np.ndarray], arch: ArchSpec) -> dict[str, np.ndarray]:
+    """``official_to_timm``'s inverse, for ``arch``: Sequential indices (a unit followed by the
+    blur, stride 2, one level deeper), InPlaceABN weights w >= 0 whose |w| + eps is the
+    BatchNorm scale, no ``num_batches_tracked``. ``inplace_abn_scales`` makes every scale one
+    InPlaceABN holds."""
+    blurred = {
+        f"body.layer{s}.{i}.{unit.name}"
+        for s, blocks in enumerate(stage_plan(arch), start=1)
+        for i, block in enumerate(blocks)
+        for unit in block.units
+        if unit.downsample
+    }
+    out = {}
+    for key, value in inplace_abn_scales(state_dict).items():
+        if key.endswith(".num_batches_tracked"):
+            continue
+        unit = _TIMM_UNIT.match(key)
+        if unit is not None:
+            name, part, leaf = unit.groups()
+            if part == "bn" and leaf == "weight":
+                value = value - np.asarray(INPLACE_ABN_EPS, value.dtype)
+            key = f"{name}{'.0' if name in blurred else ''}.{0 if part == 'conv' else 1}.{leaf}"
+        out[key] = value
+    return out
+
+
+def inplace_abn_scales(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A timm-layout state_dict whose every BatchNorm scale s is at least eps (InPlaceABN's,
+    1e-5, which is also its variance epsilon), computing the same function: InPlaceABN scales by
+    |w| + eps, so weights trained here may have scales it cannot hold. A negative scale becomes
+    |s|, its channel's conv filter and running mean negated (exact: (-x + m) |s| = (x - m) s);
+    a smaller one eps, its running variance v raised to (eps / |s|)^2 (v + eps) - eps (the
+    same scale over the standard deviation; a zero scale: the largest float32 variance, a
+    scale of 5e-25)."""
+    eps = INPLACE_ABN_EPS
+    out = dict(state_dict)
+    for key, value in state_dict.items():
+        unit = _TIMM_UNIT.match(key)
+        if unit is None or unit.group(2, 3) != ("bn", "weight"):
+            continue
+        name = unit.group(1)
+        scale = np.asarray(value, np.float64)
+        negative = scale < 0
+        if negative.any():
+            sign = np.where(negative, -1.0, 1.0)
+            conv, mean = f"{name}.conv.weight", f"{name}.bn.running_mean"
+            out[conv] = (out[conv] * sign.reshape(-1, 1, 1, 1)).astype(out[conv].dtype)
+            out[mean] = (out[mean] * sign).astype(out[mean].dtype)
+        small = np.abs(scale) < eps
+        if small.any():
+            var = f"{name}.bn.running_var"
+            with np.errstate(divide="ignore", over="ignore"):
+                raised = (eps / np.abs(scale)) ** 2 * (np.asarray(out[var], np.float64) + eps) - eps
+            limit = np.finfo(np.float32).max
+            out[var] = np.where(small, np.minimum(raised, limit), out[var]).astype(out[var].dtype)
+        out[key] = np.maximum(np.abs(scale), eps).astype(np.asarray(value).dtype)
     return out
 
 
