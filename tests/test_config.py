@@ -15,6 +15,7 @@ import tresnet_jax
 from tests.settings import config
 from tresnet_jax.cli import train as train_cli
 from tresnet_jax.errors import InputError
+from tresnet_jax.model.architecture import ML_DECODER, HeadSpec
 from tresnet_jax.runtime.xla_options import DETERMINISTIC_GPU_FLAG, request_deterministic_gpu_ops
 from tresnet_jax.train.config import (
     AT_LEAST_0,
@@ -144,6 +145,39 @@ def test_a_flat_config_json_of_an_older_run_still_resumes(tmp_path):
         check_resumable(tmp_path, same.replace(**{"optim.lr": 0.1}))
     with pytest.raises(InputError, match=r"other settings \(augment 'host' -> 'device'\)"):
         check_resumable(tmp_path, same.replace(**{"augment.place": "device"}))
+
+
+def test_a_config_json_written_before_the_head_settings_trains_the_fc_head(tmp_path):
+    """Runs before --head had TResNet's fc head: their config.json, flat or in sections, reads
+    as fc and resumes with today's defaults."""
+    (tmp_path / "config.json").write_text(json.dumps({**OLD_CONFIG, "workdir": str(tmp_path)}))
+    assert (stored_config(tmp_path).model.head, stored_config(tmp_path).model.num_groups) == ("fc", None)
+    cfg = from_flat({"run.workdir": str(tmp_path), "optim.lr": 0.05})
+    document = cfg.to_json()
+    del document["model"]["head"], document["model"]["num_groups"]
+    (tmp_path / "config.json").write_text(json.dumps(document))
+    assert stored_config(tmp_path) == cfg
+    check_resumable(tmp_path, cfg)
+    with pytest.raises(InputError, match=r"other settings \(head 'fc' -> 'ml-decoder'\)"):
+        check_resumable(tmp_path, cfg.replace(**{"model.head": "ml-decoder"}))
+
+
+def test_the_head_settings_and_the_head_they_make():
+    """--head takes HeadSpec's spelling too; --num-groups belongs to ML-Decoder; the head of a
+    run has its K written out (100 capped at the classes), and more groups than classes is one
+    line naming the flag (the original caps them silently)."""
+    assert from_flat({"model.head": "ml_decoder"}).model.head == "ml-decoder"
+    assert train_cli.parse_args(["--workdir", "w", "--head", "ml_decoder"])[1].model.head == "ml-decoder"
+    with pytest.raises(InputError, match=r"^--num-groups is a setting of --head ml-decoder, not of --head fc$"):
+        from_flat({"model.num_groups": 10})
+    assert TrainConfig().model.head_spec(10) == HeadSpec()
+    ml = from_flat({"model.head": "ml-decoder"}).model
+    assert [ml.head_spec(n) for n in (10, 80, 1000)] == [HeadSpec(ML_DECODER, k) for k in (10, 80, 100)]
+    assert from_flat({"model.head": "ml-decoder", "model.num_groups": 20}).model.head_spec(80) == HeadSpec(
+        ML_DECODER, 20
+    )
+    with pytest.raises(InputError, match=r"^--num-groups 11 is more than the 10 classes: ML-Decoder has at most"):
+        from_flat({"model.head": "ml-decoder", "model.num_groups": 11}).model.head_spec(10)
 
 
 def test_without_synced_batchnorm_the_device_count_is_a_setting_of_the_run(tmp_path):

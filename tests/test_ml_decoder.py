@@ -157,9 +157,7 @@ def test_nnx_equals_linen_in_evaluation_and_training():
     with pytest.raises(ValueError, match="draws its dropout from dropout_keys"):
         model(IMAGES)
     # The queries are never trained: NNX holds them as Constant, which an optimizer over Param skips.
-    assert [path for path, _ in nnx.to_flat_state(nnx.state(model, tresnet_jax.nnx.Constant))] == [
-        ("head", "queries")
-    ]
+    assert [path for path, _ in nnx.to_flat_state(nnx.state(model, tresnet_jax.nnx.Constant))] == [("head", "queries")]
     back = traverse_util.flatten_dict(tresnet_jax.nnx.to_linen_variables(model))
     assert back.keys() == traverse_util.flatten_dict(variables).keys()
 
@@ -187,7 +185,9 @@ def test_the_head_travels_in_the_weights_record():
     with pytest.raises(tresnet_jax.InputError, match=r"metadata.json: head 3: expected a record or a name"):
         WeightsInfo.from_json({"model": "tresnet_m", "num_classes": 5, "head": 3})
     with pytest.raises(tresnet_jax.InputError, match=r"headspec num_groups 'x': expected int or null"):
-        WeightsInfo.from_json({"model": "tresnet_m", "num_classes": 5, "head": {"kind": "ml_decoder", "num_groups": "x"}})
+        WeightsInfo.from_json(
+            {"model": "tresnet_m", "num_classes": 5, "head": {"kind": "ml_decoder", "num_groups": "x"}}
+        )
     fresh = tresnet_jax.create_model("tresnet_m.ml_decoder_coco_224")
     assert (fresh.info.head, fresh.model.head_spec) == (HeadSpec("ml_decoder", 80), HeadSpec("ml_decoder", 80))
     assert fresh.variables["constants"]["head"]["queries"].shape == (80, 768)

@@ -13,6 +13,7 @@ import pytest
 
 from tresnet_jax.cli import train as train_cli
 from tresnet_jax.errors import InputError
+from tresnet_jax.model.architecture import ML_DECODER, HeadSpec
 from tresnet_jax.model.registry import ARCHITECTURES, PRETRAINED
 from tresnet_jax.train.config import MULTI_LABEL_LOSSES, SECTIONS, TrainConfig, fields, flag_names, flat, write_config
 from tresnet_jax.train.recipes import (
@@ -25,8 +26,8 @@ from tresnet_jax.train.recipes import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = ["cars196", "cifar10", "cifar100", "coco2014", "flowers102", "voc2007"]
-MULTI_LABEL = {"coco2014", "voc2007"}
+RECIPES = ["cars196", "cifar10", "cifar100", "coco2014", "coco2014-ml-decoder", "flowers102", "voc2007"]
+MULTI_LABEL = {"coco2014", "coco2014-ml-decoder", "voc2007"}
 # Issue 19's TFDS names of each recipe's data.
 TFDS_NAMES = {
     "cifar10": "cifar10",
@@ -35,6 +36,7 @@ TFDS_NAMES = {
     "cars196": "cars196",
     "voc2007": "voc/2007",
     "coco2014": "coco/2014",
+    "coco2014-ml-decoder": "coco/2014",
 }
 
 
@@ -47,10 +49,10 @@ def printed_config(argv: list[str], capsys) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
-def test_the_six_recipes_are_packaged():
+def test_the_recipes_are_packaged():
     assert recipe_names() == RECIPES
     folder = importlib.resources.files("tresnet_jax.train").joinpath("recipes")
-    assert sorted(p.name for p in folder.iterdir() if p.name.endswith(".toml")) == [f"{n}.toml" for n in RECIPES]
+    assert sorted(p.name for p in folder.iterdir() if p.name.endswith(".toml")) == sorted(f"{n}.toml" for n in RECIPES)
     # An installed (not editable) package has them only if pyproject ships them.
     tomllib = pytest.importorskip("tomllib")
     package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
@@ -122,6 +124,26 @@ def test_multi_label_recipes_train_as_asl_does():
     assert resolved(["--recipe", "voc2007", "--workdir", "w"]).data.val_dataset == "voc/2007:test"
 
 
+def test_the_ml_decoder_recipe_is_ml_decoders_coco_script():
+    """ML-Decoder's train.py on COCO: its TResNet-L (timm's tresnet_v2_l) with a new ML-Decoder
+    head of 100 queries capped at the 80 classes, batch 56 at 448; the rest as ASL's script
+    (the test above), weight decay off biases and 1-D parameters (``step.decay_mask``)."""
+    cfg = resolved(["--recipe", "coco2014-ml-decoder", "--workdir", "w"])
+    assert (cfg.model.name, cfg.model.init, cfg.model.head, cfg.model.num_groups) == (
+        "tresnet_v2_l",
+        "tresnet_v2_l.miil_in21k",
+        "ml-decoder",
+        None,
+    )
+    assert cfg.model.head_spec(80) == HeadSpec(ML_DECODER, 80)
+    assert (cfg.optim.batch_size, cfg.data.image_size, cfg.optim.weight_decay) == (56, 448, 1e-4)
+    assert (cfg.augment.flip, cfg.augment.mixup, cfg.augment.cutmix) == (False, 0.0, 0.0)
+    # --head fc beside it trains the same recipe with TResNet's head: no K is left behind.
+    assert resolved(["--recipe", "coco2014-ml-decoder", "--workdir", "w", "--head", "fc"]).model.head_spec(80) == (
+        HeadSpec()
+    )
+
+
 def test_flags_beside_a_recipe_override_it(capsys):
     printed = printed_config(["--recipe", "cifar10", "--lr", "0.5"], capsys)
     recipe = load_recipe("cifar10")
@@ -172,7 +194,7 @@ def test_print_config_has_train_configs_shape_and_touches_nothing(tmp_path, monk
     assert list(tmp_path.iterdir()) == []
 
 
-def test_recipe_list_names_all_six(capsys):
+def test_recipe_list_names_them_all(capsys):
     assert train_cli.main(["--recipe", "list"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split()[0] == "recipe"
@@ -185,6 +207,8 @@ def test_recipe_list_names_all_six(capsys):
     assert "voc/2007:train+validation -> voc/2007:test" in by_name["voc2007"]
     assert "99.0 % top-1" in by_name["cifar10"]
     assert "224 crop" in by_name["cifar10"]
+    assert "tresnet_v2_l.miil_in21k + ml-decoder" in by_name["coco2014-ml-decoder"]
+    assert "tresnet_l.miil_in1k " in by_name["coco2014"]  # fc: no head named
 
 
 def test_an_unknown_recipe_names_the_closest(capsys):

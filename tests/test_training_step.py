@@ -24,6 +24,7 @@ from tresnet_jax.train.step import (
     applied_updates,
     create_state,
     decay_mask,
+    draws_dropout,
     global_partners,
     learning_rate,
     make_optimizer,
@@ -74,7 +75,7 @@ def random_batches(count: int, size: int, seed: int = 0, multi_hot: bool = False
 
 
 def run_steps(
-    model: TinyNet,
+    model: nn.Module,
     cfg: TrainConfig,
     total_steps: int,
     devices: int,
@@ -83,13 +84,14 @@ def run_steps(
     augment: AugmentConfig | None = None,
 ) -> tuple[list[Any], list[dict[str, float]]]:
     """The states after each step and the metrics of each step; ``scales``: the loss scale to
-    set before each step (fp16); ``augment``: augmented in the step (else ids are ignored)."""
+    set before each step (fp16); ``augment``: augmented in the step (else the ids are dropped,
+    unless the model's dropout draws from them)."""
     mesh = mesh_of(devices)
     tx = make_optimizer(cfg, total_steps)
-    variables = model.init(jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3)))
+    variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3)))  # one program, not op by op
     state = replicate(create_state(variables, tx, cfg), mesh)
     step = make_train_step(model, tx, cfg, total_steps, mesh, augment)
-    if augment is None:
+    if augment is None and not draws_dropout(model):
         batches = [{k: v for k, v in batch.items() if k != "augment_ids"} for batch in batches]
     states, metrics = [jax.device_get(state)], []
     for k, batch in enumerate(batches):

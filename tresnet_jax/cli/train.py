@@ -4,6 +4,8 @@
     python train.py --model tresnet_m --init tresnet_m --dataset cifar10 --num-classes 10 \\
         --image-size 224 --epochs 20 --workdir runs/c10
     python train.py --model tresnet_m --train_dir data/train --val_dir data/val --workdir runs/f1
+    python train.py --model tresnet_m --init tresnet_m --head ml-decoder --train-labels train.csv \\
+        --val-labels val.csv --loss asl --optimizer adam --lr 1e-4 --workdir runs/mld
     python train.py --recipe cifar100 --workdir runs/c100                # the authors' settings
     python train.py --recipe cifar100 --lr 1e-4 --print-config           # a flag beside it wins
     python train.py --recipe list
@@ -13,7 +15,8 @@ SIGTERM or Ctrl-C stops it after the current step with a checkpoint of that step
 128 + the signal's number); a second Ctrl-C stops it at once.
 Defaults follow the TResNet recipe: one-cycle schedule, SGD (Nesterov), label smoothing 0.1,
 decoupled weight decay 1e-4 (not on norms and biases), EMA of the weights, inception crop +
-flip, RandAugment (2 ops, magnitude 9), Cutout 0.5. The final weights are written to
+flip, RandAugment (2 ops, magnitude 9), Cutout 0.5, the fc head (or --head ml-decoder: ML-Decoder's,
+with --num-groups K queries that are never trained). The final weights are written to
 <workdir>/weights (and weights_ema) for eval.py --weights and tresnet_jax.load.
 A recipe (--recipe NAME, tresnet_jax/train/recipes/NAME.toml) replaces those defaults with the
 authors' fine-tuning settings for one dataset; config.json records its name and every value.

@@ -14,7 +14,9 @@ Where the augmentation runs: ``on_device=False`` does all of it here on the host
 (``augment.train_transform``); ``on_device=True`` only the crop (read, decode, inception crop,
 resize: ``augment.decode_crop``), and each batch carries ``augment_ids``, the (epoch, image
 index) whose draws the device's flip, RandAugment and Cutout use (``device_augment``): the index
-of the image actually used, so a replaced image brings its own draws on either path.
+of the image actually used, so a replaced image brings its own draws on either path. A model
+that drops out (an ML-Decoder head) draws each example's masks from the same ids, so its
+batches carry them wherever the augmentation runs (``ids``).
 
 The stream is ``pipeline``'s stages: ``train_keys``, ``pipeline.Read`` of ``TrainTransform``
 with replacement on the host pool, ``pipeline.train_examples``, ``pipeline.train_batches_of``
@@ -121,13 +123,15 @@ def train_batches(
     workers: int | None = None,
     on_device: bool = False,
     cost: HostCost | None = None,
+    ids: bool = False,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Endless batches {image uint8 (local batch, S, S, 3), label: ``label_map.rows``} from
-    ``start_step`` (``on_device``: cropped images, and ``augment_ids`` int32 (local batch, 2));
-    ``on_unreadable(image, reason)`` is called once for each image passed over; ``cost``
-    accumulates the host's CPU time per image."""
+    ``start_step`` (``on_device``: cropped images, and ``augment_ids`` int32 (local batch, 2);
+    ``ids``: the ``augment_ids`` also with the images augmented here, for a model whose dropout
+    draws from them); ``on_unreadable(image, reason)`` is called once for each image passed
+    over; ``cost`` accumulates the host's CPU time per image."""
     work = TrainTransform(augment, spec.seed, crop_only=on_device)
     keys = train_keys(source, spec, start_step)
     outcomes = ordered_map(Read(source, work, replace=True), keys, workers, cost=cost)
     examples = train_examples(outcomes, source.describe, on_unreadable)
-    yield from train_batches_of(examples, spec.local_batch, host_images(work.size), label_map, on_device)
+    yield from train_batches_of(examples, spec.local_batch, host_images(work.size), label_map, on_device or ids)

@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tresnet_jax.errors import InputError
+from tresnet_jax.model.architecture import FC, FC_HEAD, ML_DECODER, HeadSpec
+from tresnet_jax.model.ml_decoder import DEFAULT_QUERIES, num_queries
 from tresnet_jax.model.registry import ARCHITECTURES
 from tresnet_jax.preprocessing import SIZE_STEP, valid_image_size
 from tresnet_jax.runtime.precision import canonical, default_precision
@@ -106,9 +108,14 @@ def _as_type(value: Any, kind: type) -> Any:
     return _NO
 
 
+def head_name(name: str) -> str:
+    """``--head`` in the command line's spelling: HeadSpec's ``ml_decoder`` is taken too."""
+    return "ml-decoder" if name == ML_DECODER else name
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelSettings(Section):
-    """The network: which, how many classes, from which weights, in which precision."""
+    """The network: which, with which head, how many classes, from which weights, in which precision."""
 
     name: str = setting("tresnet_m", "the architecture", flags=("--model",))
     num_classes: int | None = setting(None, "default: the training set's number of classes", check=POSITIVE)
@@ -124,13 +131,51 @@ class ModelSettings(Section):
         "instead of 23); default: true float32, where timm parity is promised",
         flags=("--tf32",),
     )
+    head: Literal["fc", "ml-decoder"] = setting(
+        "fc",
+        "the classifier: fc (global pooling + linear, TResNet's) or ml-decoder (ML-Decoder's attention head, "
+        "dropout 0.1 drawn per image, its queries never trained); weights of --init with another head get a new one",
+        cli={"type": head_name},
+    )
+    num_groups: int | None = setting(
+        None,
+        f"ML-Decoder's queries K (default {DEFAULT_QUERIES}, and never more than the classes, as the original)",
+        check=POSITIVE,
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.precision, str):  # the other spelling (float32, bfloat16, float16) is taken too
             object.__setattr__(self, "precision", canonical(self.precision))
+        if isinstance(self.head, str):
+            object.__setattr__(self, "head", head_name(self.head))
         super().__post_init__()
         if self.name not in ARCHITECTURES:
             raise InputError(f"--model must be one of {', '.join(ARCHITECTURES)}, got {self.name!r}")
+        if self.num_groups is not None and self.head != "ml-decoder":
+            raise InputError(f"--num-groups is a setting of --head ml-decoder, not of --head {self.head}")
+
+    def head_spec(self, num_classes: int) -> HeadSpec:
+        """The head of a run of ``num_classes`` classes, an ML-Decoder's K written out (as the
+        weights record it); InputError when ``--num-groups`` asks for more queries than classes
+        (the original caps them silently)."""
+        if self.head == FC:
+            return FC_HEAD
+        if self.num_groups is not None and self.num_groups > num_classes:
+            raise InputError(
+                f"--num-groups {self.num_groups} is more than the {num_classes} classes: ML-Decoder has at most "
+                "a query per class"
+            )
+        head = HeadSpec(ML_DECODER, self.num_groups)
+        head.check_classes(num_classes)  # and a K whose groups leave classes without an output
+        return with_queries_written_out(head, num_classes)
+
+
+def with_queries_written_out(head: HeadSpec, num_classes: int) -> HeadSpec:
+    """``head`` with an ML-Decoder's K as a ``num_classes`` model has it (``num_groups``, 100
+    when None, at most the classes), so that two records of the same head compare equal."""
+    if head.kind != ML_DECODER or head.zero_shot:
+        return head
+    return HeadSpec(ML_DECODER, num_queries(num_classes, head.num_groups))
 
 
 @dataclasses.dataclass(frozen=True)

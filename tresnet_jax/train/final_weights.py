@@ -9,7 +9,7 @@ import jax
 from tresnet_jax.data.classes import names_to_record
 from tresnet_jax.runtime.parallel import host_copy
 from tresnet_jax.train.parts import RunParts
-from tresnet_jax.train.step import TrainState
+from tresnet_jax.train.step import TrainState, constants
 from tresnet_jax.weights.info import Source, WeightsInfo
 from tresnet_jax.weights.storage import save_weights
 
@@ -18,12 +18,14 @@ WEIGHTS, EMA_WEIGHTS = "weights", "weights_ema"  # the directories in the workdi
 
 def write_final_weights(parts: RunParts, state: TrainState, step: int, final: dict[str, float]) -> None:
     """Write the weights of ``state`` (trained to ``step``, validated as ``final``) and of
-    their EMA, if the run keeps one; the lead process alone calls it."""
+    their EMA, if the run keeps one, each with the never-trained ``constants`` (an ML-Decoder's
+    queries) they compute with; the lead process alone calls it."""
     written = {WEIGHTS: (state.params, state.batch_stats, "")}
     if state.ema_params is not None:
         written[EMA_WEIGHTS] = (state.ema_params, state.ema_batch_stats, "ema_")
     for name, (params, batch_stats, prefix) in written.items():
-        variables = jax.tree_util.tree_map(host_copy, {"params": params, "batch_stats": batch_stats})
+        tree = {"params": params, "batch_stats": batch_stats, **constants(state)}
+        variables = jax.tree_util.tree_map(host_copy, tree)
         save_weights(parts.workdir / name, variables, trained_info(parts, step, final, prefix), force=True)
         parts.log(f"wrote {parts.workdir / name}")
 
@@ -35,6 +37,7 @@ def trained_info(parts: RunParts, step: int, final: dict[str, float], prefix: st
     return WeightsInfo(
         model=cfg.model.name,
         num_classes=parts.num_classes,
+        head=parts.head,
         multi_label=parts.multi_label,
         class_names=names_to_record(parts.train_source.class_names, parts.num_classes),
         preprocessing=parts.preprocessing,

@@ -19,6 +19,7 @@ from tresnet_jax.data.sources import FolderSource, LabelMap, Source, SyntheticSo
 from tresnet_jax.data.tfds_reader import open_split
 from tresnet_jax.data.train_stream import StreamSpec, steps_per_epoch
 from tresnet_jax.errors import InputError
+from tresnet_jax.model.architecture import HeadSpec
 from tresnet_jax.model.linen import TResNet
 from tresnet_jax.model.registry import ModelSpec, resolve
 from tresnet_jax.preprocessing import Preprocessing
@@ -26,7 +27,7 @@ from tresnet_jax.runtime.parallel import BATCH_AXIS, data_mesh, first_gpu_index,
 from tresnet_jax.runtime.precision import PRECISIONS
 from tresnet_jax.runtime.xla_options import pointwise_as_matmul_for
 from tresnet_jax.train.config import TrainConfig, resolved, stored_config
-from tresnet_jax.train.step import make_optimizer
+from tresnet_jax.train.step import draws_dropout, make_optimizer
 
 VAL_SPLITS = ("validation", "test")
 # What to do when the loss and the data disagree on the number of classes an image, by the loss's kind.
@@ -52,6 +53,7 @@ class RunParts:
     steps_per_epoch: int
     total_steps: int
     model_spec: ModelSpec
+    head: HeadSpec  # the classifier, an ML-Decoder's K written out (``ModelSettings.head_spec``)
     model: TResNet  # the training step's (BatchNorm over the global batch with sync_bn)
     eval_model: TResNet
     tx: optax.GradientTransformation
@@ -67,6 +69,12 @@ class RunParts:
     def device_augment(self) -> AugmentConfig | None:
         """What the training step augments (None: the host did it all)."""
         return self.augment if self.cfg.augment.place == "device" else None
+
+    @property
+    def example_ids(self) -> bool:
+        """Whether the training batches carry each image's (epoch, index): for the augmentation
+        on the device, and for the model's dropout keys (``step.dropout_keys``)."""
+        return self.device_augment is not None or draws_dropout(self.model)
 
     def log(self, line: str) -> None:
         """Print a line of the run's log (on the lead process)."""
@@ -91,6 +99,7 @@ def build(cfg: TrainConfig) -> RunParts:
     for source in (s for s in (train_source, val_source) if s is not None):
         check_label_kind(source.name, source.multi_label, cfg.multi_label, loss, LOSS_REMEDY)
     num_classes = cfg.model.num_classes or len(train_source.class_names)
+    head = cfg.model.head_spec(num_classes)
     label_map = model_labels(train_source, num_classes)
     devices = select_devices(cfg.run.num_devices)
     if not cfg.run.sync_bn:  # the devices' shards decide the statistics: the count is a setting
@@ -128,8 +137,9 @@ def build(cfg: TrainConfig) -> RunParts:
         steps_per_epoch=epoch_steps,
         total_steps=total_steps,
         model_spec=model_spec,
-        model=TResNet(model_spec.arch, num_classes, dtype=dtype, axis_name=axis_name, **numerics),
-        eval_model=TResNet(model_spec.arch, num_classes, dtype=dtype, **numerics),
+        head=head,
+        model=TResNet(model_spec.arch, num_classes, dtype=dtype, axis_name=axis_name, head_spec=head, **numerics),
+        eval_model=TResNet(model_spec.arch, num_classes, dtype=dtype, head_spec=head, **numerics),
         tx=make_optimizer(cfg, total_steps),
         augment=augment,
         preprocessing=Preprocessing(cfg.data.image_size, squish=cfg.data.resize == "squish"),

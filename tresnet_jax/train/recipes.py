@@ -123,14 +123,15 @@ def check_values(values: Mapping[str, Any], source: str) -> dict[str, Any]:
 
 
 def recipe_table(names: Iterable[str] | None = None) -> list[str]:
-    """One line a recipe for ``train.py --recipe list``: name, model and weights, data, size and
-    resize rule, the result it aims at."""
+    """One line a recipe for ``train.py --recipe list``: name, model and weights (and a head
+    other than fc), data, size and resize rule, the result it aims at."""
     rows = [("recipe", "model and weights", "data (train -> evaluated on)", "size", "aims at")]
     for name in recipe_names() if names is None else names:
         recipe = load_recipe(name)
         cfg = recipe.config()
         model, init = cfg.model.name, cfg.model.init
         weights = init if init and init.split(".")[0] == model else f"{model} ({init or 'from scratch'})"
+        weights += "" if cfg.model.head == "fc" else f" + {cfg.model.head}"
         rows.append((name, weights, recipe.data(), f"{cfg.data.image_size} {cfg.data.resize}", recipe.aims_at))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     return [

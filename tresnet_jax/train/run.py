@@ -154,7 +154,6 @@ def training_batches(
         return decoded_train_batches(
             parts.train_source, parts.stream, parts.augment, start, parts.label_map, parts.decoder, unreadable
         )
-    on_device = parts.device_augment is not None
     return train_batches(
         parts.train_source,
         parts.stream,
@@ -162,8 +161,9 @@ def training_batches(
         start,
         parts.label_map,
         unreadable,
-        on_device=on_device,
+        on_device=parts.device_augment is not None,
         cost=host_cost,
+        ids=parts.example_ids,
     )
 
 
@@ -198,7 +198,8 @@ def compile_step(parts: RunParts, state: TrainState) -> Any:
 
 def batch_shapes(parts: RunParts) -> dict[str, jax.ShapeDtypeStruct]:
     """The global training batch, abstractly: uint8 images and labels (int32 classes, or uint8
-    multi-hot rows) split over the mesh; with the augmentation on the device, the images' ids."""
+    multi-hot rows) split over the mesh; with the augmentation on the device or a model that
+    drops out, the images' ids."""
     sharding = jax.sharding.NamedSharding(parts.mesh, jax.sharding.PartitionSpec(BATCH_AXIS))
     n, size = parts.cfg.optim.batch_size, parts.cfg.data.image_size
     label = jax.ShapeDtypeStruct((n, parts.num_classes), jnp.uint8, sharding=sharding)
@@ -206,7 +207,7 @@ def batch_shapes(parts: RunParts) -> dict[str, jax.ShapeDtypeStruct]:
         "image": jax.ShapeDtypeStruct((n, size, size, 3), jnp.uint8, sharding=sharding),
         "label": label if parts.multi_label else jax.ShapeDtypeStruct((n,), jnp.int32, sharding=sharding),
     }
-    if parts.device_augment is not None:
+    if parts.example_ids:
         shapes["augment_ids"] = jax.ShapeDtypeStruct((n, 2), jnp.int32, sharding=sharding)
     return shapes
 

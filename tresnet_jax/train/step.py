@@ -17,6 +17,12 @@ Augmentation on the device (``augment`` given): the batch holds uint8 crops and 
 (``data.device_augment``): each image's draws come from its ids alone, so N devices augment as
 one does and a resumed or fp16-skipped step augments as it did.
 
+Dropout (an ML-Decoder head's): each example's masks come from its own key, ``fold_in`` of
+``DROPOUT_STREAM`` into the augmentation's key of its (epoch, index) ids (``dropout_keys``), so
+N devices drop as one does and a resumed run drops as it did. The head's queries (the
+``constants`` collection) ride in the state beside the parameters: the optimizer, weight decay,
+gradients, EMA and loss scale see ``params`` alone, so the queries stay bit for bit as they were.
+
 Mixup/CutMix: one draw per step, the same on every device, and the partner of global row r is
 row B-1-r of the global batch (one ``ppermute`` brings each device its partner rows): N devices
 mix exactly as one does.
@@ -41,7 +47,8 @@ from jax import lax
 from jax.sharding import Mesh, PartitionSpec
 
 from tresnet_jax.data.augment import AugmentConfig
-from tresnet_jax.data.device_augment import augment_batch
+from tresnet_jax.data.device_augment import augment_batch, image_keys
+from tresnet_jax.model.architecture import FC_HEAD, ML_DECODER
 from tresnet_jax.runtime.parallel import BATCH_AXIS
 from tresnet_jax.runtime.xla_options import compiler_options
 from tresnet_jax.train.config import TrainConfig
@@ -54,6 +61,7 @@ from tresnet_jax.train.losses import asymmetric_loss
 MAX_CONSECUTIVE_OVERFLOWS = 129
 INITIAL_LOSS_SCALE = 2.0**15  # fp16's dynamic loss scale at the start
 LOSS_SCALE_PERIOD = 2000  # fp16: finite steps before the scale doubles
+DROPOUT_STREAM = 0x44524F50  # "DROP": folded into an image's augmentation key for its dropout key
 
 
 @flax.struct.dataclass
@@ -67,6 +75,9 @@ class TrainState:
     loss_scale: jax.Array  # 1.0 unless fp16
     finite_steps: jax.Array  # fp16: consecutive finite steps since the scale last changed
     rng: jax.Array  # mixup/cutmix randomness, folded with the step
+    # Variables that are never trained (an ML-Decoder's queries; empty for fc). Last, and with a
+    # default, so that a checkpoint written before it restores (``Checkpoints.restore``).
+    constants: Any = flax.struct.field(default_factory=dict)
 
 
 def learning_rate(cfg: TrainConfig, total_steps: int) -> optax.Schedule:
@@ -83,8 +94,27 @@ def learning_rate(cfg: TrainConfig, total_steps: int) -> optax.Schedule:
 
 
 def decay_mask(params: Any) -> Any:
-    """Weight decay applies to conv and dense kernels only, not to norm scales and biases."""
-    return jax.tree_util.tree_map(lambda p: p.ndim > 1, params)
+    """Weight decay applies to conv and dense kernels only: not to 1-D parameters (norm scales)
+    nor to biases, the rule of ASL's and ML-Decoder's ``add_weight_decay`` (``len(shape) == 1``
+    or a name ending ``.bias``). An ML-Decoder's queries are no parameters: nothing decays them."""
+
+    def decayed(path: tuple[Any, ...], p: jax.Array) -> bool:
+        return p.ndim > 1 and getattr(path[-1], "key", None) != "bias"
+
+    return jax.tree_util.tree_map_with_path(decayed, params)
+
+
+def draws_dropout(model: Any) -> bool:
+    """Whether the model drops out in training (an ML-Decoder head): its batches must carry the
+    images' ids, from which each example's dropout key comes."""
+    return getattr(model, "head_spec", FC_HEAD).kind == ML_DECODER
+
+
+def dropout_keys(seed: int, ids: jax.Array) -> jax.Array:
+    """One dropout key per example from its (epoch, image index) row: the augmentation's key of
+    the image (``device_augment.image_keys``) with ``DROPOUT_STREAM`` folded in, so that dropout
+    and augmentation draw independently, and both from the image's ids alone."""
+    return jax.vmap(lambda key: jax.random.fold_in(key, DROPOUT_STREAM))(image_keys(seed, ids))
 
 
 def make_optimizer(cfg: TrainConfig, total_steps: int) -> optax.GradientTransformation:
@@ -120,8 +150,9 @@ def applied_updates(opt_state: Any) -> jax.Array:
 
 
 def create_state(variables: dict[str, Any], tx: optax.GradientTransformation, cfg: TrainConfig) -> TrainState:
-    """The state a run starts from: the variables, the optimizer's state, the EMA (a copy), the
-    loss scale, and the key of the step's randomness (``cfg.run.seed``)."""
+    """The state a run starts from: the variables (an ML-Decoder's queries among the
+    ``constants``, which nothing trains), the optimizer's state, the EMA (a copy), the loss
+    scale, and the key of the step's randomness (``cfg.run.seed``)."""
     params, batch_stats = variables["params"], variables.get("batch_stats", {})
     ema = cfg.optim.ema_decay > 0
     # The EMA starts equal to the weights but in buffers of its own: the state is donated.
@@ -136,6 +167,7 @@ def create_state(variables: dict[str, Any], tx: optax.GradientTransformation, cf
         loss_scale=jnp.asarray(INITIAL_LOSS_SCALE if cfg.model.precision == "fp16" else 1.0, jnp.float32),
         finite_steps=jnp.zeros((), jnp.int32),
         rng=jax.random.key_data(jax.random.key(cfg.run.seed)),
+        constants=variables.get("constants", {}),
     )
 
 
@@ -212,9 +244,11 @@ def make_train_step(
     """``step(state, batch) -> (state, metrics)``, jitted with the state donated. BatchNorm
     statistics cover the global batch when ``model.axis_name`` is ``BATCH_AXIS``, each device's
     shard when it is None (see the module's docstring). With ``augment``, the batch's images are
-    crops augmented here with the draws of (``cfg.run.seed``, its ``augment_ids``)."""
+    crops augmented here with the draws of (``cfg.run.seed``, its ``augment_ids``); a model that
+    ``draws_dropout`` takes each example's dropout key from the same ids (``dropout_keys``)."""
     schedule = learning_rate(cfg, total_steps)
     seed = cfg.run.seed
+    dropout = draws_dropout(model)
 
     def inputs(images: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
         return images.astype(jnp.float32) / 255.0, soft_targets(labels, model.num_classes, cfg.optim.label_smoothing)
@@ -230,9 +264,11 @@ def make_train_step(
             partners = inputs(*global_partners((pixels, batch["label"]), BATCH_AXIS))
             images, targets = mix(images, targets, *partners, rng, cfg)
 
+        keys = {"dropout_keys": dropout_keys(seed, batch["augment_ids"])} if dropout else {}
+
         def loss_fn(params):
-            variables = {"params": params, "batch_stats": state.batch_stats}
-            logits, updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
+            variables = {"params": params, "batch_stats": state.batch_stats, **constants(state)}
+            logits, updates = model.apply(variables, images, train=True, mutable=["batch_stats"], **keys)
             loss = training_loss(logits, targets, cfg)
             return loss * state.loss_scale, (loss, logits, updates["batch_stats"])
 
@@ -277,6 +313,11 @@ def make_train_step(
         device_step, mesh=mesh, in_specs=(replicated, PartitionSpec(BATCH_AXIS)), out_specs=(replicated, replicated)
     )
     return jax.jit(sharded, donate_argnums=0, compiler_options=compiler_options())
+
+
+def constants(state: TrainState) -> dict[str, Any]:
+    """The state's never-trained variables as a collection of the model's variables (none for fc)."""
+    return {"constants": state.constants} if state.constants else {}
 
 
 def _ema(state: TrainState, params: Any, batch_stats: Any, applied: jax.Array, cfg: TrainConfig) -> dict[str, Any]:

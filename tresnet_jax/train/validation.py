@@ -7,7 +7,7 @@ from tresnet_jax.data.sources import model_labels
 from tresnet_jax.evaluation import evaluate_many
 from tresnet_jax.train.parts import RunParts
 from tresnet_jax.train.run_log import MetricsLog
-from tresnet_jax.train.step import TrainState
+from tresnet_jax.train.step import TrainState, constants
 
 
 def validate(parts: RunParts, state: TrainState, step: int, metrics_log: MetricsLog) -> dict[str, float]:
@@ -19,9 +19,9 @@ def validate(parts: RunParts, state: TrainState, step: int, metrics_log: Metrics
     cfg = parts.cfg
     labels = model_labels(parts.val_source, parts.num_classes, parts.train_source.class_names)
     batch = cfg.run.eval_batch_size or cfg.optim.batch_size
-    weights = {"": {"params": state.params, "batch_stats": state.batch_stats}}
+    weights = {"": {"params": state.params, "batch_stats": state.batch_stats, **constants(state)}}
     if state.ema_params is not None:
-        weights["ema_"] = {"params": state.ema_params, "batch_stats": state.ema_batch_stats}
+        weights["ema_"] = {"params": state.ema_params, "batch_stats": state.ema_batch_stats, **constants(state)}
     results = evaluate_many(
         parts.eval_model,
         weights,
