@@ -175,9 +175,13 @@ ML10 = HeadSpec(ML_DECODER, 10)
 @pytest.mark.parametrize(
     ("had", "asked", "said"),
     [
-        (ML10, FC_HEAD, "a new 10-class fc head (it had 10)"),
-        (FC_HEAD, ML10, "a new 10-class ML-Decoder (K 10) head (it had 10)"),
-        (HeadSpec(ML_DECODER, 5), ML10, "a new 10-class ML-Decoder (K 10) head (it had 10)"),
+        (ML10, FC_HEAD, "a new 10-class fc head (it had a 10-class ML-Decoder (K 10) head)"),
+        (FC_HEAD, ML10, "a new 10-class ML-Decoder (K 10) head (it had a 10-class fc head)"),
+        (
+            HeadSpec(ML_DECODER, 5),
+            ML10,
+            "a new 10-class ML-Decoder (K 10) head (it had a 10-class ML-Decoder (K 5) head)",
+        ),
         (HeadSpec(ML_DECODER), ML10, "its head kept"),  # K left implicit: min(100, 10), the same head
     ],
     ids=["ml-decoder to fc", "fc to ml-decoder", "another K", "K implicit"],

@@ -36,7 +36,8 @@ def with_classes(
     if num_classes:
         kind = "" if head == info.head else f" {describe(head)}"
         note = f"replaced the {info.num_classes}-class head by a new {num_classes}-class{kind} one (seed {seed})"
-        said = f"a new {num_classes}-class{kind} head (it had {info.num_classes})"
+        had = f"a {info.num_classes}-class {describe(info.head)} head" if kind else str(info.num_classes)
+        said = f"a new {num_classes}-class{kind} head (it had {had})"
     else:
         note = f"dropped the {info.num_classes}-class head: the model outputs pooled features"
         said = f"no head (it had {info.num_classes} classes)"
