@@ -84,7 +84,7 @@ def jax_runner(spec: BenchSpec, options: dict[str, str] | None = None, name: str
     run(1)
     notes = {
         "trace_lower_s": lower_s, "compiler_options": options, "compilation_cache": cache,
-        **memory_notes(compiled), **_cost_notes(compiled),
+        **memory_notes(compiled), **cost_notes(compiled),
     }  # fmt: skip
     return Runner(name, "jax", run, time.perf_counter() - start, compile_s, _device_peak_memory, notes)
 
@@ -139,7 +139,7 @@ def _device_peak_memory() -> int | None:
     return None if not stats else stats.get("peak_bytes_in_use")
 
 
-def _cost_notes(compiled: Any) -> dict[str, float]:
+def cost_notes(compiled: Any) -> dict[str, float]:
     """XLA's count of the floating-point operations of one call of the executable."""
     try:
         analysis = compiled.cost_analysis()

@@ -1,6 +1,6 @@
 """The benchmark end to end on a tiny configuration (no timing is asserted): tests/tiny_model.py's
 TResNet on both sides, registered in JAX and in timm; its batch-size search, and its one-line
-errors."""
+errors; bench/ml_decoder.py's two heads on the same weights, its share arithmetic and errors."""
 
 import json
 
@@ -8,11 +8,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 
-from bench import benchmark
+from bench import benchmark, ml_decoder
 from bench.gpu.max_batch import largest_fitting
 from bench.report import add_speedups
 from bench.spec import BenchSpec
+from bench.timing import Timing
 from bench.xla_profile import program_ops
 from tests.tiny_model import NAME as TINY_MODEL
 from tests.tiny_model import register_in_timm
@@ -172,3 +174,48 @@ def test_cpu_steps_compile_convolutions_with_xla_unless_defaults_are_asked_for(m
     assert "ynn" not in program(compiler_options())
     monkeypatch.setenv(DEFAULTS_VARIABLE, "1")
     assert compiler_options() == {}
+
+
+# --- bench/ml_decoder.py ---------------------------------------------------------------------
+PARITY_BOUND = 1e-4  # tests/test_parity.py's bound on max |diff| / max(1, max |reference|)
+
+
+@pytest.mark.usefixtures("tiny_model")
+def test_our_ml_decoder_gives_the_official_head_s_logits_with_its_weights():
+    """The benchmark's two heads compute the same thing: timm's copy of the official head, run on
+    PyTorch 2 through the benchmark's patch, with our weights in its layout, on the same feature
+    maps (a 2x2 map of tests/tiny_model.py's 512 features, 7 classes in 3 groups, 2 outputs
+    each)."""
+    spec = ml_decoder.check(ml_decoder.DecoderSpec(TINY_MODEL, 64, 7, 3, "fp32", 2))
+    runners, agreement = ml_decoder.head_runners(spec, torch.device("cpu"))
+    assert [r.name for r in runners] == ["jax_head", "official_head"]
+    assert agreement["max_abs_diff_over_max_abs"] <= PARITY_BOUND
+    assert 0 < agreement["relative_l2"] <= PARITY_BOUND
+    for runner in runners:
+        runner.run(1)
+
+
+def test_the_head_s_share_is_read_two_ways():
+    timings = {name: Timing(s, (s,)) for name, s in (("ml_decoder_step", 2.0), ("fc_step", 1.5), ("head_alone", 0.4))}
+    assert ml_decoder.share_of(timings) == {
+        "step_s_ml_decoder": 2.0, "step_s_fc": 1.5, "head_alone_s": 0.4, "share_by_difference": 0.25,
+        "share_by_head_alone": 0.2,
+    }  # fmt: skip
+    assert ml_decoder.flops_share_of({"ml_decoder_step": 10.0, "fc_step": 9.0}) == {"flops_share": 0.1}
+    assert ml_decoder.flops_share_of({"ml_decoder_step": 10.0}) == {"flops_share": None}  # no count from XLA
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--image-size", "100"], "error: image size must be a multiple of 32 (the head reads the /32 map), got 100"),
+        (["--num-groups", "81"], "error: num_groups 81 is more than the 80 classes"),
+        (["--windows", "0"], "error: --warmup must be >= 0, --windows and --steps >= 1"),
+    ],
+)
+def test_ml_decoder_bench_bad_flags_are_one_line_errors(flags, message, tmp_path, capsys):
+    assert ml_decoder.main([*flags, "--output", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(message)
+    assert err.count("\n") == 1
+    assert not list(tmp_path.iterdir())

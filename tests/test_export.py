@@ -23,10 +23,13 @@ import pytest
 import torch
 
 import tresnet_jax
+from tests import tiny_model
 from tests.blocked_imports import run_without
 from tests.reference import parity_error, random_images, random_timm_model
-from tresnet_jax import Preprocessing, WeightsInfo
+from tresnet_jax import HeadSpec, Preprocessing, WeightsInfo
 from tresnet_jax.cli.export import onnx_main, stablehlo_main
+from tresnet_jax.model.initialization import replace_head
+from tresnet_jax.model.ml_decoder import WORD_DIM
 from tresnet_jax.model.registry import resolve
 from tresnet_jax.weights.conversion import convert_state_dict
 from tresnet_jax.weights.storage import save_weights
@@ -173,3 +176,84 @@ def test_bad_input_fails_in_one_line_and_writes_nothing(main, case, message, wei
     assert sorted(tmp_path.rglob("*")) == before
     if case == "existing output":
         assert output.read_bytes() == b"keep me"
+
+
+# --- ML-Decoder ------------------------------------------------------------------------------
+# tests/tiny_model.py's TResNet (the head's translation does not depend on the backbone's size)
+# with measured BatchNorm statistics, and random ML-Decoder heads: 3 queries for 7 classes, and
+# zero-shot. The same bound as above; measured: ONNX 3.6e-7 (fixed queries) and 7.2e-7
+# (zero-shot), StableHLO 6.0e-7 and 3.6e-7, of logits up to 1.4 and 2.1.
+ML_CLASSES = 7
+ML_HEADS = {"ml_decoder": HeadSpec("ml_decoder", num_groups=3), "zero_shot": HeadSpec("ml_decoder", zero_shot=True)}
+WORD_VECTORS = {k: np.random.default_rng(k).normal(size=(k, WORD_DIM)).astype(np.float32) for k in (4, 2)}
+
+
+@pytest.fixture(scope="module")
+def ml_decoder_weights(tmp_path_factory):
+    """head kind -> (weights directory, {class count of the word vectors (0: none) -> the Flax
+    model's float32 logits of IMAGES})."""
+    root = tmp_path_factory.mktemp("ml_decoder_export")
+    found = {}
+    with tiny_model.registered():
+        tiny_model.register_in_timm()
+        backbone = with_measured_statistics(random_timm_model(tiny_model.NAME, 0, seed=3), random_images(8, SIZE, SIZE))
+        spec = resolve(tiny_model.NAME)
+        converted = convert_state_dict({k: v.numpy() for k, v in backbone.state_dict().items()}, spec)
+        for kind, head in ML_HEADS.items():
+            variables = replace_head(converted.variables, spec.arch, ML_CLASSES, 0, head)
+            info = WeightsInfo(tiny_model.NAME, ML_CLASSES, head, True, preprocessing=Preprocessing(SIZE))
+            directory = save_weights(root / kind, variables, info)
+            model, variables = tresnet_jax.load(directory)
+            forward = jax.jit(lambda v, x, e, model=model: model.apply(v, x, class_embeddings=e))
+            vectors = WORD_VECTORS if head.zero_shot else {0: None}
+            found[kind] = directory, {k: np.asarray(forward(variables, IMAGES, e)) for k, e in vectors.items()}
+    return found
+
+
+@pytest.mark.usefixtures("tiny_model")
+@pytest.mark.parametrize("kind", list(ML_HEADS))
+def test_onnx_of_an_ml_decoder_equals_flax(kind, ml_decoder_weights, tmp_path, capsys):
+    """Attention (Einsum), softmax, LayerNorm, the queries repeated for each image (Expand) and
+    the group projection; a zero-shot head takes its classes' word vectors as a second input,
+    any number of them."""
+    directory, expected = ml_decoder_weights[kind]
+    path = tmp_path / "ml.onnx"
+    code, out, err = run(onnx_main, [directory, path], capsys)
+    assert code == 0, err
+    proto = onnx.load(path)
+    assert {"Einsum", "Expand", "ReduceMax"} <= {node.op_type for node in proto.graph.node}
+    inputs = [(i.name, [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]) for i in proto.graph.input]
+    properties = {p.key: p.value for p in proto.metadata_props}
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    if kind == "zero_shot":
+        assert inputs[1] == ("class_embeddings", ["classes", WORD_DIM])
+        assert "class_embeddings float32 [classes, 300] -> logits [batch, classes]" in out
+        assert properties["head"] == "zero-shot ML-Decoder"
+    else:
+        assert [name for name, _ in inputs] == ["images"]
+        assert f"-> logits [batch, {ML_CLASSES}]" in out
+        assert properties["head"] == "ML-Decoder (K 3)"
+    for classes, logits in expected.items():
+        for n in (1, 3):
+            feeds = {"images": nchw(IMAGES[:n])} | ({"class_embeddings": WORD_VECTORS[classes]} if classes else {})
+            (found,) = session.run(None, feeds)
+            assert found.shape == (n, classes or ML_CLASSES)
+            assert parity_error(found, logits[:n]) <= PARITY_BOUND
+    for logits in expected.values():  # the images give different logits: an export that lost them could not pass
+        assert np.abs(logits - logits[0]).max() > 100 * PARITY_BOUND * max(1.0, np.abs(logits).max())
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("tiny_model")
+@pytest.mark.parametrize("kind", list(ML_HEADS))
+def test_stablehlo_of_an_ml_decoder_gives_the_flax_logits(kind, ml_decoder_weights, tmp_path, capsys):
+    directory, expected = ml_decoder_weights[kind]
+    path = tmp_path / "ml.stablehlo"
+    code, _, err = run(stablehlo_main, [directory, path], capsys)
+    assert code == 0, err
+    forward = jax.export.deserialize(path.read_bytes())
+    assert len(forward.in_avals) == (2 if kind == "zero_shot" else 1)
+    for classes, logits in expected.items():
+        found = np.asarray(forward.call(IMAGES, *([WORD_VECTORS[classes]] if classes else [])))
+        assert found.shape == logits.shape
+        assert parity_error(found, logits) <= PARITY_BOUND

@@ -74,7 +74,7 @@ def test_smoke_runs_every_section_without_tensorflow(smoke):
         assert (record["status"], record["failed"], record["skipped"]) == ("done", [], skipped), name
     assert results["end_to_end"]["results"]["data"]["tensorflow_importable"] is False
     for heading in ("## Correctness", "## Inference", "## Training step", "## Largest training batch", "## End to end",
-                    "## train.py and eval.py on JPEGs", "## More models"):  # fmt: skip
+                    "## train.py and eval.py on JPEGs", "## More models", "## ML-Decoder"):  # fmt: skip
         assert heading in summary
     assert "| tresnet_tiny | fp32 | 2 |" in summary
     problems = summary[summary.index("## Skipped and failed") :].strip().splitlines()
@@ -128,6 +128,22 @@ def test_smoke_runs_the_library_steps_end_to_end(smoke):
     assert e2e["training_step"]["repeatable"] is True  # the CPU is deterministic
     assert np.isfinite(e2e["training_step"]["last_loss"])
     assert e2e["host_jpeg_decoding"]["images"] == 8
+
+
+@pytest.mark.slow
+def test_smoke_measures_ml_decoder_s_share_and_its_inference_against_the_official_head(smoke):
+    _, results, summary, _ = smoke
+    found = results["ml_decoder"]["results"]
+    share, head = found["head_share"], found["head_inference"]
+    assert (share["model"], share["image_size"], share["batch_size"]) == (tiny_model.NAME, 64, 2)
+    assert [r["runner"] for r in share["runners"]] == ["ml_decoder_step", "fc_step", "head_alone"]
+    assert min(share["step_s_ml_decoder"], share["step_s_fc"], share["head_alone_s"]) > 0
+    assert [r["runner"] for r in head["runners"]] == ["jax_head", "official_head"]
+    assert head["ours_over_official"] > 0
+    # The same weights on the same feature maps, float32 on both sides: the official head's logits.
+    assert head["agreement"]["max_abs_diff_over_max_abs"] <= PARITY_BOUND
+    assert "## ML-Decoder (tresnet_tiny, 64 px, 80 classes in 80 groups, fp32)" in summary
+    assert "- inference, ours ÷ the official head (timm's copy, PyTorch eager; batch 2): " in summary
 
 
 @pytest.mark.slow

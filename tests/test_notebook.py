@@ -119,3 +119,17 @@ def test_quickstart_runs_from_the_one_line_pretrained_call(kernel, hub_cache, tm
     values = losses(multilabel, "asl")
     assert values[2] < values[0] - 0.05, values  # the asymmetric loss falls on its batch
     assert 0 < float(re.search(r"mAP on the four: (\d+\.\d)", multilabel)[1]) <= 100
+
+    decoder = stdout(nb, "ml_decoder").splitlines()
+    assert decoder[0] == "collections: ['batch_stats', 'constants', 'params'] | queries: (3, 768)"
+    # A probability for each class and photograph: the head's own 3, then the zero-shot head's
+    # made-up classes, each with its name.
+    rows = [line.split() for line in decoder[1:]]
+    photos = ["astronaut", "chelsea", "coffee", "rocket"]
+    assert [row[:2] for row in rows] == [[kind, photo] for kind in ("ML-Decoder", "zero-shot") for photo in photos]
+    for row in rows[:4]:
+        assert len(row) == 2 + 3
+        assert all(0 <= float(p) <= 1 for p in row[2:])
+    for row in rows[4:]:
+        assert row[2::2] == ["glimmerfox", "snorkelwhale", "quibbit", "zentacle", "flumph"]
+        assert all(0 <= float(p) <= 1 for p in row[3::2])

@@ -6,7 +6,11 @@ several sets of weights (a model and its EMA) are evaluated in one pass over the
 Single-label sources give top-1, top-5 and the softmax cross-entropy, summed on the devices.
 Multi-label ones give the mAP and each class's average precision, computed on the host from
 the logits of every image (gathered from every process: a ranking metric cannot be summed per
-batch), and the sigmoid binary cross-entropy summed over the classes."""
+batch), and the sigmoid binary cross-entropy summed over the classes.
+
+The model is applied to all of its variables (an ML-Decoder's queries are a collection of their
+own); a zero-shot ML-Decoder scores the classes whose word vectors it is given
+(``class_embeddings``, replicated beside the variables), one output a row."""
 
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ from tresnet_jax.data.host_pool import ordered_map
 from tresnet_jax.data.pipeline import Read, eval_batch, eval_batches_of, eval_examples, eval_keys, host_images
 from tresnet_jax.data.preprocess import EvalTransform
 from tresnet_jax.data.sources import LabelMap
+from tresnet_jax.errors import InputError
 from tresnet_jax.metrics import average_precision_per_class
 from tresnet_jax.preprocessing import Preprocessing
 from tresnet_jax.runtime.parallel import BATCH_AXIS, local_batch_size, local_rows, prefetch_to_devices, replicate
@@ -82,19 +87,23 @@ class EvalResult:
         }
 
 
-def make_eval_step(model: Any, mesh: Mesh, keep_logits: bool, multi_label: bool = False) -> Callable:
-    """The per-device program: logits of its shard, masked sums reduced over all devices."""
+def make_eval_step(
+    model: Any, mesh: Mesh, keep_logits: bool, multi_label: bool = False, zero_shot: bool = False
+) -> Callable:
+    """The per-device program: logits of its shard, masked sums reduced over all devices.
+    Called as ``step(variables, batch)``, or ``step(variables, batch, class_embeddings)`` when
+    ``zero_shot``."""
 
-    def per_device(variables, batch):
-        logits = model.apply(variables, batch["image"].astype(jnp.float32) / 255.0)
+    def per_device(variables, batch, *class_embeddings):
+        images = batch["image"].astype(jnp.float32) / 255.0
+        logits = model.apply(variables, images, class_embeddings=class_embeddings[0] if zero_shot else None)
         mask = batch["mask"].astype(jnp.float32)
         sums = _multi_label_sums(logits, batch["label"], mask) if multi_label else _sums(logits, batch["label"], mask)
         return lax.psum(sums, BATCH_AXIS), ({"logits": logits} if keep_logits else {})
 
+    in_specs = (PartitionSpec(), PartitionSpec(BATCH_AXIS), *([PartitionSpec()] if zero_shot else []))
     out_specs = (PartitionSpec(), {"logits": PartitionSpec(BATCH_AXIS)} if keep_logits else {})
-    sharded = jax.shard_map(
-        per_device, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec(BATCH_AXIS)), out_specs=out_specs
-    )
+    sharded = jax.shard_map(per_device, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
     return jax.jit(sharded, compiler_options=compiler_options())
 
 
@@ -118,18 +127,33 @@ def _multi_label_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> 
 
 @functools.lru_cache(maxsize=8)
 def compiled_eval_step(
-    model: Any, mesh: Mesh, keep_logits: bool, local_batch: int, image_size: int, multi_label: bool = False
+    model: Any,
+    mesh: Mesh,
+    keep_logits: bool,
+    local_batch: int,
+    image_size: int,
+    multi_label: bool = False,
+    class_embeddings_shape: tuple[int, int] | None = None,
 ):
     """The compiled step, kept for the next evaluation of the same shapes (every epoch of a
-    training run)."""
-    abstract_variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
-    sharding = NamedSharding(mesh, PartitionSpec())
-    abstract_variables = jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract_variables
+    training run); ``class_embeddings_shape``: a zero-shot model's (classes, word width)."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    embeddings = () if class_embeddings_shape is None else (jnp.zeros(class_embeddings_shape, jnp.float32),)
+    init = functools.partial(model.init, class_embeddings=embeddings[0]) if embeddings else model.init
+    abstract_variables = jax.eval_shape(init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    abstract_inputs = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), (abstract_variables, embeddings)
     )
-    step = make_eval_step(model, mesh, keep_logits, multi_label)
-    labels = (model.num_classes,) if multi_label else ()
-    return step.lower(abstract_variables, batch_spec(local_batch, image_size, mesh, labels)).compile()
+    step = make_eval_step(model, mesh, keep_logits, multi_label, zero_shot=bool(embeddings))
+    labels = (output_classes(model, class_embeddings_shape),) if multi_label else ()
+    batch = batch_spec(local_batch, image_size, mesh, labels)
+    return step.lower(abstract_inputs[0], batch, *abstract_inputs[1]).compile()
+
+
+def output_classes(model: Any, class_embeddings_shape: tuple[int, ...] | None = None) -> int:
+    """How many logits the model gives an image: its classes, or a zero-shot model's rows of
+    class embeddings."""
+    return model.num_classes if class_embeddings_shape is None else int(class_embeddings_shape[0])
 
 
 def batch_spec(
@@ -194,13 +218,17 @@ def evaluate(
     keep_logits: bool = False,
     progress: Callable[[int, dict[str, float]], None] | None = None,
     decoder: BatchDecoder | None = None,
+    class_embeddings: np.ndarray | None = None,
 ) -> EvalResult:
     """Evaluate ``model`` on every image of ``source``; ``progress(images, metrics)`` is called
     after each step (metrics only every few steps, as reading them waits for the devices).
-    ``decoder``: JPEGs decoded, resized and cropped on the GPU (else by PIL, exactly)."""
+    ``decoder``: JPEGs decoded, resized and cropped on the GPU (else by PIL, exactly).
+    ``class_embeddings``: a zero-shot model's input, (classes, word width), its classes in the
+    order of ``label_map``'s."""
     results = evaluate_many(
-        model, {"": variables}, source, prep, label_map, global_batch, mesh, keep_logits, progress, decoder
-    )
+        model, {"": variables}, source, prep, label_map, global_batch, mesh, keep_logits, progress, decoder,
+        class_embeddings,
+    )  # fmt: skip
     return results[""]
 
 
@@ -215,22 +243,28 @@ def evaluate_many(
     keep_logits: bool = False,
     progress: Callable[[int, dict[str, float]], None] | None = None,
     decoder: BatchDecoder | None = None,
+    class_embeddings: np.ndarray | None = None,
 ) -> dict[str, EvalResult]:
     """``evaluate`` for several sets of variables of one model (e.g. the weights and their EMA),
     reading and preprocessing the data once; ``progress`` follows the first set. Multi-label
     sources (``label_map.multi_label``) keep the logits whatever ``keep_logits`` says."""
     multi_label = label_map.multi_label
     keep_logits = keep_logits or multi_label
+    embeddings_shape = None if class_embeddings is None else tuple(np.shape(class_embeddings))
+    classes = output_classes(model, embeddings_shape)
+    if label_map.num_classes != classes:
+        raise InputError(f"the labels are for {label_map.num_classes} classes but the model scores {classes}")
     local_batch = local_batch_size(global_batch, mesh)
     start, end = host_range(len(source))
     steps = math.ceil(math.ceil(len(source) / jax.process_count()) / local_batch)
     weights = {name: replicate(variables, mesh) for name, variables in weights.items()}
+    inputs = () if class_embeddings is None else (replicate(np.asarray(class_embeddings, np.float32), mesh),)
     compile_start = time.perf_counter()  # nearly 0 when the same step was compiled before
-    compiled = compiled_eval_step(model, mesh, keep_logits, local_batch, prep.input_size, multi_label)
+    compiled = compiled_eval_step(model, mesh, keep_logits, local_batch, prep.input_size, multi_label, embeddings_shape)
     compile_seconds = time.perf_counter() - compile_start
 
-    label_shape = (model.num_classes,) if multi_label else ()
-    trackers = {name: _Tracker(len(source), model.num_classes if keep_logits else 0, label_shape) for name in weights}
+    label_shape = (classes,) if multi_label else ()
+    trackers = {name: _Tracker(len(source), classes if keep_logits else 0, label_shape) for name in weights}
     first = next(iter(trackers.values()))
     skipped: dict[int, str] = {}
     loop_start = time.perf_counter()
@@ -243,7 +277,7 @@ def evaluate_many(
         if number == 0:
             first_batch_seconds = time.perf_counter() - loop_start
         for name, tracker in trackers.items():
-            tracker.add(host, *compiled(weights[name], device))
+            tracker.add(host, *compiled(weights[name], device, *inputs))
         if progress is not None:
             progress(first.images, first.running() if number % 10 == 9 else {})
     for tracker in trackers.values():

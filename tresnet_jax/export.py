@@ -12,6 +12,11 @@
 Both trace the model with its 1x1 convolutions as convolutions (``pointwise_as_matmul`` off),
 so a file does not depend on the backend that made it, and at the model's own precision (true
 float32 for a float32 model). Both take any batch size; the image size is fixed when exporting.
+
+An ML-Decoder head is exported as the model computes it (its queries are constants of the
+file). A zero-shot ML-Decoder scores the classes it is given at run time, and so does its
+export: ``class_embeddings`` float32 [classes, 300] is a second input, with any number of
+classes, and the logits are [batch, classes]; nothing about the classes is fixed when exporting.
 """
 
 from __future__ import annotations
@@ -29,50 +34,74 @@ import numpy as np
 from jax.extend import core as jax_core
 
 from tresnet_jax.model.linen import TResNet
+from tresnet_jax.model.ml_decoder import WORD_DIM
+from tresnet_jax.weights.heads import describe
 from tresnet_jax.weights.info import WeightsInfo
 
 BATCH = "batch"  # the symbolic batch dimension of both exports
+CLASSES = "classes"  # a zero-shot export's symbolic number of classes
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
+EMBEDDINGS_NAME = "class_embeddings"  # a zero-shot export's second input
 ONNX_OPSET = 17
 ONNX_IR_VERSION = 8  # the IR version that came with opset 17; newer ones shut out older runtimes
 STABLEHLO_PLATFORMS = ("cpu", "cuda")
 NCHW = (0, 3, 1, 2)  # axis order in which an NHWC feature map is stored in the ONNX graph
 
 
-def _inference(model: TResNet, variables: dict[str, Any]) -> Callable[[jax.Array], jax.Array]:
-    """images (N, H, W, 3) -> logits, with the variables closed over: constants of the export;
-    1x1 convolutions as convolutions."""
+def _zero_shot(model: TResNet) -> bool:
+    return model.head_spec.zero_shot and model.num_classes > 0
+
+
+def _inference(model: TResNet, variables: dict[str, Any]) -> Callable[..., jax.Array]:
+    """images (N, H, W, 3) [, class_embeddings (C, 300) of a zero-shot model] -> logits, with
+    the variables (every collection) closed over: constants of the export; 1x1 convolutions as
+    convolutions."""
     plain = model.clone(pointwise_as_matmul=False)
+    if _zero_shot(model):
+        return lambda images, class_embeddings: plain.apply(variables, images, class_embeddings=class_embeddings)
     return lambda images: plain.apply(variables, images)
 
 
-def _input_spec(image_size: int) -> jax.ShapeDtypeStruct:
-    (batch,) = jax.export.symbolic_shape(BATCH)
-    return jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32)
+def _input_specs(model: TResNet, image_size: int) -> tuple[jax.ShapeDtypeStruct, ...]:
+    """The images of any batch size, and a zero-shot model's word vectors of any number of classes."""
+    batch, classes = jax.export.symbolic_shape(f"{BATCH}, {CLASSES}")
+    images = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32)
+    if not _zero_shot(model):
+        return (images,)
+    return images, jax.ShapeDtypeStruct((classes, WORD_DIM), jnp.float32)
 
 
 def stablehlo_export(model: TResNet, variables: dict[str, Any], image_size: int) -> bytes:
     """The serialized ``jax.export.Exported`` of the inference forward: float32 NHWC images of
-    any batch size -> float32 logits, for the CPU and CUDA."""
+    any batch size (and a zero-shot model's float32 (classes, 300) class embeddings) -> float32
+    logits, for the CPU and CUDA."""
     forward = jax.jit(_inference(model, variables))
-    exported = jax.export.export(forward, platforms=STABLEHLO_PLATFORMS)(_input_spec(image_size))
+    exported = jax.export.export(forward, platforms=STABLEHLO_PLATFORMS)(*_input_specs(model, image_size))
     return bytes(exported.serialize())
 
 
 def onnx_model(model: TResNet, variables: dict[str, Any], image_size: int, properties: dict[str, str]) -> Any:
     """The inference forward as a checked ``onnx.ModelProto``: input ``images`` float32
-    [batch, 3, H, W] (NCHW), output ``logits`` float32 [batch, classes]; ``properties`` go
-    into the model's metadata."""
+    [batch, 3, H, W] (NCHW) and, for a zero-shot model, ``class_embeddings`` float32
+    [classes, 300]; output ``logits`` float32 [batch, classes]; ``properties`` go into the
+    model's metadata."""
     import onnx
     from onnx import helper
 
-    closed = jax.make_jaxpr(_inference(model, variables))(_input_spec(image_size))
+    closed = jax.make_jaxpr(_inference(model, variables))(*_input_specs(model, image_size))
     graph = _Graph()
     images = _Value(INPUT_NAME, NCHW, closed.in_avals[0].shape)
-    (logits,) = _convert(graph, closed.jaxpr, closed.consts, [images])
+    args = [images]
+    inputs = [helper.make_tensor_value_info(INPUT_NAME, onnx.TensorProto.FLOAT, [BATCH, 3, image_size, image_size])]
+    if _zero_shot(model):
+        args.append(_Value(EMBEDDINGS_NAME, (0, 1), closed.in_avals[1].shape))
+        inputs.append(helper.make_tensor_value_info(EMBEDDINGS_NAME, onnx.TensorProto.FLOAT, [CLASSES, WORD_DIM]))
+    for value in args:
+        graph.add_input(value)
+    (logits,) = _convert(graph, closed.jaxpr, closed.consts, args)
     graph.nodes.append(helper.make_node("Identity", [_tensor(graph, logits)], [OUTPUT_NAME]))
     classes = closed.out_avals[0].shape[1]
-    inputs = [helper.make_tensor_value_info(INPUT_NAME, onnx.TensorProto.FLOAT, [BATCH, 3, image_size, image_size])]
+    classes = classes if isinstance(classes, int) else CLASSES
     outputs = [helper.make_tensor_value_info(OUTPUT_NAME, onnx.TensorProto.FLOAT, [BATCH, classes])]
     proto = helper.make_model(
         helper.make_graph(graph.nodes, "tresnet", inputs, outputs, graph.initializers),
@@ -87,8 +116,9 @@ def onnx_model(model: TResNet, variables: dict[str, Any], image_size: int, prope
 
 def onnx_properties(info: WeightsInfo, image_size: int, dtype: str) -> dict[str, str]:
     """What the ONNX file says about itself (``metadata_props``)."""
-    return {
+    properties = {
         "model": info.model,
+        "head": describe(info.head),
         "num_classes": str(info.num_classes),
         "multi_label": str(info.multi_label).lower(),
         "tag": str(info.tag),
@@ -96,6 +126,10 @@ def onnx_properties(info: WeightsInfo, image_size: int, dtype: str) -> dict[str,
         "input": f"{INPUT_NAME}: float32 [batch, 3, {image_size}, {image_size}], NCHW, RGB in [0, 1], no mean/std",
         "preprocessing": json.dumps(info.preprocessing.to_json(), sort_keys=True),
     }
+    if info.head.zero_shot and info.num_classes:
+        properties["num_classes"] = "the rows of class_embeddings"
+        properties[EMBEDDINGS_NAME] = f"float32 [classes, {WORD_DIM}]: a word vector a class to score, in logit order"
+    return properties
 
 
 # --- jaxpr -> ONNX -----------------------------------------------------------------------
@@ -123,6 +157,28 @@ class _Graph:
         self.scope = ""
         self._counter = itertools.count()
         self._small: dict[tuple[str, tuple[int, ...], bytes], str] = {}
+        self._symbols: dict[str, tuple[str, int]] = {}  # symbolic dimension -> (input, stored axis)
+        self._sizes: dict[str, str] = {}  # symbolic dimension -> its size, a 1-D int64 tensor
+
+    def add_input(self, value: _Value) -> None:
+        """Where the graph finds the size of each symbolic dimension of an input."""
+        for axis, size in enumerate(value.shape):
+            if not isinstance(size, (int, np.integer)):
+                self._symbols.setdefault(str(size), (value.name, value.perm.index(axis)))
+
+    def shape(self, shape: tuple[Any, ...]) -> str:
+        """A 1-D int64 tensor holding ``shape``: its numbers as constants, each symbolic dimension
+        read once from the input that has it."""
+        parts = []
+        for size in shape:
+            if isinstance(size, (int, np.integer)):
+                parts.append(self.constant(np.array([size], np.int64)))
+                continue
+            if str(size) not in self._sizes:
+                name, axis = self._symbols[str(size)]
+                self._sizes[str(size)] = self.node("Shape", [name], start=axis, end=axis + 1)
+            parts.append(self._sizes[str(size)])
+        return parts[0] if len(parts) == 1 else self.node("Concat", parts, axis=0)
 
     def constant(self, array: np.ndarray) -> str:
         from onnx import numpy_helper
@@ -225,6 +281,9 @@ _ELEMENTWISE = {
     "sub": "Sub",
     "mul": "Mul",
     "div": "Div",
+    "max": "Max",
+    "exp": "Exp",
+    "sqrt": "Sqrt",
     "logistic": "Sigmoid",
     "convert_element_type": "Cast",
 }
@@ -284,13 +343,28 @@ def _conv(graph: _Graph, eqn: Any, x: Any, kernel: Any) -> _Value:
 
 
 def _dot_general(graph: _Graph, eqn: Any, lhs: Any, rhs: Any) -> _Value:
-    """A product with a constant matrix: MatMul."""
-    (lhs_contract, rhs_contract), batch_dims = eqn.params["dimension_numbers"]
-    if not isinstance(rhs, np.ndarray) or rhs.ndim != 2 or any(batch_dims) or tuple(lhs_contract) != (_ndim(lhs) - 1,):
-        raise NotImplementedError("dot_general other than (..., K) x constant (K, M)")
-    kernel = rhs if tuple(rhs_contract) == (0,) else rhs.T
-    product = graph.node("MatMul", [_tensor(graph, lhs), graph.constant(kernel)])
+    """A product with a constant matrix, (..., K) x (K, M): MatMul; any other (batch
+    dimensions, two computed operands: attention, ML-Decoder's group projection): Einsum, with
+    each operand in the layout it is stored in."""
+    (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = eqn.params["dimension_numbers"]
     shape = _out_shape(eqn)
+    if isinstance(rhs, np.ndarray) and rhs.ndim == 2 and not lhs_batch and tuple(lhs_contract) == (_ndim(lhs) - 1,):
+        kernel = rhs if tuple(rhs_contract) == (0,) else rhs.T
+        product = graph.node("MatMul", [_tensor(graph, lhs), graph.constant(kernel)])
+    else:
+        letters = iter("abcdefghijklmnopqrstuvwxyz")
+        lhs_letters = [next(letters) for _ in range(_ndim(lhs))]
+        shared = dict(zip(rhs_batch, lhs_batch, strict=True)) | dict(zip(rhs_contract, lhs_contract, strict=True))
+        rhs_letters = [lhs_letters[shared[d]] if d in shared else next(letters) for d in range(_ndim(rhs))]
+        free = [lhs_letters[d] for d in range(_ndim(lhs)) if d not in (*lhs_batch, *lhs_contract)]
+        free += [rhs_letters[d] for d in range(_ndim(rhs)) if d not in (*rhs_batch, *rhs_contract)]
+        out = "".join([lhs_letters[d] for d in lhs_batch] + free)
+        operands, terms = [], []
+        for x, named in ((lhs, lhs_letters), (rhs, rhs_letters)):
+            x = _value(graph, x)
+            operands.append(x.name)
+            terms.append("".join(named[axis] for axis in x.perm))
+        product = graph.node("Einsum", operands, equation=f"{terms[0]},{terms[1]}->{out}")
     name = _cast(graph, product, eqn.invars[0].aval.dtype, eqn.outvars[0].aval.dtype)
     return _Value(name, tuple(range(len(shape))), shape)
 
@@ -304,14 +378,40 @@ def _reshape(graph: _Graph, eqn: Any, x: Any) -> _Value:
 
 
 def _broadcast_in_dim(graph: _Graph, eqn: Any, x: Any) -> _Value:
-    """Only adding size-1 axes (the squeeze-excite gate): a reshape; ONNX broadcasts the rest."""
+    """Size-1 axes added (the squeeze-excite gate): a reshape, ONNX broadcasts the rest; values
+    repeated along a new axis (ML-Decoder's queries, one set an image): Expand after it."""
     shape, dims = _out_shape(eqn), eqn.params["broadcast_dimensions"]
     kept = [1] * len(shape)
-    for dim, size in zip(dims, _value(graph, x).shape, strict=True):
+    for dim, size in zip(dims, x.shape, strict=True):
         kept[dim] = size
-    if tuple(kept) != shape:
-        raise NotImplementedError("broadcast_in_dim that repeats values")
-    return _reshape_to(graph, x, shape)
+    if tuple(kept) == shape:
+        return _reshape_to(graph, x, shape)
+    if isinstance(x, np.ndarray) and _static(tuple(kept)):
+        x = x.reshape(kept)
+    elif tuple(kept) != x.shape:
+        x = _reshape_to(graph, x, tuple(kept))
+    name = graph.node("Expand", [_tensor(graph, x), graph.shape(shape)])
+    return _Value(name, tuple(range(len(shape))), shape)
+
+
+def _squeeze(graph: _Graph, eqn: Any, x: Any) -> _Value:
+    return _reshape_to(graph, x, _out_shape(eqn))
+
+
+def _stop_gradient(graph: _Graph, eqn: Any, x: Any) -> Any:
+    """Nothing to stop in inference (softmax subtracts its maximum under it)."""
+    return x
+
+
+def _square(graph: _Graph, eqn: Any, x: Any) -> _Value:
+    x = _value(graph, x)
+    return _Value(graph.node("Mul", [x.name, x.name]), x.perm, x.shape)
+
+
+def _rsqrt(graph: _Graph, eqn: Any, x: Any) -> _Value:
+    """1 / sqrt(x) (LayerNorm's scale): ONNX has no one operator for it."""
+    x = _value(graph, x)
+    return _Value(graph.node("Reciprocal", [graph.node("Sqrt", [x.name])]), x.perm, x.shape)
 
 
 def _transpose(graph: _Graph, eqn: Any, x: Any) -> _Value:
@@ -336,6 +436,37 @@ def _slice(graph: _Graph, eqn: Any, x: Any) -> _Value:
     return _Value(graph.node("Slice", [x.name, *inputs]), x.perm, _out_shape(eqn))
 
 
+def _gather(graph: _Graph, eqn: Any, x: Any, indices: Any) -> _Value:
+    """A gather that is a slice: constant start indices, the axes kept in order, the collapsed
+    ones of size 1 (``x[:, :n]`` and ``x[..., 0]`` of an array with a symbolic dimension trace
+    to one: ML-Decoder's first ``classes`` outputs, the zero-shot head's one output a query)."""
+    x = _value(graph, x)
+    numbers, sizes = eqn.params["dimension_numbers"], eqn.params["slice_sizes"]
+    collapsed = tuple(numbers.collapsed_slice_dims)
+    if (
+        not isinstance(indices, np.ndarray)
+        or indices.shape != (len(numbers.start_index_map),)
+        or numbers.operand_batching_dims
+        or tuple(numbers.offset_dims) != tuple(range(len(x.shape) - len(collapsed)))
+        or any(sizes[axis] != 1 for axis in collapsed)
+    ):
+        raise NotImplementedError("gather other than a slice at constant indices")
+    starts = dict(zip(numbers.start_index_map, indices.tolist(), strict=True))
+    axes, begins, ends = [], [], []
+    for axis, (size, whole) in enumerate(zip(sizes, x.shape, strict=True)):
+        start = starts.get(axis, 0)
+        if start == 0 and size == whole:
+            continue  # the whole axis (the symbolic batch among them)
+        if not _static((size, whole)) or start + size > whole:
+            raise NotImplementedError("gather of a slice that is not within a static axis")
+        axes.append(x.perm.index(axis))
+        begins.append(int(start))
+        ends.append(int(start + size))
+    bounds = [graph.constant(np.array(v, np.int64)) for v in (begins, ends, axes)]
+    sliced = _Value(graph.node("Slice", [x.name, *bounds]), x.perm, tuple(sizes))
+    return _reshape_to(graph, sliced, _out_shape(eqn)) if collapsed else sliced
+
+
 def _rev(graph: _Graph, eqn: Any, x: Any) -> _Value:
     """Reversing size-1 axes (the reflect padding of width 1) changes nothing."""
     x = _value(graph, x)
@@ -352,11 +483,23 @@ def _concatenate(graph: _Graph, eqn: Any, *xs: Any) -> _Value:
 
 def _reduce_sum(graph: _Graph, eqn: Any, x: Any) -> _Value:
     x = _value(graph, x)
-    axes = eqn.params["axes"]
-    stored_axes = np.array([x.perm.index(a) for a in axes], np.int64)
+    stored_axes = np.array([x.perm.index(a) for a in eqn.params["axes"]], np.int64)
     name = graph.node("ReduceSum", [x.name, graph.constant(stored_axes)], keepdims=0)
+    return _Value(name, _reduced_perm(x, eqn.params["axes"]), _out_shape(eqn))
+
+
+def _reduce_max(graph: _Graph, eqn: Any, x: Any) -> _Value:
+    """ReduceMax, whose axes are still an attribute in opset 17 (ReduceSum's an input)."""
+    x = _value(graph, x)
+    stored_axes = [x.perm.index(a) for a in eqn.params["axes"]]
+    name = graph.node("ReduceMax", [x.name], axes=stored_axes, keepdims=0)
+    return _Value(name, _reduced_perm(x, eqn.params["axes"]), _out_shape(eqn))
+
+
+def _reduced_perm(x: _Value, axes: tuple[int, ...]) -> tuple[int, ...]:
+    """The storage order of what is left after reducing ``axes`` of ``x``."""
     kept = [a for a in x.perm if a not in axes]  # the remaining axes, in stored order
-    return _Value(name, tuple(int(r) for r in np.argsort(np.argsort(kept))), _out_shape(eqn))
+    return tuple(int(r) for r in np.argsort(np.argsort(kept)))
 
 
 def _reduce_window_sum(graph: _Graph, eqn: Any, x: Any) -> _Value:
@@ -388,10 +531,16 @@ _RULES: dict[str, Callable[..., _Value]] = {
     "dot_general": _dot_general,
     "reshape": _reshape,
     "broadcast_in_dim": _broadcast_in_dim,
+    "squeeze": _squeeze,
+    "stop_gradient": _stop_gradient,
+    "square": _square,
+    "rsqrt": _rsqrt,
     "transpose": _transpose,
     "slice": _slice,
+    "gather": _gather,
     "rev": _rev,
     "concatenate": _concatenate,
     "reduce_sum": _reduce_sum,
+    "reduce_max": _reduce_max,
     "reduce_window_sum": _reduce_window_sum,
 }

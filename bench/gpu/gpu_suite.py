@@ -3,8 +3,8 @@
     python bench/gpu/gpu_suite.py --output $OUT/gpu --photos runs/photos     # on the GPU: about 8 min
     python bench/gpu/gpu_suite.py --output runs/smoke --smoke                 # every code path at toy sizes, CPU
 
-The first six sections' budgets fill the default --time-limit (480 s): in that call the last two
-are recorded as skipped, and they run in a call of their own (below).
+The first six sections' budgets fill the default --time-limit (480 s): in that call the last
+three are recorded as skipped, and they run in calls of their own (below).
 
 Sections, in this order; each runs on its own (an error is recorded with its traceback and the
 next section runs), within its time budget (what does not fit is recorded as skipped), and
@@ -32,12 +32,21 @@ every section:
   more_models   what the inference and training sections leave out or for last: XL's training
                 step, XL inference, L in fp16 (inference, training), JAX against timm AMP eager;
                 an item this run's inference or training section measured is skipped
+  ml_decoder    ML-Decoder on TResNet-L (V2) at 448, COCO's 80 classes in 80 groups, bf16
+                (bench/ml_decoder.py): its share of the training step (the step with it against
+                the fc head's, and the head alone), and our head's inference against the
+                official head (timm's copy, PyTorch AMP eager) on the same feature maps with the
+                same weights. Target: ours ÷ official >= 1.0
 
 The jpeg_pipeline section on its own, in one call of a lent machine (about 7.5 min with start-up;
 runs/ holds the persistent cache between calls):
 
     python bench/gpu/gpu_suite.py --output $OUT/gpu --sections environment,jpeg_pipeline,more_models \\
         --time-limit 450
+
+The ml_decoder section on its own (about 3 min with start-up):
+
+    python bench/gpu/gpu_suite.py --output $OUT/gpu --sections environment,ml_decoder --time-limit 240
 
 JAX's persistent compilation cache lives in --cache-dir (default runs/gpu_suite_cache, kept
 between calls on a warm lent machine, so a second run compiles nothing).
@@ -72,6 +81,7 @@ from typing import Any
 import jax
 import torch
 
+from bench import ml_decoder
 from bench.benchmark import measure
 from bench.gpu import end_to_end, flops, jpeg_pipeline, numerics
 from bench.gpu.max_batch import bounded_search, probe
@@ -87,24 +97,25 @@ from tresnet_jax.model.registry import ARCHITECTURES
 EAGER = ("eager", "channels_last")
 ALL_TIMM = (*EAGER, "compile")
 SECTIONS = ("environment", "correctness", "inference", "training", "max_batch", "end_to_end", "jpeg_pipeline",
-            "more_models")  # fmt: skip
+            "more_models", "ml_decoder")  # fmt: skip
 TARGETS = {"jax_over_best_eager": 1.25, "jax_over_compile": 1.0, "training_peak_fraction": 0.35,
-           **jpeg_pipeline.TARGETS}  # fmt: skip
+           "ml_decoder_ours_over_official": 1.0, **jpeg_pipeline.TARGETS}  # fmt: skip
 # Seconds per section (the first six: 480 in all, the default --time-limit); the run as a whole
 # starts nothing after --time-limit.
 # Set from the first lease's item times (H200, 2026-11-26): an inference item 16-35 s with its
 # compile, the training comparison 116 s (torch.compile's first call 57 s), a max-batch probe
 # 9-17 s from the cache.
-# jpeg_pipeline and more_models are estimates until a lease measures them.
+# jpeg_pipeline, more_models and ml_decoder are estimates until a lease measures them.
 BUDGETS = {"environment": 10, "correctness": 30, "inference": 170, "training": 130, "max_batch": 80, "end_to_end": 60,
-           "jpeg_pipeline": 330, "more_models": 160}  # fmt: skip
+           "jpeg_pipeline": 330, "more_models": 160, "ml_decoder": 170}  # fmt: skip
 # Seconds an item takes on an H200 (measured on the first lease, rounded up; estimates for the
 # items it skipped, and for jpeg_pipeline's and more_models': writing 4,096 JPEGs on 16 cores, a
 # train.py of 80 steps with its start-up, cold compile and export, an eval.py of 24,576 images,
 # the training comparison of XL): an item starts only when its section has that much left.
 NEEDS = {"check": 10, "inference": 30, "timm_compile_infer": 25, "timm_compile_train": 65, "probe_jax": 35,
          "probe_timm": 20, "e2e_eval": 10, "e2e_train": 35, "e2e_decode": 5, "jpeg_write": 25, "jpeg_weights": 5,
-         "jpeg_train": 70, "jpeg_eval": 30, "more_infer": 40, "more_train": 90}  # fmt: skip
+         "jpeg_train": 70, "jpeg_eval": 30, "more_infer": 40, "more_train": 90, "ml_share": 130,
+         "ml_head": 25}  # fmt: skip
 # jpeg_pipeline's runs, most wanted first: (command, key, data, flags). ``data`` is "folder" (the
 # JPEGs) or "synthetic" (random 64-pixel images made from their index, resized by the host's
 # pool, no JPEG decoded; train.py: as many as the folder's files, so that its epochs end at the
@@ -174,6 +185,14 @@ class Plan:
         ("tresnet_l", "train", "fp16", 256, EAGER),
         ("tresnet_xl", "infer", "fp16", 256, EAGER),
     )
+    # ml_decoder: ML-Decoder's COCO-448 configuration (bench/ml_decoder.py)
+    ml_model: str = "tresnet_v2_l"
+    ml_image_size: int = 448
+    ml_classes: int = 80
+    ml_groups: int = 80
+    ml_precision: str = "bf16"
+    ml_train_batch: int = 32
+    ml_head_batch: int = 256
     budgets: dict[str, float] = dataclasses.field(default_factory=lambda: dict(BUDGETS))
     needs: dict[str, float] = dataclasses.field(default_factory=lambda: dict(NEEDS))
 
@@ -187,7 +206,7 @@ class Plan:
             more.setdefault((mode, precision, batch), (model, mode, precision, batch, variants))
         return dataclasses.replace(
             self, check_model=model, inference=tuple(inference.values()), train_model=model, jpeg_model=model,
-            more_models=tuple(more.values()),
+            more_models=tuple(more.values()), ml_model=model,
         )  # fmt: skip
 
 
@@ -202,7 +221,8 @@ SMOKE = Plan(
     jpeg_precision="fp32", jpeg_batch=4, jpeg_train_steps=12, jpeg_log_every=1, jpeg_skip_rows=1,
     jpeg_runs=(("train", "train_jpeg", "folder", ("--augment", "device", "--decode", "host")),
                ("eval", "eval_jpeg", "folder", ("--decode", "host"))),
-    more_models=(("tresnet_m", "infer", "fp32", 2, EAGER),), budgets=dict.fromkeys(SECTIONS, 900.0),
+    more_models=(("tresnet_m", "infer", "fp32", 2, EAGER),), ml_image_size=64, ml_precision="fp32", ml_train_batch=2,
+    ml_head_batch=2, budgets=dict.fromkeys(SECTIONS, 900.0),
     needs=dict.fromkeys(NEEDS, 0.0),
 )  # fmt: skip
 
@@ -450,6 +470,26 @@ def more_models_section(ctx: Context, record: Record, budget: Budget) -> None:
         )
 
 
+def ml_decoder_section(ctx: Context, record: Record, budget: Budget) -> None:
+    """ML-Decoder's share of the training step, then our head's inference against the official
+    one's (bench/ml_decoder.py), each item when its budget allows."""
+    plan = ctx.plan
+    base = ml_decoder.DecoderSpec(plan.ml_model, plan.ml_image_size, plan.ml_classes, plan.ml_groups, plan.ml_precision)
+    share = ml_decoder.check(dataclasses.replace(base, batch_size=plan.ml_train_batch))
+    head = ml_decoder.check(dataclasses.replace(base, batch_size=plan.ml_head_batch))
+    items = (
+        ("head_share", "ml_share", lambda: ml_decoder.measure_share(share, plan.warmup, plan.windows, plan.steps)),
+        ("head_inference", "ml_head",
+         lambda: ml_decoder.measure_head(head, ctx.device, plan.warmup, plan.windows, plan.steps)),
+    )  # fmt: skip
+    for key, need, measure_item in items:
+        if budget.allows(plan.needs[need]):
+            record.attempt(key, measure_item)
+            _release(ctx.device)
+        else:
+            record.skip(key, "time budget")
+
+
 SECTION_FUNCTIONS = {
     "environment": environment_section,
     "correctness": correctness_section,
@@ -459,6 +499,7 @@ SECTION_FUNCTIONS = {
     "end_to_end": end_to_end_section,
     "jpeg_pipeline": jpeg_pipeline_section,
     "more_models": more_models_section,
+    "ml_decoder": ml_decoder_section,
 }
 
 

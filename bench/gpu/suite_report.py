@@ -19,6 +19,7 @@ def markdown(documents: dict[str, dict[str, Any]], targets: dict[str, float]) ->
         ("end_to_end", _end_to_end),
         ("jpeg_pipeline", lambda doc: _jpeg_pipeline(doc, targets)),
         ("more_models", _more_models),
+        ("ml_decoder", lambda doc: _ml_decoder(doc, targets)),
     ):
         if name in documents:
             parts.append(render(documents[name]))
@@ -265,6 +266,40 @@ def _more_models(doc: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     return "\n".join(header + _comparison_rows(doc.get("results", {}), lambda result: [result.get("mode", "")]))
+
+
+def _ml_decoder(doc: dict[str, Any], targets: dict[str, float]) -> str:
+    results = doc.get("results", {})
+    share, head = results.get("head_share") or {}, results.get("head_inference") or {}
+    about = share or head
+    lines = [
+        f"## ML-Decoder ({about.get('model')}, {about.get('image_size')} px, {about.get('num_classes')} classes in "
+        f"{about.get('num_groups')} groups, {about.get('precision')})",
+        "",
+    ]
+    if "error" in share:
+        lines.append(f"- share of the training step: failed: {share['error']}")
+    elif share:
+        lines.append(
+            f"- share of the training step (batch {share['batch_size']}): {_percent(share['share_by_difference'])} "
+            f"by the difference of the steps (with ML-Decoder {share['step_s_ml_decoder'] * 1e3:.1f} ms, with fc "
+            f"{share['step_s_fc'] * 1e3:.1f} ms), {_percent(share['share_by_head_alone'])} by the head alone "
+            f"({share['head_alone_s'] * 1e3:.1f} ms forward and backward), {_percent(share.get('flops_share'))} of "
+            "the step's FLOPs (XLA's count)"
+        )
+    if "error" in head:
+        lines.append(f"- inference against the official head: failed: {head['error']}")
+    elif head:
+        ratio, target = head["ours_over_official"], targets.get("ml_decoder_ours_over_official")
+        ours, official = head["runners"]
+        met = "met" if target is not None and ratio >= target else "**not met**"
+        lines.append(
+            f"- inference, ours ÷ the official head (timm's copy, PyTorch eager; batch {head['batch_size']}): "
+            f"{_ratio(ratio)} (target ≥ {target}, {met}); {ours['images_per_s']:.0f} against "
+            f"{official['images_per_s']:.0f} images/s; logits apart by "
+            f"{_number(head['agreement']['max_abs_diff_over_max_abs'])} (max |diff| ÷ max(1, max |logit|))"
+        )
+    return "\n".join(lines)
 
 
 def _problems(documents: dict[str, dict[str, Any]]) -> str:

@@ -7,12 +7,20 @@ the mAP of multi-label weights on multi-label data.
     python eval.py --model tresnet_m --output results.json --save-logits logits.npz
     python eval.py --model tresnet_l.asl_coco_448 --dataset coco/2014     # mAP, per-class AP in --output
     python eval.py --model runs/ml/weights --val-labels val.csv --classes classes.txt
+    python eval.py --model tresnet_v2_l.ml_decoder_coco_448 --dataset coco/2014       # ML-Decoder: mAP too
+    python eval.py --model runs/zsl/weights --val-labels unseen.csv --classes unseen.txt --class-embeddings unseen.npy
 
 Weights (--model): a name given at conversion or training, a pretrained tag
 (tresnet_m.miil_in1k), hf-hub:OWNER/NAME, or an architecture (its default pretrained tag);
 pretrained tags are fetched from the Hugging Face hub the first time. --weights: a weights
 directory or a PyTorch checkpoint file. Preprocessing comes from the weights' pretrained
 configuration; --image-size/--crop-pct/--interpolation/--squish override it.
+
+--classes FILE is always the model's classes, one name a line, in the order of its outputs:
+with --val-labels, the order the CSV's names are scored in; with a zero-shot ML-Decoder, the
+classes to score, whose word vectors --class-embeddings holds row by row (a .npy array of
+(classes, 300) floats). Those classes need not be the ones it was trained on: the data's labels
+(folder names, the CSV's names, a TFDS dataset's names) are matched to them by name.
 """
 
 from __future__ import annotations
@@ -30,19 +38,27 @@ import jax.numpy as jnp
 import numpy as np
 
 from tresnet_jax.cli import add_multihost_arguments, command, start_run
-from tresnet_jax.data.classes import check_label_kind, class_names
+from tresnet_jax.data.classes import (
+    ZeroShotClasses,
+    check_label_kind,
+    check_zero_shot_input,
+    class_names,
+    read_zero_shot_classes,
+)
 from tresnet_jax.data.gpu_decode import DECODE_CHOICES, decoder_report, reserve_for, select_decoder
 from tresnet_jax.data.labels_csv import CsvSource, read_class_file
 from tresnet_jax.data.sources import FolderSource, Source, SyntheticSource, model_labels
 from tresnet_jax.data.tfds_reader import open_split
 from tresnet_jax.evaluation import EvalResult, evaluate
 from tresnet_jax.factory import fingerprint, load
+from tresnet_jax.model.ml_decoder import WORD_DIM
 from tresnet_jax.preprocessing import INTERPOLATIONS, Preprocessing, check_image_size
 from tresnet_jax.progress import ProgressBar
 from tresnet_jax.runtime.parallel import data_mesh, first_gpu_index, select_devices
 from tresnet_jax.runtime.precision import CHOICES, canonical, compute_dtype
 from tresnet_jax.runtime.xla_options import pointwise_as_matmul_for
 from tresnet_jax.train.flags import add_settings, given_section
+from tresnet_jax.weights.heads import describe
 from tresnet_jax.weights.info import Reported, WeightsInfo
 from tresnet_jax.weights.storage import write_file_atomically
 
@@ -81,7 +97,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     data.add_argument("--data_dir", "--data-dir", help="TFDS data directory (default: TFDS's)")
     data.add_argument(
-        "--classes", type=Path, metavar="FILE", help="--val-labels: class names one a line (default: the CSV's, sorted)"
+        "--classes",
+        type=Path,
+        metavar="FILE",
+        help="the model's classes, one name a line in the order of its outputs: with --val-labels, the CSV's names "
+        "in this order (default: sorted); with --class-embeddings, the classes its rows are word vectors of",
+    )
+    data.add_argument(
+        "--class-embeddings",
+        type=Path,
+        metavar="FILE.npy",
+        help=f"zero-shot ML-Decoder weights: the classes to score, one {WORD_DIM}-wide word vector a line of "
+        "--classes (a float .npy array)",
     )
     prep = parser.add_argument_group("preprocessing (default: the weights' pretrained configuration)")
     prep.add_argument("--image-size", type=int)
@@ -120,8 +147,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         check_image_size(args.image_size)
     if args.synthetic_data is not None and args.synthetic_data <= 0:
         parser.error("--synthetic-data must be positive")
-    if args.classes is not None and args.val_labels is None:
-        parser.error("--classes goes with --val-labels")
+    if args.classes is not None and args.val_labels is None and args.class_embeddings is None:
+        parser.error("--classes goes with --val-labels or --class-embeddings")
+    if args.class_embeddings is not None and args.classes is None:
+        parser.error("--class-embeddings needs --classes: the names of its rows, one a line")
     for path in (args.output, args.save_logits):
         if path is not None and not path.absolute().parent.is_dir():
             parser.error(f"{path.parent}: no such directory")
@@ -154,6 +183,13 @@ def open_source(args: argparse.Namespace) -> Source:
     return open_split(args.dataset or "imagenet2012", args.data_dir)
 
 
+def zero_shot_classes(args: argparse.Namespace) -> ZeroShotClasses | None:
+    """The classes and word vectors of --classes and --class-embeddings, when given."""
+    if args.class_embeddings is None:
+        return None
+    return read_zero_shot_classes(args.classes, args.class_embeddings, WORD_DIM)
+
+
 # What to do when the weights and the data disagree on the number of classes an image, by the weights' kind.
 LABEL_KIND_REMEDY = {
     True: "evaluate them on multi-label data (--dataset voc/2007, coco/2014, --val-labels CSV)",
@@ -162,14 +198,16 @@ LABEL_KIND_REMEDY = {
 
 
 def report(
-    args, result: EvalResult, info: WeightsInfo, weights_hash: str, prep, source, dtype, batch, mesh, label_map, decoder
-) -> dict:
-    """Everything a results file records, for comparing runs later."""
+    args, result: EvalResult, info: WeightsInfo, weights_hash: str, prep, source, dtype, batch, mesh, label_map,
+    decoder, own_names: Sequence[str] | None,
+) -> dict:  # fmt: skip
+    """Everything a results file records, for comparing runs later; ``own_names``: the names of
+    the model's classes, as the weights or --classes give them."""
     device = mesh.devices.flat[0]
     reported = info.reported or Reported()
     if result.per_class_ap is not None:
         from_data = {int(c): str(name) for name, c in zip(source.class_names, label_map.classes, strict=True)}
-        names = class_names(info.num_classes, info.class_names, from_data)
+        names = class_names(label_map.num_classes, own_names, from_data)
         per_class = zip(names, result.per_class_ap.tolist(), strict=True)
         quality = {
             "per_class_AP": {name: None if math.isnan(ap) else ap for name, ap in per_class},
@@ -181,7 +219,9 @@ def report(
         **result.metrics(),
         **quality,
         "model": info.model,
-        "num_classes": info.num_classes,
+        "head": describe(info.head),
+        "num_classes": label_map.num_classes,
+        "class_embeddings": None if args.class_embeddings is None else str(args.class_embeddings),
         "weights": weights_argument(args),
         "weights_sha256": weights_hash,
         "source": info.to_json()["source"],
@@ -216,6 +256,7 @@ def save_logits(path: Path, result: EvalResult, source) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     args = parse_args(argv)
+    zero_shot = zero_shot_classes(args)  # the files read and checked before anything else
     run, model_settings = given_section(args, "run"), given_section(args, "model")
     reserve_for(args.decode)
     start_run(args, run.compilation_cache)
@@ -231,17 +272,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     architecture = args.model if args.weights else None
     loaded = load(weights_argument(args), architecture=architecture, dtype=dtype, **numerics)
     model, variables, info = loaded.model, loaded.variables, loaded.info
-    source = source or SyntheticSource(args.synthetic_data, model.num_classes, info.multi_label)
+    weights_said = f"these weights ({info.model}, {describe(info.head)} head, {info.num_classes} classes)"
+    check_zero_shot_input(info.head.zero_shot, zero_shot is not None, weights_said)
+    # A zero-shot model's classes are those it is given: scored in their order, named by them.
+    classes, names = (len(zero_shot.names), zero_shot.names) if zero_shot else (model.num_classes, info.class_names)
+    source = source or SyntheticSource(args.synthetic_data, classes, info.multi_label)
     check_label_kind(source.name, source.multi_label, info.multi_label, "these weights are", LABEL_KIND_REMEDY)
     prep = preprocessing(args, info)
-    label_map = model_labels(source, model.num_classes, info.class_names)
+    label_map = model_labels(source, classes, names)
     devices = select_devices(run.num_devices)
     mesh = data_mesh(devices)
     batch = args.batch_size or default_batch_size(mesh)
     weights_hash = fingerprint(variables)
     if lead:
         print(f"weights: {loaded.origin}")
-        print(f"model: {info.model}, {model.num_classes} classes, tag {info.tag}, sha256 {weights_hash[:16]}")
+        scored = f"{classes} classes" + (f" of {args.class_embeddings} (zero-shot)" if zero_shot else "")
+        print(f"model: {info.model}, {describe(info.head)} head, {scored}, tag {info.tag}, sha256 {weights_hash[:16]}")
         print(
             f"data: {source.name}, {len(source)} images; preprocessing {prep.input_size}px, crop {prep.crop_pct}, "
             f"{prep.interpolation}{', squish' if prep.squish else ''}"
@@ -252,9 +298,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     bar = ProgressBar(len(source), "eval", enabled=lead and run.progress)
     setup_seconds = time.perf_counter() - started
+    embeddings = None if zero_shot is None else zero_shot.embeddings
     result = evaluate(
-        model, variables, source, prep, label_map, batch, mesh, args.save_logits is not None, bar.update, decoder
-    )
+        model, variables, source, prep, label_map, batch, mesh, args.save_logits is not None, bar.update, decoder,
+        embeddings,
+    )  # fmt: skip
     bar.close()
     if lead:
         quality = (
@@ -282,7 +330,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if reported.mAP is not None and result.mean_ap is not None:
             print(f"reported mAP of {info.tag} ({reported.dataset}): {reported.mAP:.1f}")
         if args.output is not None:
-            summary = report(args, result, info, weights_hash, prep, source, dtype, batch, mesh, label_map, decoder)
+            summary = report(
+                args, result, info, weights_hash, prep, source, dtype, batch, mesh, label_map, decoder, names
+            )
             summary["setup_seconds"] = setup_seconds
             write_file_atomically(args.output, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2) + "\n"))
             print(f"wrote {args.output}")

@@ -21,6 +21,13 @@ StableHLO: the inference forward lowered for the CPU and CUDA; it needs JAX, not
 
     forward = jax.export.deserialize(open("tresnet_m.stablehlo", "rb").read())
     logits = forward.call(images)  # float32 [batch, H, W, 3] (NHWC, RGB in [0, 1]) -> [batch, classes]
+
+ML-Decoder weights export as they are. Zero-shot ML-Decoder weights score the classes given at
+run time, in both files: a second input, class_embeddings float32 [classes, 300] (a word vector
+a class, any number of them), and logits [batch, classes] in its row order:
+
+    logits = forward.call(images, class_embeddings)                 # StableHLO
+    session.run(None, {"images": nchw, "class_embeddings": vectors})  # ONNX
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import jax.numpy as jnp
 from tresnet_jax.cli import command
 from tresnet_jax.export import ONNX_OPSET, STABLEHLO_PLATFORMS, onnx_model, onnx_properties, stablehlo_export
 from tresnet_jax.factory import load, load_metadata
+from tresnet_jax.model.ml_decoder import WORD_DIM
 from tresnet_jax.preprocessing import check_image_size
 from tresnet_jax.runtime.precision import canonical, compute_dtype
 from tresnet_jax.weights.info import WeightsInfo
@@ -74,6 +82,13 @@ def write_output(path: Path, data: bytes) -> None:
     write_file_atomically(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
+def signature(info: WeightsInfo, images: str, classes: int) -> str:
+    """What the file takes and gives, as the message after writing says it."""
+    if info.head.zero_shot and classes:
+        return f"{images}, class_embeddings float32 [classes, {WORD_DIM}] -> logits [batch, classes]"
+    return f"{images} -> logits [batch, {classes}]"
+
+
 @command
 def onnx_main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv, onnx=True)
@@ -83,9 +98,9 @@ def onnx_main(argv: Sequence[str] | None = None) -> int:
     write_output(
         args.output, onnx_model(model, variables, size, onnx_properties(info, size, dtype)).SerializeToString()
     )
+    images = f"images float32 [batch, 3, {size}, {size}] (NCHW, RGB in [0, 1])"
     print(
-        f"wrote {args.output}: {info.model}, {dtype}, opset {ONNX_OPSET}; "
-        f"images float32 [batch, 3, {size}, {size}] (NCHW, RGB in [0, 1]) -> logits [batch, {model.num_classes}]"
+        f"wrote {args.output}: {info.model}, {dtype}, opset {ONNX_OPSET}; {signature(info, images, model.num_classes)}"
     )
     return 0
 
@@ -96,8 +111,7 @@ def stablehlo_main(argv: Sequence[str] | None = None) -> int:
     info, size = checked(args)
     model, variables = load(args.weights)
     write_output(args.output, stablehlo_export(model, variables, size))
-    print(
-        f"wrote {args.output}: {info.model}, for {' and '.join(STABLEHLO_PLATFORMS)}; "
-        f"images float32 [batch, {size}, {size}, 3] (NHWC, RGB in [0, 1]) -> logits [batch, {model.num_classes}]"
-    )
+    images = f"images float32 [batch, {size}, {size}, 3] (NHWC, RGB in [0, 1])"
+    platforms = " and ".join(STABLEHLO_PLATFORMS)
+    print(f"wrote {args.output}: {info.model}, for {platforms}; {signature(info, images, model.num_classes)}")
     return 0

@@ -6,6 +6,8 @@ threshold.
     python predict.py photo.jpg --model runs/f1/weights             # weights trained on your classes
     python predict.py photo.jpg --weights tresnet_m.miil_in1k.safetensors
     python predict.py street.jpg --model tresnet_l.asl_coco_448 --threshold 0.7   # ASL's COCO model
+    python predict.py street.jpg --model tresnet_v2_l.ml_decoder_coco_448          # ML-Decoder's
+    python predict.py photo.jpg --model runs/zsl/weights --classes names.txt --class-embeddings vectors.npy
 
 --model takes what eval.py's does: a weights name or directory, a pretrained tag (fetched from
 the Hugging Face hub the first time; ASL's are converted from their files first),
@@ -14,6 +16,10 @@ probable classes (softmax). Multi-label weights (metadata "multi_label", e.g. AS
 per class, and the classes above --threshold (default 0.5), most probable first. Class names:
 the weights' own (ASL's checkpoints and training exports carry them), ImageNet's for
 1000-class weights, else class indices.
+
+Zero-shot ML-Decoder weights score the classes they are given, seen in training or not:
+--classes FILE names them (one a line) and --class-embeddings FILE.npy holds a 300-wide word
+vector for each, row i for line i (a float .npy array, e.g. fastText vectors).
 """
 
 from __future__ import annotations
@@ -27,13 +33,15 @@ import jax
 import numpy as np
 
 from tresnet_jax.cli import command, enable_compilation_cache
-from tresnet_jax.data.classes import class_names
+from tresnet_jax.data.classes import check_zero_shot_input, class_names, read_zero_shot_classes
 from tresnet_jax.data.preprocess import load_image
 from tresnet_jax.errors import InputError
 from tresnet_jax.factory import load
+from tresnet_jax.model.ml_decoder import WORD_DIM
 from tresnet_jax.preprocessing import check_image_size
 from tresnet_jax.runtime.compile import jit
 from tresnet_jax.train.flags import add_settings, given_section
+from tresnet_jax.weights.heads import describe
 
 TOP = 5
 THRESHOLD = 0.5  # multi-label: a class is predicted when its sigmoid probability is above this
@@ -52,6 +60,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, help="default: the weights' pretrained input size")
     add_settings(parser, ["model.tf32"])
     parser.add_argument(
+        "--classes", type=Path, metavar="FILE", help="with --class-embeddings: the classes to score, one name a line"
+    )
+    parser.add_argument(
+        "--class-embeddings",
+        type=Path,
+        metavar="FILE.npy",
+        help=f"zero-shot ML-Decoder weights: one {WORD_DIM}-wide word vector a line of --classes (float .npy array)",
+    )
+    parser.add_argument(
         "--threshold",
         type=float,
         help=f"multi-label weights only: print the classes whose probability is above this (default {THRESHOLD})",
@@ -62,6 +79,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         check_image_size(args.image_size)
     if args.threshold is not None and not 0.0 < args.threshold < 1.0:
         parser.error(f"--threshold must be between 0 and 1 (exclusive), got {args.threshold:g}")
+    if (args.classes is None) != (args.class_embeddings is None):
+        parser.error("--classes and --class-embeddings go together: the names of the classes and their word vectors")
     return args
 
 
@@ -84,6 +103,9 @@ def above_threshold(probabilities: np.ndarray, labels: list[str], threshold: flo
 @command
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    zero_shot = None
+    if args.class_embeddings is not None:  # the files read and checked before anything else
+        zero_shot = read_zero_shot_classes(args.classes, args.class_embeddings, WORD_DIM)
     enable_compilation_cache()
     architecture = args.model if args.weights else None
     loaded = load(args.weights or args.model or "tresnet_m", architecture=architecture, allow_tf32=args.tf32)
@@ -91,6 +113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"weights: {loaded.origin}")
     if model.num_classes == 0:
         raise InputError(f"{info.model} weights without a classifier head cannot predict classes")
+    weights_said = f"these weights ({info.model}, {describe(info.head)} head, {info.num_classes} classes)"
+    check_zero_shot_input(info.head.zero_shot, zero_shot is not None, weights_said)
     if args.threshold is not None and not info.multi_label:
         raise InputError(
             f"--threshold is for multi-label weights; these ({info.model}, {model.num_classes} classes) "
@@ -106,9 +130,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {err}", file=sys.stderr)
             failures += 1
     if images:
-        logits = jit(model.apply)(variables, np.stack(images))
+        embeddings = None if zero_shot is None else zero_shot.embeddings
+        logits = jit(model.apply)(variables, np.stack(images), class_embeddings=embeddings)
         probabilities = np.asarray(jax.nn.sigmoid(logits) if info.multi_label else jax.nn.softmax(logits, axis=-1))
-        labels = class_names(model.num_classes, info.class_names)
+        labels = list(zero_shot.names) if zero_shot else class_names(model.num_classes, info.class_names)
         threshold = THRESHOLD if args.threshold is None else args.threshold
         for path, p in zip(names, probabilities, strict=True):
             print(f"{path}:")
