@@ -357,6 +357,18 @@ def test_multi_label_conversion_gives_eval_the_map_scikit_learn_gives_timm(tmp_p
     printed_map = float(re.search(r"mAP (\d+\.\d{3})", printed).group(1))
     assert abs(printed_map - sklearn_map) <= 5e-4 + 1e-9
 
+    # The same declaration where eval.py converts the file in memory: the same mAP; undeclared,
+    # the file's head is single-label and multi-label data is refused in one line.
+    from_file = ["--weights", path, "--val-labels", val_csv, "--classes", class_file, *args[4:]]
+    on_the_fly = tmp_path / "on_the_fly.json"
+    assert eval_cli.main([str(a) for a in [*from_file, "--multi-label", "--output", on_the_fly]]) == 0
+    assert json.loads(on_the_fly.read_text())["mAP"] == json.loads(output.read_text())["mAP"]
+    capsys.readouterr()
+    assert eval_cli.main([str(a) for a in from_file]) == 1
+    refused = capsys.readouterr().err.strip().splitlines()
+    assert len(refused) == 1
+    assert refused[0].endswith("a PyTorch file: --multi-label)")
+
 
 def fit_head(model: torch.nn.Module, images: np.ndarray, wanted: np.ndarray) -> None:
     """Set the fc head to the ridge regression of ``wanted`` scores on the pooled features."""

@@ -315,3 +315,19 @@ def test_a_run_resumed_from_its_first_checkpoint_ends_bit_identical(learned, can
         )
     resumed_losses = [r["loss"] for r in metrics(tmp_path) if "loss" in r]
     assert resumed_losses == [r["loss"] for r in metrics(learned) if "loss" in r and r["step"] > first]
+
+
+def test_init_from_a_pytorch_file_takes_its_declared_label_kind(tmp_path):
+    """train.py --init FILE.pth converts in memory; --init-multi-label declares its head
+    multi-label, as the converter's --multi-label does, and a kept head says when it was
+    trained for the other kind of labels than the run's."""
+    from tresnet_jax.weights.conversion import variables_to_state_dict
+    from tresnet_jax.weights.torch_io import write_state_dict
+
+    path = tmp_path / "tiny.safetensors"
+    write_state_dict(path, variables_to_state_dict(random_variables(tiny_model.SPEC, 10, 2)))
+    settings = {"workdir": str(tmp_path / "run"), "model": tiny_model.NAME, "init": str(path), "loss": "asl"}
+    _, declared = initial_variables(config(**settings, init_multi_label=True), resolve(tiny_model.NAME), 10)
+    assert declared.endswith(": backbone loaded, its head kept")
+    _, undeclared = initial_variables(config(**settings), resolve(tiny_model.NAME), 10)
+    assert undeclared.endswith(": backbone loaded, its head kept (trained single-label; this run is multi-label)")

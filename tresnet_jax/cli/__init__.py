@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from tresnet_jax.errors import InputError
+from tresnet_jax.weights.conversion import MULTI_LABEL_HELP
 
 EXIT_INPUT_ERROR = 1
 EXIT_INTERRUPTED = 130
@@ -29,6 +30,13 @@ def add_multihost_arguments(parser: argparse.ArgumentParser) -> None:
     hosts.add_argument("--coordinator", help="host:port of process 0")
     hosts.add_argument("--num-processes", type=int, help="1 alone: a single process, whatever the launcher")
     hosts.add_argument("--process-id", type=int)
+
+
+def add_multi_label_argument(parser: argparse.ArgumentParser) -> None:
+    """``--multi-label``: the declaration that a PyTorch file's head is multi-label, in every
+    command that converts one (the converter; eval.py and predict.py convert in memory;
+    train.py's is ``--init-multi-label``)."""
+    parser.add_argument("--multi-label", action="store_true", help=MULTI_LABEL_HELP)
 
 
 def start_run(args: argparse.Namespace, compilation_cache: bool = True) -> None:

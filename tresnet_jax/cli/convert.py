@@ -22,7 +22,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from tresnet_jax.cli import command
+from tresnet_jax.cli import add_multi_label_argument, command
 from tresnet_jax.data.labels_csv import read_class_file
 from tresnet_jax.model.architecture import ML_DECODER
 from tresnet_jax.model.registry import ARCHITECTURES, PRETRAINED, resolve
@@ -48,12 +48,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="pretrained configuration (default: from the hub repository or the "
         "file name; else none, and the model's published preprocessing)",
     )
-    parser.add_argument(
-        "--multi-label",
-        action="store_true",
-        help="the checkpoint's classes are independent (a sigmoid each: trained with ASL's or another "
-        "multi-label loss); only a tag says so otherwise",
-    )
+    add_multi_label_argument(parser)
     parser.add_argument("--classes", type=Path, metavar="FILE", help="the names of the head's classes, one a line")
     parser.add_argument("--name", help="name to store under (default: the model name)")
     parser.add_argument("--output", type=Path, help="output directory (default: <weights root>/<name>)")

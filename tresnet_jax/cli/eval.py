@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tresnet_jax.cli import add_multihost_arguments, command, start_run
+from tresnet_jax.cli import add_multi_label_argument, add_multihost_arguments, command, start_run
 from tresnet_jax.data.classes import (
     ZeroShotClasses,
     check_label_kind,
@@ -79,6 +79,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     weights.add_argument(
         "--weights", help="weights directory, or a .pth/.pt/.bin/.safetensors file (--model: its architecture)"
     )
+    add_multi_label_argument(parser)
     data = parser.add_argument_group("data (default: --dataset imagenet2012)")
     source = data.add_mutually_exclusive_group()
     source.add_argument("--val_dir", "--val-dir", type=Path, help="folder per class (sorted WordNet ids)")
@@ -193,7 +194,8 @@ def zero_shot_classes(args: argparse.Namespace) -> ZeroShotClasses | None:
 # What to do when the weights and the data disagree on the number of classes an image, by the weights' kind.
 LABEL_KIND_REMEDY = {
     True: "evaluate them on multi-label data (--dataset voc/2007, coco/2014, --val-labels CSV)",
-    False: "evaluate multi-label weights (trained with --loss asl/bce, or ASL's converted with --tag)",
+    False: "evaluate multi-label weights (trained with --loss asl/bce, converted with --tag or --multi-label; "
+    "a PyTorch file: --multi-label)",
 }
 
 
@@ -269,8 +271,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The data before the weights: a missing dataset is reported at once.
     source = None if args.synthetic_data else open_source(args)
     numerics = {"allow_tf32": model_settings.tf32, "pointwise_as_matmul": pointwise_as_matmul_for()}
-    architecture = args.model if args.weights else None
-    loaded = load(weights_argument(args), architecture=architecture, dtype=dtype, **numerics)
+    options = {"architecture": args.model if args.weights else None, "multi_label": args.multi_label}
+    loaded = load(weights_argument(args), dtype=dtype, **options, **numerics)
     model, variables, info = loaded.model, loaded.variables, loaded.info
     weights_said = f"these weights ({info.model}, {describe(info.head)} head, {info.num_classes} classes)"
     check_zero_shot_input(info.head.zero_shot, zero_shot is not None, weights_said)

@@ -32,7 +32,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from tresnet_jax.cli import command, enable_compilation_cache
+from tresnet_jax.cli import add_multi_label_argument, command, enable_compilation_cache
 from tresnet_jax.data.classes import check_zero_shot_input, class_names, read_zero_shot_classes
 from tresnet_jax.data.preprocess import load_image
 from tresnet_jax.errors import InputError
@@ -59,6 +59,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--image-size", type=int, help="default: the weights' pretrained input size")
     add_settings(parser, ["model.tf32"])
+    add_multi_label_argument(parser)
     parser.add_argument(
         "--classes", type=Path, metavar="FILE", help="with --class-embeddings: the classes to score, one name a line"
     )
@@ -108,7 +109,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         zero_shot = read_zero_shot_classes(args.classes, args.class_embeddings, WORD_DIM)
     enable_compilation_cache()
     architecture = args.model if args.weights else None
-    loaded = load(args.weights or args.model or "tresnet_m", architecture=architecture, allow_tf32=args.tf32)
+    name = args.weights or args.model or "tresnet_m"
+    loaded = load(name, architecture=architecture, allow_tf32=args.tf32, multi_label=args.multi_label)
     model, variables, info = loaded.model, loaded.variables, loaded.info
     print(f"weights: {loaded.origin}")
     if model.num_classes == 0:

@@ -31,11 +31,15 @@ def initial_variables(
     if cfg.model.init is None:
         fresh = random_variables(model.arch, num_classes, seed, head)
         return fresh, f"{name} initialised from scratch (seed {seed})"
-    loaded = load(cfg.model.init, architecture=model.name)  # refuses weights of another architecture
+    # Refuses weights of another architecture; a PyTorch file's label kind is as declared.
+    loaded = load(cfg.model.init, architecture=model.name, multi_label=cfg.model.init_multi_label)
     info = loaded.info
     if info.num_classes == num_classes and with_queries_written_out(info.head, num_classes) == head:
         head = info.head  # the same head with its K left implicit (100, capped at the classes): kept
-    variables, _, said = with_classes(loaded.variables, info, num_classes, seed, head)
+    variables, new, said = with_classes(loaded.variables, info, num_classes, seed, head)
+    if new is info and info.multi_label != cfg.multi_label:  # a head kept, trained for the other kind of labels
+        kind = {True: "multi-label", False: "single-label"}
+        said += f" (trained {kind[info.multi_label]}; this run is {kind[cfg.multi_label]})"
     return variables, f"{name} fine-tuned from {loaded.origin}: backbone loaded, {said}"
 
 

@@ -25,6 +25,7 @@ from tresnet_jax.model.ml_decoder import DEFAULT_QUERIES, num_queries
 from tresnet_jax.model.registry import ARCHITECTURES
 from tresnet_jax.preprocessing import SIZE_STEP, valid_image_size
 from tresnet_jax.runtime.precision import canonical, default_precision
+from tresnet_jax.weights.conversion import MULTI_LABEL_HELP
 from tresnet_jax.weights.storage import write_file_atomically
 
 CONFIG_FILE = "config.json"
@@ -120,6 +121,11 @@ class ModelSettings(Section):
     name: str = setting("tresnet_m", "the architecture", flags=("--model",))
     num_classes: int | None = setting(None, "default: the training set's number of classes", check=POSITIVE)
     init: str | None = setting(None, "fine-tune from converted weights: a name, weights directory or PyTorch file")
+    init_multi_label: bool = setting(
+        False,
+        "--init " + MULTI_LABEL_HELP.replace("a PyTorch file's", "is a PyTorch file whose"),
+        flags=("--init-multi-label",),
+    )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = setting(
         "auto",
         "auto: bf16 on GPU/TPU, fp32 on CPU; fp16 uses dynamic loss scaling (float32, bfloat16, float16 are taken too)",

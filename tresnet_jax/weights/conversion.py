@@ -271,6 +271,13 @@ def weights_info(
     )
 
 
+# What declaring a PyTorch file multi-label means, for every command that converts one.
+MULTI_LABEL_HELP = (
+    "a PyTorch file's classes are independent (a sigmoid each: trained with ASL's or another multi-label loss); "
+    "only a tag says so otherwise"
+)
+
+
 def convert_checkpoint(
     state_dict: Mapping[str, np.ndarray],
     source: Path,
