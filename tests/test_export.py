@@ -210,6 +210,7 @@ def ml_decoder_weights(tmp_path_factory):
     return found
 
 
+@pytest.mark.slow  # the fast tier keeps the plain head's export
 @pytest.mark.usefixtures("tiny_model")
 @pytest.mark.parametrize("kind", list(ML_HEADS))
 def test_onnx_of_an_ml_decoder_equals_flax(kind, ml_decoder_weights, tmp_path, capsys):

@@ -101,33 +101,16 @@ def test_group_decoding_is_the_originals_loop_over_queries():
     np.testing.assert_allclose(np.asarray(got), expected, atol=1e-3, rtol=0)
 
 
-def test_dropout_draws_per_example_from_its_key():
-    rng = np.random.default_rng(2)
-    maps = jnp.asarray(rng.normal(size=(3, 2, 2, ARCH.num_features)), jnp.float32)
-    variables = random_variables(ARCH, 10, 0, ML)
-    params, queries = variables["params"]["head"], jnp.asarray(variables["constants"]["head"]["queries"])
-    keys = jax.random.split(jax.random.key(7), 3)
-
-    @jax.jit
-    def head(maps, keys):
-        return ml_decoder.decode(maps, params, queries, FLOAT32, 10, dropout_keys=keys)
-
-    together = np.asarray(head(maps, keys))
-    alone = np.asarray(head(maps[1:2], keys[1:2]))
-    # A row's masks depend on its key, not its batch: the same numbers up to the summation order
-    # another batch shape may give the products (float32: ~1e-6 relative), while other masks
-    # move the logits by ~0.1.
-    np.testing.assert_allclose(together[1:2], alone, rtol=0, atol=1e-5 * np.abs(alone).max())
-    other = np.asarray(head(maps, jax.random.split(jax.random.key(8), 3)))
-    evaluated = np.asarray(jax.jit(lambda m: ml_decoder.decode(m, params, queries, FLOAT32, 10))(maps))
-    assert np.abs(other - together).max() > 1e-3
-    assert np.abs(evaluated - together).max() > 1e-3
-    # The rate: 0.1 of the units dropped, the rest scaled by 1 / 0.9 (site 1 of two).
+def test_dropout_drops_a_tenth_and_scales_the_rest():
+    """The rate and scaling of each site's masks (which key draws them, and that an example's
+    masks are its own: tests/test_ml_decoder_training.py)."""
     dropout = ml_decoder.Dropout(jax.random.split(jax.random.key(0), 2), [(9, 9), (50_000,)])
     kept = np.asarray(dropout(jnp.ones((2, 50_000)), 1))
     np.testing.assert_allclose(np.unique(kept), [0.0, 1 / 0.9], rtol=1e-6)
     dropped = (kept == 0).mean()
     assert abs(dropped - 0.1) < 5 * np.sqrt(0.1 * 0.9 / kept.size)  # five binomial sigmas
+    assert dropout.masks[0].shape == (2, 9, 9)
+    assert (np.asarray(dropout.masks[1][0]) != np.asarray(dropout.masks[1][1])).any()  # two examples, two draws
 
 
 def test_zero_shot_scores_the_classes_it_is_given():
@@ -150,6 +133,7 @@ def test_zero_shot_scores_the_classes_it_is_given():
         jax.eval_shape(partial(fixed.apply, class_embeddings=words), random_variables(ARCH, 10, 0, ML), IMAGES)
 
 
+@pytest.mark.slow  # two models compiled in each API; NNX == Linen in evaluation is in the fast tier (parity)
 def test_nnx_equals_linen_in_evaluation_and_training():
     linen = TResNet(ARCH, 10, head_spec=ML)
     variables = random_variables(ARCH, 10, 4, ML)

@@ -391,12 +391,7 @@ def end_to_end_section(ctx: Context, record: Record, budget: Budget) -> None:
         ("evaluation_step", "e2e_eval", lambda: end_to_end.evaluation_rate(*run)),
         ("host_jpeg_decoding", "e2e_decode", lambda: end_to_end.jpeg_decode_rate(plan.decode_images, plan.image_size)),
     )
-    for key, need, measure_item in items:
-        if budget.allows(plan.needs[need]):
-            record.attempt(key, measure_item)
-            _release(ctx.device)
-        else:
-            record.skip(key, "time budget")
+    _measure_in_turn(items, ctx, record, budget)
 
 
 def jpeg_pipeline_section(ctx: Context, record: Record, budget: Budget) -> None:
@@ -482,12 +477,7 @@ def ml_decoder_section(ctx: Context, record: Record, budget: Budget) -> None:
         ("head_inference", "ml_head",
          lambda: ml_decoder.measure_head(head, ctx.device, plan.warmup, plan.windows, plan.steps)),
     )  # fmt: skip
-    for key, need, measure_item in items:
-        if budget.allows(plan.needs[need]):
-            record.attempt(key, measure_item)
-            _release(ctx.device)
-        else:
-            record.skip(key, "time budget")
+    _measure_in_turn(items, ctx, record, budget)
 
 
 SECTION_FUNCTIONS = {
@@ -592,6 +582,19 @@ def _measured(path: Path) -> set[tuple[str, str, int]]:
         for row in result.get("rows", [])[:1]
         if "images_per_s" in row
     }
+
+
+def _measure_in_turn(
+    items: Sequence[tuple[str, str, Callable[[], Any]]], ctx: Context, record: Record, budget: Budget
+) -> None:
+    """Each (key, need, measure) while the section's budget allows its need, freeing the
+    device's memory after each."""
+    for key, need, measure_item in items:
+        if budget.allows(ctx.plan.needs[need]):
+            record.attempt(key, measure_item)
+            _release(ctx.device)
+        else:
+            record.skip(key, "time budget")
 
 
 def _release(device: torch.device) -> None:

@@ -50,39 +50,27 @@ class PretrainedConfig:
         return self.source == "timm"
 
 
-def _asl(tag: str, size: int, classes: int, mean_ap: float, dataset: str, file: str) -> PretrainedConfig:
-    """An ASL model: multi-label, squished to ``size`` (validate.py's Resize((size, size)))."""
-    return PretrainedConfig(
-        tag,
-        Preprocessing(size, crop_pct=1.0, squish=True),
-        num_classes=classes,
-        source="asl",
-        multi_label=True,
-        mean_ap=mean_ap,
-        dataset=dataset,
-        file=file,
-    )
-
-
-def _ml_decoder(
-    tag: str, size: int, classes: int, groups: int, dataset: str, file: str, mean_ap: float
+def _multi_label(
+    tag: str, size: int, classes: int, mean_ap: float, dataset: str, file: str, head: HeadSpec = FC_HEAD
 ) -> PretrainedConfig:
-    """A multi-label ML-Decoder model, squished to ``size``."""
+    """A published multi-label model, squished to ``size`` (its validate.py's
+    ``Resize((size, size))``): ASL's with the fc head, ML-Decoder's with its own."""
     return PretrainedConfig(
         tag,
         Preprocessing(size, crop_pct=1.0, squish=True),
         num_classes=classes,
-        source="ml_decoder",
+        source="asl" if head == FC_HEAD else "ml_decoder",
         multi_label=True,
         mean_ap=mean_ap,
         dataset=dataset,
         file=file,
-        head=HeadSpec(ML_DECODER, num_groups=groups),
+        head=head,
     )
 
 
 AT_448 = Preprocessing(448)
 COCO = "coco/2014"
+K80 = HeadSpec(ML_DECODER, num_groups=80)  # ML-Decoder's COCO models: a query per class
 # Tags in timm's order (the first tag of an architecture is its default weights), then the
 # weights published as files only.
 PRETRAINED: dict[str, PretrainedConfig] = {
@@ -103,25 +91,25 @@ PRETRAINED: dict[str, PretrainedConfig] = {
         # ASL's multi-label models (Alibaba-MIIL/ASL, MODEL_ZOO.md; not on the hub): official
         # layout, 80 MS-COCO or 20 Pascal VOC classes, evaluated squished to the input size; the
         # mAP the authors report on COCO 2014 validation and VOC 2007 test.
-        _asl("tresnet_m.asl_coco_224", 224, 80, 81.8, "coco/2014", "MS_COCO_TRresNet_M_224_81.8.pth"),
-        _asl("tresnet_l.asl_coco_448", 448, 80, 86.6, "coco/2014", "MS_COCO_TRresNet_L_448_86.6.pth"),
-        _asl("tresnet_xl.asl_coco_640", 640, 80, 88.4, "coco/2014", "MS_COCO_TResNet_xl_640_88.4.pth"),
-        _asl("tresnet_xl.asl_voc_448", 448, 20, 96.0, "voc/2007", "PASCAL_VOC_TResNet_xl_448_96.0.pth"),
+        _multi_label("tresnet_m.asl_coco_224", 224, 80, 81.8, "coco/2014", "MS_COCO_TRresNet_M_224_81.8.pth"),
+        _multi_label("tresnet_l.asl_coco_448", 448, 80, 86.6, "coco/2014", "MS_COCO_TRresNet_L_448_86.6.pth"),
+        _multi_label("tresnet_xl.asl_coco_640", 640, 80, 88.4, "coco/2014", "MS_COCO_TResNet_xl_640_88.4.pth"),
+        _multi_label("tresnet_xl.asl_voc_448", 448, 20, 96.0, "voc/2007", "PASCAL_VOC_TResNet_xl_448_96.0.pth"),
         # ML-Decoder's models (Alibaba-MIIL/ML_Decoder, MODEL_ZOO.md; not on the hub): official
         # layout, evaluated squished to the input size without normalisation (its validate.py);
         # K from the tensors (COCO: 80 queries; OpenImages: 200 groups of g = 49). The L and XL
         # are the all-Bottleneck v2 topology: tresnet_v2_l and tresnet_v2_xl here.
-        _ml_decoder("tresnet_m.ml_decoder_coco_224", 224, 80, 80, COCO, "tresnet_m_COCO_224_84_2.pth", 84.2),
-        _ml_decoder("tresnet_v2_l.ml_decoder_coco_448", 448, 80, 80, COCO, "tresnet_l_COCO__448_90_0.pth", 90.1),
-        _ml_decoder("tresnet_v2_xl.ml_decoder_coco_640", 640, 80, 80, COCO, "tresnet_xl_COCO_640_91_4.pth", 91.4),
-        _ml_decoder(
+        _multi_label("tresnet_m.ml_decoder_coco_224", 224, 80, 84.2, COCO, "tresnet_m_COCO_224_84_2.pth", K80),
+        _multi_label("tresnet_v2_l.ml_decoder_coco_448", 448, 80, 90.1, COCO, "tresnet_l_COCO__448_90_0.pth", K80),
+        _multi_label("tresnet_v2_xl.ml_decoder_coco_640", 640, 80, 91.4, COCO, "tresnet_xl_COCO_640_91_4.pth", K80),
+        _multi_label(
             "tresnet_m.ml_decoder_openimages_224",
             224,
             9605,
-            200,
+            86.8,
             "open_images_v6",
             "tresnet_m_open_images_200_groups_86_8.pth",
-            86.8,
+            HeadSpec(ML_DECODER, num_groups=200),
         ),
         # Single-label: 196 Stanford Cars classes, top-1 on its test split.
         PretrainedConfig(
