@@ -181,3 +181,14 @@ def test_the_head_travels_in_the_weights_record():
     fresh = tresnet_jax.create_model("tresnet_m.ml_decoder_coco_224")
     assert (fresh.info.head, fresh.model.head_spec) == (HeadSpec("ml_decoder", 80), HeadSpec("ml_decoder", 80))
     assert fresh.variables["constants"]["head"]["queries"].shape == (80, 768)
+
+
+@pytest.mark.usefixtures("weights_root")
+def test_a_published_model_not_converted_yet_names_its_file():
+    message = (
+        r"tresnet_v2_xl.ml_decoder_coco_640 is not converted here .* download tresnet_xl_COCO_640_91_4.pth from "
+        r"ML-Decoder's model zoo \(https://github.com/Alibaba-MIIL/ML_Decoder/blob/main/MODEL_ZOO.md\), then run "
+        r"`python convert/torch_to_flax.py tresnet_xl_COCO_640_91_4.pth --tag tresnet_v2_xl.ml_decoder_coco_640`"
+    )
+    with pytest.raises(tresnet_jax.InputError, match=message):
+        tresnet_jax.load("tresnet_v2_xl.ml_decoder_coco_640")
