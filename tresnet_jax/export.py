@@ -35,7 +35,6 @@ from jax.extend import core as jax_core
 
 from tresnet_jax.model.linen import TResNet
 from tresnet_jax.model.ml_decoder import WORD_DIM
-from tresnet_jax.weights.heads import describe
 from tresnet_jax.weights.info import WeightsInfo
 
 BATCH = "batch"  # the symbolic batch dimension of both exports
@@ -118,7 +117,7 @@ def onnx_properties(info: WeightsInfo, image_size: int, dtype: str) -> dict[str,
     """What the ONNX file says about itself (``metadata_props``)."""
     properties = {
         "model": info.model,
-        "head": describe(info.head),
+        "head": info.head.describe(),
         "num_classes": str(info.num_classes),
         "multi_label": str(info.multi_label).lower(),
         "tag": str(info.tag),

@@ -23,7 +23,7 @@ from flax import traverse_util
 
 from tresnet_jax.errors import InputError
 from tresnet_jax.model import nnx_modules
-from tresnet_jax.model.architecture import FC, ML_DECODER, HeadSpec, variable_shapes
+from tresnet_jax.model.architecture import ML_DECODER, HeadSpec, variable_shapes
 from tresnet_jax.model.initialization import Seed, random_variables
 from tresnet_jax.model.linen import TResNet
 from tresnet_jax.model.registry import ARCHITECTURES, DOWNLOAD_PAGES, PRETRAINED, closest, default_tag, resolve
@@ -189,10 +189,7 @@ def head_choice(head: str | HeadSpec | None, num_groups: int | None = None, zero
             head = ML_DECODER
         else:
             return None
-    kind = str(head).replace("-", "_")
-    if kind not in (FC, ML_DECODER):
-        raise InputError(f"unknown head {head!r}; known: {FC}, {ML_DECODER}")
-    return HeadSpec(kind, num_groups, zero_shot)
+    return HeadSpec(str(head).replace("-", "_"), num_groups, zero_shot)  # which refuses an unknown kind
 
 
 def load(
@@ -281,44 +278,13 @@ def fingerprint(variables: Variables) -> str:
     return digest.hexdigest()
 
 
-def create_nnx_model(
-    name: str,
-    *,
-    pretrained: bool = False,
-    checkpoint_path: str | os.PathLike | None = None,
-    num_classes: int | None = None,
-    dtype: Any = jnp.float32,
-    allow_tf32: bool = False,
-    pointwise_as_matmul: bool = False,
-    seed: Seed = 0,
-    head: str | HeadSpec | None = None,
-    num_groups: int | None = None,
-    zero_shot: bool = False,
-) -> nnx_modules.TResNet:
-    """``create_model`` as an NNX module (``tresnet_jax.nnx.create_model``)."""
-    options = {"dtype": dtype, "allow_tf32": allow_tf32, "pointwise_as_matmul": pointwise_as_matmul, "seed": seed}
-    options |= {"head": head, "num_groups": num_groups, "zero_shot": zero_shot}
-    loaded = create_model(
-        name, pretrained=pretrained, checkpoint_path=checkpoint_path, num_classes=num_classes, **options
-    )
+def create_nnx_model(name: str, **options: Any) -> nnx_modules.TResNet:
+    """``create_model`` as an NNX module (``tresnet_jax.nnx.create_model``), with its options."""
+    loaded = create_model(name, **options)
     return nnx_modules.from_linen_variables(loaded.model, loaded.variables)
 
 
-def load_nnx(
-    name_or_path: str | os.PathLike,
-    *,
-    architecture: str | None = None,
-    num_classes: int | None = None,
-    dtype: Any = jnp.float32,
-    allow_tf32: bool = False,
-    pointwise_as_matmul: bool = False,
-    seed: Seed = 0,
-    head: str | HeadSpec | None = None,
-    num_groups: int | None = None,
-    zero_shot: bool = False,
-) -> nnx_modules.TResNet:
-    """``load`` as an NNX module (``tresnet_jax.nnx.load``)."""
-    options = {"dtype": dtype, "allow_tf32": allow_tf32, "pointwise_as_matmul": pointwise_as_matmul, "seed": seed}
-    options |= {"head": head, "num_groups": num_groups, "zero_shot": zero_shot}
-    loaded = load(name_or_path, architecture=architecture, num_classes=num_classes, **options)
+def load_nnx(name_or_path: str | os.PathLike, **options: Any) -> nnx_modules.TResNet:
+    """``load`` as an NNX module (``tresnet_jax.nnx.load``), with its options."""
+    loaded = load(name_or_path, **options)
     return nnx_modules.from_linen_variables(loaded.model, loaded.variables)

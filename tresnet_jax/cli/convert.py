@@ -27,7 +27,6 @@ from tresnet_jax.data.labels_csv import read_class_file
 from tresnet_jax.model.architecture import ML_DECODER
 from tresnet_jax.model.registry import ARCHITECTURES, PRETRAINED, resolve
 from tresnet_jax.weights.conversion import convert_checkpoint
-from tresnet_jax.weights.heads import describe
 from tresnet_jax.weights.hub import HUB_PREFIX, HubRepo, convert_fetched, fetch
 from tresnet_jax.weights.storage import check_writable, save_weights, weights_root
 from tresnet_jax.weights.torch_io import read_checkpoint
@@ -86,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"read {args.checkpoint}: {converted.layout} layout, {converted.model_name} with "
         f"{converted.checkpoint_classes} classes"
         + ("" if args.model else " (inferred)")
-        + (f", head {describe(converted.head)}" if converted.head.kind == ML_DECODER else "")
+        + (f", head {converted.head.describe()}" if converted.head.kind == ML_DECODER else "")
     )
     for note in info.notes:
         print(f"note: {note}")

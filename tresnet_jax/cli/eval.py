@@ -58,7 +58,6 @@ from tresnet_jax.runtime.parallel import data_mesh, first_gpu_index, select_devi
 from tresnet_jax.runtime.precision import CHOICES, canonical, compute_dtype
 from tresnet_jax.runtime.xla_options import pointwise_as_matmul_for
 from tresnet_jax.train.flags import add_settings, given_section
-from tresnet_jax.weights.heads import describe
 from tresnet_jax.weights.info import Reported, WeightsInfo
 from tresnet_jax.weights.storage import write_file_atomically
 
@@ -221,7 +220,7 @@ def report(
         **result.metrics(),
         **quality,
         "model": info.model,
-        "head": describe(info.head),
+        "head": info.head.describe(),
         "num_classes": label_map.num_classes,
         "class_embeddings": None if args.class_embeddings is None else str(args.class_embeddings),
         "weights": weights_argument(args),
@@ -274,7 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = {"architecture": args.model if args.weights else None, "multi_label": args.multi_label}
     loaded = load(weights_argument(args), dtype=dtype, **options, **numerics)
     model, variables, info = loaded.model, loaded.variables, loaded.info
-    weights_said = f"these weights ({info.model}, {describe(info.head)} head, {info.num_classes} classes)"
+    weights_said = f"these weights ({info.model}, {info.head.describe()} head, {info.num_classes} classes)"
     check_zero_shot_input(info.head.zero_shot, zero_shot is not None, weights_said)
     # A zero-shot model's classes are those it is given: scored in their order, named by them.
     classes, names = (len(zero_shot.names), zero_shot.names) if zero_shot else (model.num_classes, info.class_names)
@@ -289,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if lead:
         print(f"weights: {loaded.origin}")
         scored = f"{classes} classes" + (f" of {args.class_embeddings} (zero-shot)" if zero_shot else "")
-        print(f"model: {info.model}, {describe(info.head)} head, {scored}, tag {info.tag}, sha256 {weights_hash[:16]}")
+        print(f"model: {info.model}, {info.head.describe()} head, {scored}, tag {info.tag}, sha256 {weights_hash[:16]}")
         print(
             f"data: {source.name}, {len(source)} images; preprocessing {prep.input_size}px, crop {prep.crop_pct}, "
             f"{prep.interpolation}{', squish' if prep.squish else ''}"

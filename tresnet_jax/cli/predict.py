@@ -41,7 +41,6 @@ from tresnet_jax.model.ml_decoder import WORD_DIM
 from tresnet_jax.preprocessing import check_image_size
 from tresnet_jax.runtime.compile import jit
 from tresnet_jax.train.flags import add_settings, given_section
-from tresnet_jax.weights.heads import describe
 
 TOP = 5
 THRESHOLD = 0.5  # multi-label: a class is predicted when its sigmoid probability is above this
@@ -115,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"weights: {loaded.origin}")
     if model.num_classes == 0:
         raise InputError(f"{info.model} weights without a classifier head cannot predict classes")
-    weights_said = f"these weights ({info.model}, {describe(info.head)} head, {info.num_classes} classes)"
+    weights_said = f"these weights ({info.model}, {info.head.describe()} head, {info.num_classes} classes)"
     check_zero_shot_input(info.head.zero_shot, zero_shot is not None, weights_said)
     if args.threshold is not None and not info.multi_label:
         raise InputError(

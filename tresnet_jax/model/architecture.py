@@ -23,7 +23,7 @@ from tresnet_jax.model.layers import (
     nested,
     squeeze_excite_specs,
 )
-from tresnet_jax.model.ml_decoder import check_groups, decoder_specs
+from tresnet_jax.model.ml_decoder import check_groups, decoder_specs, num_queries
 
 Array = jax.Array
 Dtype = Any
@@ -197,6 +197,21 @@ class HeadSpec:
             raise InputError(f"num_groups {self.num_groups} is more than the {num_classes} classes")
         if self.kind == ML_DECODER and not self.zero_shot and num_classes:
             check_groups(num_classes, self.num_groups)
+
+    def resolved(self, num_classes: int) -> HeadSpec:
+        """The head of a ``num_classes`` model with an ML-Decoder's K written out (100 when
+        None, at most the classes), so that two records of the same head compare equal."""
+        if self.kind != ML_DECODER or self.zero_shot:
+            return self
+        return HeadSpec(ML_DECODER, num_queries(num_classes, self.num_groups))
+
+    def describe(self) -> str:
+        """The head in words: "fc", "ML-Decoder (K 80)", "zero-shot ML-Decoder"."""
+        if self.kind == FC:
+            return "fc"
+        if self.zero_shot:
+            return "zero-shot ML-Decoder"
+        return "ML-Decoder" + (f" (K {self.num_groups})" if self.num_groups is not None else "")
 
 
 FC_HEAD = HeadSpec()  # the original TResNet's classifier

@@ -15,7 +15,7 @@ from tresnet_jax.model.architecture import FC_HEAD, HeadSpec, variable_shapes
 from tresnet_jax.model.initialization import random_variables
 from tresnet_jax.model.registry import ModelSpec
 from tresnet_jax.runtime.parallel import host_copy, replicate
-from tresnet_jax.train.config import TrainConfig, with_queries_written_out
+from tresnet_jax.train.config import TrainConfig
 from tresnet_jax.train.parts import RunParts
 from tresnet_jax.train.step import TrainState, create_state
 from tresnet_jax.weights.heads import with_classes
@@ -34,7 +34,7 @@ def initial_variables(
     # Refuses weights of another architecture; a PyTorch file's label kind is as declared.
     loaded = load(cfg.model.init, architecture=model.name, multi_label=cfg.model.init_multi_label)
     info = loaded.info
-    if info.num_classes == num_classes and with_queries_written_out(info.head, num_classes) == head:
+    if info.num_classes == num_classes and info.head.resolved(num_classes) == head:
         head = info.head  # the same head with its K left implicit (100, capped at the classes): kept
     variables, new, said = with_classes(loaded.variables, info, num_classes, seed, head)
     if new is info and info.multi_label != cfg.multi_label:  # a head kept, trained for the other kind of labels

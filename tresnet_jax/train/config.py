@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from tresnet_jax.errors import InputError
 from tresnet_jax.model.architecture import FC, FC_HEAD, ML_DECODER, HeadSpec
-from tresnet_jax.model.ml_decoder import DEFAULT_QUERIES, num_queries
+from tresnet_jax.model.ml_decoder import DEFAULT_QUERIES
 from tresnet_jax.model.registry import ARCHITECTURES
 from tresnet_jax.preprocessing import SIZE_STEP, valid_image_size
 from tresnet_jax.runtime.precision import canonical, default_precision
@@ -173,15 +173,7 @@ class ModelSettings(Section):
             )
         head = HeadSpec(ML_DECODER, self.num_groups)
         head.check_classes(num_classes)  # and a K whose groups leave classes without an output
-        return with_queries_written_out(head, num_classes)
-
-
-def with_queries_written_out(head: HeadSpec, num_classes: int) -> HeadSpec:
-    """``head`` with an ML-Decoder's K as a ``num_classes`` model has it (``num_groups``, 100
-    when None, at most the classes), so that two records of the same head compare equal."""
-    if head.kind != ML_DECODER or head.zero_shot:
-        return head
-    return HeadSpec(ML_DECODER, num_queries(num_classes, head.num_groups))
+        return head.resolved(num_classes)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -49,6 +49,7 @@ from jax.sharding import Mesh, PartitionSpec
 from tresnet_jax.data.augment import AugmentConfig
 from tresnet_jax.data.device_augment import augment_batch, image_keys
 from tresnet_jax.model.architecture import FC_HEAD, ML_DECODER
+from tresnet_jax.model.ml_decoder import QUERIES
 from tresnet_jax.runtime.parallel import BATCH_AXIS
 from tresnet_jax.runtime.xla_options import compiler_options
 from tresnet_jax.train.config import TrainConfig
@@ -317,7 +318,7 @@ def make_train_step(
 
 def constants(state: TrainState) -> dict[str, Any]:
     """The state's never-trained variables as a collection of the model's variables (none for fc)."""
-    return {"constants": state.constants} if state.constants else {}
+    return {QUERIES: state.constants} if state.constants else {}
 
 
 def _ema(state: TrainState, params: Any, batch_stats: Any, applied: jax.Array, cfg: TrainConfig) -> dict[str, Any]:

@@ -16,9 +16,8 @@ from flax import traverse_util
 
 from tresnet_jax.errors import InputError
 from tresnet_jax.model.architecture import FC_HEAD, ML_DECODER, ArchSpec, HeadSpec, variable_shapes
-from tresnet_jax.model.ml_decoder import num_queries
 from tresnet_jax.model.registry import ARCHITECTURES, PRETRAINED, UNTAGGED, ModelSpec, PretrainedConfig, resolve
-from tresnet_jax.weights.heads import describe, with_classes
+from tresnet_jax.weights.heads import with_classes
 from tresnet_jax.weights.info import Reported, Source, WeightsInfo
 from tresnet_jax.weights.ml_decoder_layout import HEAD, has_ml_decoder, head_state_dict, read_head
 from tresnet_jax.weights.torch_layout import (
@@ -198,7 +197,7 @@ def choose_config(
             )
         if not _same_head(cfg, head):
             raise InputError(
-                f"tag {tag} has the head {describe(cfg.head)}, the weights the head {describe(head)}: "
+                f"tag {tag} has the head {cfg.head.describe()}, the weights the head {head.describe()}: "
                 f"convert without --tag, or with a tag of that head"
             )
         return dataclasses.replace(model, config=cfg)
@@ -223,12 +222,9 @@ def choose_config(
 
 
 def _same_head(cfg: PretrainedConfig, head: HeadSpec) -> bool:
-    """Whether a configuration's head is ``head``: the same kind and, for ML-Decoder, as many
-    queries (a tag may leave K to its default: 100, at most the classes)."""
-    if cfg.head.kind != head.kind or cfg.head.zero_shot != head.zero_shot:
-        return False
-    count = cfg.num_classes
-    return num_queries(count, cfg.head.num_groups) == num_queries(count, head.num_groups)
+    """Whether a configuration's head is ``head``, for its class count (a tag may leave an
+    ML-Decoder's K to its default: 100, at most the classes)."""
+    return cfg.head.resolved(cfg.num_classes) == head.resolved(cfg.num_classes)
 
 
 def _names_published_file(cfg: PretrainedConfig, source: str) -> bool:

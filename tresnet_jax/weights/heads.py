@@ -5,10 +5,9 @@ the converter (``--num-classes``), ``load``/``create_model(..., num_classes=, he
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
-from tresnet_jax.model.architecture import FC, HeadSpec
+from tresnet_jax.model.architecture import HeadSpec
 from tresnet_jax.model.initialization import Seed, replace_head
 from tresnet_jax.weights.info import WeightsInfo
 
@@ -24,19 +23,17 @@ def with_classes(
     published ones: the record keeps their preprocessing and source but drops the tag,
     reported figures and class names."""
     classes = info.num_classes if num_classes is None else num_classes
-    if head is None:  # the weights' kind of head; their K capped at the new count, as the original caps it
-        kept = info.head.num_groups
-        capped = kept is not None and 0 < classes < kept
-        head = dataclasses.replace(info.head, num_groups=classes) if capped else info.head
+    if head is None:  # the weights' kind of head; a K they state capped at the new count, as the original caps it
+        head = info.head.resolved(classes) if info.head.num_groups is not None and classes else info.head
     if classes == info.num_classes and head == info.head:
         return variables, info, "its head kept"
     num_classes = classes
     head = head if num_classes else HeadSpec()
     head.check_classes(num_classes)
     if num_classes:
-        kind = "" if head == info.head else f" {describe(head)}"
+        kind = "" if head == info.head else f" {head.describe()}"
         note = f"replaced the {info.num_classes}-class head by a new {num_classes}-class{kind} one (seed {seed})"
-        had = f"a {info.num_classes}-class {describe(info.head)} head" if kind else str(info.num_classes)
+        had = f"a {info.num_classes}-class {info.head.describe()} head" if kind else str(info.num_classes)
         said = f"a new {num_classes}-class{kind} head (it had {had})"
     else:
         note = f"dropped the {info.num_classes}-class head: the model outputs pooled features"
@@ -47,12 +44,3 @@ def with_classes(
         num_classes=num_classes, head=head, class_names=None, tag=None, reported=None, notes=(*info.notes, note)
     )
     return replace_head(variables, info.arch, num_classes, seed, head), new, said
-
-
-def describe(head: HeadSpec) -> str:
-    """A head in words: "fc", "ML-Decoder (K 80)", "zero-shot ML-Decoder"."""
-    if head.kind == FC:
-        return "fc"
-    if head.zero_shot:
-        return "zero-shot ML-Decoder"
-    return "ML-Decoder" + (f" (K {head.num_groups})" if head.num_groups is not None else "")
